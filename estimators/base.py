@@ -1,0 +1,94 @@
+"""The estimator contract shared by every influence estimator.
+
+An estimator is configured in ``__init__`` (validation only, no work), ``fit(trained)`` does the
+expensive curvature work and returns ``self`` (fitted state ends in ``_``), and
+``scores(test, train)`` returns ``delta_hat[t, j]``, the predicted change of test point t's loss
+when training point j is REMOVED (DESIGN.md), shaped ``[n_test, n_train]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Self
+
+from torch import Tensor
+
+from fidelity.errors import FidelityError
+from fidelity.objective import per_example_grads
+from fidelity.problem import Examples, TrainedProblem
+
+
+class Estimator(ABC):
+    """Base class: sklearn-style parameters, fit/scores lifecycle, diagnostics."""
+
+    name: ClassVar[str]
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, as configured (used in results and cache keys)."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {n: getattr(self, n) for n in names if n != "self"}
+
+    @abstractmethod
+    def fit(self, trained: TrainedProblem) -> Self:
+        """Do the curvature work for ``trained``; return self."""
+
+    @abstractmethod
+    def scores(self, test: Examples, train: Examples) -> Tensor:
+        """``[n_test, n_train]`` predicted deltas for removal, in DESIGN.md's convention."""
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        """Iterations, residuals, flags and seconds of the last fit/scores (JSON-serialisable)."""
+        return dict(getattr(self, "diagnostics_", {}))
+
+    def _check_fitted(self) -> TrainedProblem:
+        trained = getattr(self, "trained_", None)
+        if trained is None:
+            raise FidelityError(f"estimator {self.name!r} must be fitted before scores()")
+        return trained
+
+
+class InverseCurvatureEstimator(Estimator):
+    """Template for estimators of the form (1/N) g_t^T C^{-1} g_j.
+
+    Subclasses implement ``_fit_curvature`` and ``_inverse_curvature_product`` (the product of
+    the inverse of their curvature approximation, damping included, with a batch of vectors);
+    per-example gradients, batching and the final products are common code here.
+    """
+
+    def __init__(self, *, batch_size: int = 512) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise FidelityError(f"{self.name}.batch_size must be a positive integer")
+        self.batch_size = batch_size
+
+    @abstractmethod
+    def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
+        """Prepare the curvature; return diagnostics."""
+
+    @abstractmethod
+    def _inverse_curvature_product(self, vectors: Tensor) -> Tensor:
+        """C^{-1} v for each row v of ``vectors`` ``[m, p]``; returns ``[m, p]``."""
+
+    def fit(self, trained: TrainedProblem) -> Self:
+        start = time.perf_counter()
+        self.trained_ = trained
+        details = self._fit_curvature(trained)
+        self.diagnostics_ = {**details, "fit_seconds": time.perf_counter() - start}
+        return self
+
+    def gradients(self, data: Examples) -> Tensor:
+        """Per-example loss gradients at theta_s, ``[n, p]``."""
+        trained = self._check_fitted()
+        return per_example_grads(
+            trained.model, trained.problem.loss, trained.theta, data, self.batch_size
+        )
+
+    def scores(self, test: Examples, train: Examples) -> Tensor:
+        trained = self._check_fitted()
+        start = time.perf_counter()
+        solved = self._inverse_curvature_product(self.gradients(test))
+        deltas = solved @ self.gradients(train).T / trained.problem.n_train
+        self.diagnostics_["scores_seconds"] = time.perf_counter() - start
+        return deltas

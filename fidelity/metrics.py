@@ -1,0 +1,130 @@
+"""Agreement metrics between predicted and actual deltas, with bootstrap intervals.
+
+All functions are pure: numpy arrays in, numbers out. Arrays are ``[n_test, n_removed]``.
+Intervals come from a two-way bootstrap that resamples test points (rows) and removed
+training points (columns) independently, since both are samples and pairs sharing a row or a
+column are not independent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from fidelity.errors import FidelityError
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a bootstrap confidence interval (nan where undefined)."""
+
+    value: float
+    low: float
+    high: float
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {k: (None if np.isnan(v) else float(v)) for k, v in vars(self).items()}
+
+
+def _pearson_flat(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def pearson(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Pooled Pearson correlation over all (test, removed) pairs."""
+    return _pearson_flat(np.ravel(predicted), np.ravel(actual))
+
+
+def spearman(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Pooled Spearman rank correlation over all pairs (average ranks for ties)."""
+    return _pearson_flat(stats.rankdata(np.ravel(predicted)), stats.rankdata(np.ravel(actual)))
+
+
+def kendall(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Pooled Kendall tau-b over all pairs."""
+    value = stats.kendalltau(np.ravel(predicted), np.ravel(actual)).statistic
+    return float(value)
+
+
+def row_pearson(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Pearson correlation within each test point (row), ``[n_test]``."""
+    x = predicted - predicted.mean(axis=1, keepdims=True)
+    y = actual - actual.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (x * y).sum(axis=1) / denominator, np.nan)
+
+
+def row_spearman(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation within each test point (row), ``[n_test]``."""
+    return row_pearson(stats.rankdata(predicted, axis=1), stats.rankdata(actual, axis=1))
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def mean_row_pearson(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Mean over test points of the per-test-point Pearson correlation (undefined rows skipped)."""
+    return _finite_mean(row_pearson(predicted, actual))
+
+
+def mean_row_spearman(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Mean over test points of the per-test-point Spearman correlation (undefined rows skipped)."""
+    return _finite_mean(row_spearman(predicted, actual))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "pearson": pearson,
+    "spearman": spearman,
+    "kendall": kendall,
+    "mean_test_pearson": mean_row_pearson,
+    "mean_test_spearman": mean_row_spearman,
+}
+
+
+def score(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """Every metric in ``METRICS`` with a percentile two-way bootstrap interval."""
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    if predicted.shape != actual.shape or predicted.ndim != 2:
+        raise FidelityError(
+            f"predicted {predicted.shape} and actual {actual.shape} must be equal 2-d shapes"
+        )
+    if not (0 < confidence < 1):
+        raise FidelityError(f"confidence must lie in (0, 1), got {confidence}")
+    if n_boot < 0:
+        raise FidelityError(f"bootstrap replicates must be >= 0, got {n_boot}")
+    values = {name: fn(predicted, actual) for name, fn in METRICS.items()}
+    rng = np.random.default_rng(seed)
+    rows, cols = predicted.shape
+    replicates = {name: np.empty(n_boot) for name in METRICS}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for b in range(n_boot):
+            r = rng.integers(0, rows, rows)
+            c = rng.integers(0, cols, cols)
+            p, a = predicted[np.ix_(r, c)], actual[np.ix_(r, c)]
+            for name, fn in METRICS.items():
+                replicates[name][b] = fn(p, a)
+    tail = 100 * (1 - confidence) / 2
+    result = {}
+    for name, value in values.items():
+        samples = replicates[name][np.isfinite(replicates[name])]
+        if samples.size:
+            low, high = np.percentile(samples, [tail, 100 - tail])
+        else:
+            low = high = float("nan")
+        result[name] = Interval(float(value), float(low), float(high))
+    return result

@@ -1,0 +1,256 @@
+"""Shared problem and model types.
+
+Everything here is imported by ``estimators`` and ``retrain``; it depends on torch only, never on
+the runner, the CLI or the reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fidelity.errors import FidelityError
+
+LossName = Literal["cross_entropy", "bce", "mse"]
+LOSSES: tuple[str, ...] = ("cross_entropy", "bce", "mse")
+
+
+class Examples(NamedTuple):
+    """A batch of inputs and targets; estimators score ``Examples`` against ``Examples``."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def subset(self, index: Tensor) -> Examples:
+        return Examples(self.x[index], self.y[index])
+
+
+@dataclass(frozen=True)
+class NewtonRecipe:
+    """Full-batch damped Newton training, for models that are convex in their parameters.
+
+    The objective is minimised until the gradient norm is at most ``gtol`` and then for as long
+    as each step still halves it, so parameters end at the floating-point floor of the problem.
+    Because the minimiser of a strictly convex objective is unique, leave-one-out refits may
+    start from theta_s (``refit_start="trained"``) and still give the exact refit.
+    """
+
+    gtol: float = 1e-10
+    max_iter: int = 100
+    init_seed: int = 0
+    refit_start: Literal["trained", "init"] = "trained"
+    kind: Literal["newton"] = "newton"
+
+    def __post_init__(self) -> None:
+        if not (self.gtol > 0 and math.isfinite(self.gtol)):
+            raise FidelityError(f"NewtonRecipe.gtol must be a positive number, got {self.gtol!r}")
+        if self.max_iter < 1:
+            raise FidelityError(f"NewtonRecipe.max_iter must be >= 1, got {self.max_iter!r}")
+        if self.refit_start not in ("trained", "init"):
+            raise FidelityError(
+                f"NewtonRecipe.refit_start must be 'trained' or 'init', got {self.refit_start!r}"
+            )
+
+
+Recipe = NewtonRecipe
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Data, model and training recipe: everything that determines theta_s.
+
+    ``model_factory`` builds the architecture; it is called under a forked RNG seeded with the
+    recipe's ``init_seed``, so the initial parameters are reproducible without global state.
+    Targets are class indices (``cross_entropy``), 0/1 floats shaped ``[n, 1]`` (``bce``) or
+    floats shaped ``[n, k]`` (``mse``). Model outputs are ``[n, classes]``, ``[n, 1]`` or
+    ``[n, k]`` correspondingly.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    model_factory: Callable[[], nn.Module]
+    loss: LossName
+    weight_decay: float
+    recipe: Recipe = field(default_factory=NewtonRecipe)
+    description: str = ""
+    train_texts: tuple[str, ...] | None = None
+    test_texts: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise FidelityError(
+                f"problem {self.name!r}: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"
+            )
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise FidelityError(
+                f"problem {self.name!r}: weight_decay must be >= 0, got {self.weight_decay!r}"
+            )
+        tensors = {
+            "x_train": self.x_train,
+            "y_train": self.y_train,
+            "x_test": self.x_test,
+            "y_test": self.y_test,
+        }
+        for label, tensor in tensors.items():
+            if not isinstance(tensor, Tensor):
+                raise FidelityError(f"problem {self.name!r}: {label} must be a torch.Tensor")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise FidelityError(
+                    f"problem {self.name!r}: {label} holds {bad} NaN or infinite value(s); "
+                    "clean or impute the data before building the problem"
+                )
+        if not self.x_train.is_floating_point():
+            raise FidelityError(f"problem {self.name!r}: x_train must be a floating-point tensor")
+        if self.x_test.dtype != self.x_train.dtype:
+            raise FidelityError(f"problem {self.name!r}: x_test and x_train differ in dtype")
+        for split in ("train", "test"):
+            x, y = tensors[f"x_{split}"], tensors[f"y_{split}"]
+            if x.shape[0] != y.shape[0]:
+                raise FidelityError(
+                    f"problem {self.name!r}: x_{split} has {x.shape[0]} rows, "
+                    f"y_{split} has {y.shape[0]}"
+                )
+            if x.device != self.x_train.device or y.device != self.x_train.device:
+                raise FidelityError(f"problem {self.name!r}: all tensors must be on one device")
+            if self.loss == "cross_entropy" and y.dtype != torch.long:
+                raise FidelityError(
+                    f"problem {self.name!r}: cross_entropy targets y_{split} must be int64 "
+                    "class indices"
+                )
+            if self.loss != "cross_entropy" and (y.dtype != x.dtype or y.dim() != 2):
+                raise FidelityError(
+                    f"problem {self.name!r}: {self.loss} targets y_{split} must be "
+                    f"{x.dtype} and shaped [n, k], got {y.dtype} {tuple(y.shape)}"
+                )
+        if self.x_train.shape[0] < 2:
+            raise FidelityError(f"problem {self.name!r}: needs at least two training points")
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_train.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    @property
+    def train(self) -> Examples:
+        return Examples(self.x_train, self.y_train)
+
+    @property
+    def test(self) -> Examples:
+        return Examples(self.x_test, self.y_test)
+
+    def build_model(self) -> nn.Module:
+        """The architecture with its seeded initial parameters, on the problem's device/dtype."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.recipe.init_seed)
+            model = self.model_factory()
+        return model.to(device=self.device, dtype=self.dtype)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines theta_s: data, architecture, init, loss, recipe."""
+        digest = hashlib.sha256()
+        model = self.build_model()
+        header = [self.name, self.loss, repr(self.weight_decay), repr(asdict(self.recipe))]
+        header += [str(self.dtype), repr(model)]
+        digest.update("\x1f".join(header).encode())
+        for tensor in (self.x_train, self.y_train, self.x_test, self.y_test):
+            digest.update(tensor_bytes(tensor))
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor_bytes(tensor))
+        return digest.hexdigest()
+
+
+def tensor_bytes(tensor: Tensor) -> bytes:
+    """Bytes that identify a tensor's dtype, shape and values (for content hashes)."""
+    array = tensor.detach().cpu().contiguous()
+    head = f"{array.dtype}{tuple(array.shape)}".encode()
+    return head + array.view(torch.uint8).numpy().tobytes() if array.numel() else head
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names and shapes of a module's parameters, to move between dicts and flat vectors."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamSpec:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([params[name].reshape(-1) for name in self.names])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        chunks = torch.split(theta, self.sizes)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+
+@dataclass(frozen=True)
+class FunctionalModel:
+    """A module evaluated functionally at a flat parameter vector (torch.func.functional_call).
+
+    The module's own parameters are never read for evaluation nor modified.
+    """
+
+    module: nn.Module
+    spec: ParamSpec
+
+    @classmethod
+    def of(cls, module: nn.Module) -> FunctionalModel:
+        return cls(module, ParamSpec.of(module))
+
+    def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
+        buffers = dict(self.module.named_buffers())
+        params = self.spec.unflatten(theta)
+        return torch.func.functional_call(self.module, {**params, **buffers}, (x,))
+
+    def initial_theta(self) -> Tensor:
+        return self.spec.flatten(dict(self.module.named_parameters())).detach().clone()
+
+
+@dataclass(frozen=True)
+class TrainedProblem:
+    """A problem with its trained parameters theta_s (flat) and how training went."""
+
+    problem: Problem
+    model: FunctionalModel
+    theta: Tensor
+    info: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.theta.numel())

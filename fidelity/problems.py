@@ -1,0 +1,134 @@
+"""Built-in problems and the resolution of problem names (registry name or import path)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from fidelity.errors import FidelityError
+from fidelity.problem import NewtonRecipe, Problem
+from fidelity.registry import Registry
+
+PROBLEMS: Registry[Callable[..., Problem]] = Registry("problem")
+
+
+def linear_model(in_features: int, out_features: int) -> nn.Module:
+    """A linear map with bias; the model of logistic and ridge regression."""
+    return nn.Linear(in_features, out_features)
+
+
+def _split(
+    features: np.ndarray, targets: np.ndarray, *, seed: int, stratify: bool, test_size: float = 0.2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(
+        features,
+        targets,
+        test_size=test_size,
+        random_state=seed,
+        stratify=targets if stratify else None,
+    )
+
+
+def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return (train - mean) / std, (test - mean) / std
+
+
+@PROBLEMS.register("digits-logreg", description="digits 8x8, 10-class logistic regression")
+def digits_logreg(seed: int = 0, device: str = "cpu") -> Problem:
+    """scikit-learn digits scaled to [0, 1], stratified 80/20 split by ``seed``, multinomial
+    logistic regression with bias, weight decay 1e-3, float64."""
+    from sklearn.datasets import load_digits
+
+    features, targets = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = _split(features / 16.0, targets, seed=seed, stratify=True)
+    as_x = partial(torch.tensor, dtype=torch.float64, device=device)
+    as_y = partial(torch.tensor, dtype=torch.long, device=device)
+    return Problem(
+        name="digits-logreg",
+        x_train=as_x(x_train),
+        y_train=as_y(y_train),
+        x_test=as_x(x_test),
+        y_test=as_y(y_test),
+        model_factory=partial(linear_model, 64, 10),
+        loss="cross_entropy",
+        weight_decay=1e-3,
+        recipe=NewtonRecipe(),
+        description=digits_logreg.__doc__ or "",
+    )
+
+
+@PROBLEMS.register("cancer-logreg", description="breast cancer, binary logistic regression")
+def cancer_logreg(seed: int = 0, device: str = "cpu") -> Problem:
+    """scikit-learn breast cancer, features standardised on the train split, stratified 80/20
+    split by ``seed``, binary logistic regression (bce on a logit), weight decay 1e-2, float64."""
+    from sklearn.datasets import load_breast_cancer
+
+    features, targets = load_breast_cancer(return_X_y=True)
+    x_train, x_test, y_train, y_test = _split(features, targets, seed=seed, stratify=True)
+    x_train, x_test = _standardise(x_train, x_test)
+    as_x = partial(torch.tensor, dtype=torch.float64, device=device)
+    return Problem(
+        name="cancer-logreg",
+        x_train=as_x(x_train),
+        y_train=as_x(y_train.reshape(-1, 1)),
+        x_test=as_x(x_test),
+        y_test=as_x(y_test.reshape(-1, 1)),
+        model_factory=partial(linear_model, 30, 1),
+        loss="bce",
+        weight_decay=1e-2,
+        recipe=NewtonRecipe(),
+        description=cancer_logreg.__doc__ or "",
+    )
+
+
+@PROBLEMS.register("diabetes-ridge", description="diabetes, ridge regression (linear, mse)")
+def diabetes_ridge(seed: int = 0, device: str = "cpu") -> Problem:
+    """scikit-learn diabetes, features and target standardised on the train split, 80/20 split
+    by ``seed``, linear model with bias, half squared error, weight decay 1e-2, float64."""
+    from sklearn.datasets import load_diabetes
+
+    features, targets = load_diabetes(return_X_y=True)
+    x_train, x_test, y_train, y_test = _split(features, targets, seed=seed, stratify=False)
+    x_train, x_test = _standardise(x_train, x_test)
+    y_train, y_test = _standardise(y_train.reshape(-1, 1), y_test.reshape(-1, 1))
+    as_x = partial(torch.tensor, dtype=torch.float64, device=device)
+    return Problem(
+        name="diabetes-ridge",
+        x_train=as_x(x_train),
+        y_train=as_x(y_train),
+        x_test=as_x(x_test),
+        y_test=as_x(y_test),
+        model_factory=partial(linear_model, 10, 1),
+        loss="mse",
+        weight_decay=1e-2,
+        recipe=NewtonRecipe(),
+        description=diabetes_ridge.__doc__ or "",
+    )
+
+
+def load_problem(name: str) -> Problem:
+    """Build the problem registered as ``name`` or returned by the callable at ``pkg.mod:fn``."""
+    factory = PROBLEMS.get(name)
+    if not callable(factory):
+        raise FidelityError(f"problem {name!r} is not callable; it must return a Problem")
+    try:
+        problem = factory()
+    except FidelityError:
+        raise
+    except Exception as exc:
+        raise FidelityError(
+            f"problem {name!r} failed to build: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(problem, Problem):
+        raise FidelityError(
+            f"problem {name!r} returned {type(problem).__name__}, expected fidelity.Problem"
+        )
+    return problem

@@ -1,0 +1,244 @@
+"""Run a suite: train each problem, score every estimator against every response, write a run
+directory (results.json, arrays/<problem>.npz, report.md, figures/)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fidelity import __version__
+from fidelity.cache import ArtifactCache, atomic_write_bytes
+from fidelity.environment import environment, git_revision
+from fidelity.errors import FidelityError
+from fidelity.metrics import score
+from fidelity.problems import load_problem
+from fidelity.selection import choose_removals, choose_test_points
+from fidelity.suite import Suite, build_component
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a run writes and how it executes; none of it changes a number."""
+
+    out: Path
+    cache_dir: Path | None = None
+    workers: int = 1
+    backend: str = "loky"
+    progress: bool = True
+
+
+@dataclass
+class ProblemOutcome:
+    summary: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def safe_filename(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "problem"
+
+
+def problem_seed(suite_seed: int, problem_name: str) -> np.random.Generator:
+    """Per-problem generator: independent of the order and number of problems in a suite."""
+    return np.random.default_rng([suite_seed, zlib.crc32(problem_name.encode())])
+
+
+def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> ProblemOutcome:
+    """Train one problem, choose points, run all estimators and responses, score them."""
+    from estimators import ESTIMATORS
+    from retrain import RESPONSES, train
+
+    timings: dict[str, Any] = {}
+    start = time.perf_counter()
+    problem = load_problem(problem_name)
+    trained = train(problem, cache=execution.cache)
+    timings["train_seconds"] = time.perf_counter() - start
+    rng = problem_seed(suite.seed, problem.name)
+    test_index = choose_test_points(problem.n_test, suite.selection.test_points, rng)
+    test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
+
+    fitted, estimator_info = {}, {}
+    for spec in suite.estimators:
+        estimator = build_component(ESTIMATORS, spec.kind, spec.settings, where=spec.label)
+        tick = time.perf_counter()
+        fitted[spec.label] = estimator.fit(trained)
+        estimator_info[spec.label] = {"kind": spec.kind, "fit_seconds": time.perf_counter() - tick}
+
+    selector = suite.selection.top_by or suite.estimators[0].label
+    ranking = None
+    if suite.selection.top:
+        ranking = fitted[selector].scores(test, problem.train).detach().cpu().numpy()
+    removed_index, reasons = choose_removals(
+        ranking, problem.n_train, top=suite.selection.top, random=suite.selection.random, rng=rng
+    )
+    removed = torch.as_tensor(removed_index, device=problem.device)
+    removed_train = problem.train.subset(removed)
+
+    arrays: dict[str, np.ndarray] = {
+        "test_index": test_index,
+        "removed_index": removed_index,
+        "removed_reason": reasons,
+    }
+    for label, estimator in fitted.items():
+        tick = time.perf_counter()
+        if ranking is not None and label == selector:
+            predicted = ranking[:, removed_index]
+        else:
+            predicted = estimator.scores(test, removed_train).detach().cpu().numpy()
+        _check_finite(predicted, f"estimator {label!r} on {problem.name!r}")
+        arrays[f"estimator/{label}"] = predicted
+        estimator_info[label]["scores_seconds"] = time.perf_counter() - tick
+        estimator_info[label]["settings"] = estimator.get_params()
+        estimator_info[label]["diagnostics"] = estimator.diagnostics
+
+    response_info = {}
+    for spec in suite.responses:
+        response = build_component(RESPONSES, spec.kind, spec.settings, where=spec.label)
+        tick = time.perf_counter()
+        result = response.compute(trained, test, removed, execution)
+        actual = result.deltas.detach().cpu().numpy()
+        _check_finite(actual, f"response {spec.label!r} on {problem.name!r}")
+        arrays[f"response/{spec.label}"] = actual
+        response_info[spec.label] = {
+            "kind": spec.kind,
+            "settings": response.get_params(),
+            "seconds": time.perf_counter() - tick,
+            "info": result.info,
+        }
+
+    metrics: dict[str, dict[str, Any]] = {}
+    for estimator_label in fitted:
+        metrics[estimator_label] = {}
+        for response_label in response_info:
+            intervals = score(
+                arrays[f"estimator/{estimator_label}"],
+                arrays[f"response/{response_label}"],
+                n_boot=suite.metrics.bootstrap,
+                confidence=suite.metrics.confidence,
+                seed=suite.seed,
+            )
+            metrics[estimator_label][response_label] = {
+                name: interval.to_dict() for name, interval in intervals.items()
+            }
+    timings["total_seconds"] = time.perf_counter() - start
+    summary = {
+        "name": problem.name,
+        "requested_as": problem_name,
+        "description": problem.description.strip(),
+        "fingerprint": problem.fingerprint(),
+        "loss": problem.loss,
+        "weight_decay": problem.weight_decay,
+        "dtype": str(problem.dtype),
+        "device": str(problem.device),
+        "n_train": problem.n_train,
+        "n_test": problem.n_test,
+        "n_params": trained.n_params,
+        "training": dict(trained.info),
+        "n_test_points": len(test_index),
+        "n_removed": {
+            "top": int((reasons == "top").sum()),
+            "random": int((reasons == "random").sum()),
+        },
+        "top_by": selector if suite.selection.top else None,
+        "estimators": estimator_info,
+        "responses": response_info,
+        "metrics": metrics,
+        "timings": timings,
+    }
+    return ProblemOutcome(summary, arrays)
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(values)):
+        raise FidelityError(f"{what} produced NaN or infinite deltas")
+
+
+def _json_ready(value: Any) -> Any:
+    """Recursively convert to JSON types; non-finite floats become null."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
+    """Evaluate every problem of ``suite`` and write the run directory ``options.out``.
+
+    The directory is assembled under a temporary name and renamed when complete, so a failed or
+    interrupted run never leaves a directory that looks finished.
+    """
+    from reports import write_reports
+    from retrain import Execution
+
+    out = Path(options.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FidelityError(f"output directory {str(out)!r} exists and is not empty; choose --out")
+    execution = Execution(
+        cache=ArtifactCache(options.cache_dir),
+        workers=options.workers,
+        backend=options.backend,
+        progress=options.progress,
+    )
+    started = datetime.now(UTC)
+    tick = time.perf_counter()
+    outcomes: dict[str, ProblemOutcome] = {}
+    for problem_name in suite.problems:
+        outcome = evaluate_problem(problem_name, suite, execution)
+        name = outcome.summary["name"]
+        if name in outcomes:
+            raise FidelityError(f"two problems of suite {suite.name!r} are both named {name!r}")
+        outcome.summary["arrays_file"] = f"arrays/{safe_filename(name)}.npz"
+        outcomes[name] = outcome
+    results = _json_ready(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "fidelity_version": __version__,
+            "created": started.isoformat(timespec="seconds"),
+            "suite": suite.to_dict(),
+            "git_revision": git_revision(),
+            "environment": environment(),
+            "execution": {
+                "workers": options.workers,
+                "backend": options.backend,
+                "cache_dir": None if options.cache_dir is None else str(options.cache_dir),
+            },
+            "timings": {"total_seconds": time.perf_counter() - tick},
+            "problems": {name: outcome.summary for name, outcome in outcomes.items()},
+        }
+    )
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "arrays").mkdir(parents=True)
+        for outcome in outcomes.values():
+            np.savez(staging / outcome.summary["arrays_file"], **outcome.arrays)
+        write_reports(staging, results)
+        atomic_write_bytes(staging / "results.json", json.dumps(results, indent=2).encode())
+        if out.exists():
+            out.rmdir()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return results

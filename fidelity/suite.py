@@ -1,0 +1,252 @@
+"""Suite files: TOML validated into frozen dataclasses, with precise error messages.
+
+A suite names problems, estimators with their settings, response stages, how points are chosen
+and how metrics are computed::
+
+    name = "smoke"
+    problems = ["digits-logreg", "mypackage.problems:my_problem"]
+
+    [selection]
+    test_points = 20
+    random = 50
+    top = 50
+    top_by = "exact"          # label of the estimator that ranks training points
+
+    [metrics]
+    bootstrap = 1000
+    confidence = 0.95
+
+    [[estimators]]
+    kind = "exact"            # registry name or import path package.module:Class
+    label = "exact"           # optional; defaults to kind; must be unique
+    damping = 0.0             # every other key is a constructor argument of the estimator
+
+    [[responses]]
+    kind = "cold"
+"""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fidelity.errors import FidelityError
+
+BUILTIN_SUITES_PACKAGE = "fidelity.suites"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """An estimator or response: registry kind, unique label and constructor settings."""
+
+    kind: str
+    label: str
+    settings: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    test_points: int = 20
+    random: int = 50
+    top: int = 50
+    top_by: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    bootstrap: int = 1000
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    problems: tuple[str, ...]
+    estimators: tuple[ComponentSpec, ...]
+    responses: tuple[ComponentSpec, ...]
+    selection: SelectionSpec = SelectionSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    description: str = ""
+    seed: int = 0
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for group in ("estimators", "responses"):
+            data[group] = [
+                {**dict(c["settings"]), **{k: c[k] for k in ("kind", "label")}} for c in data[group]
+            ]
+        return data
+
+    def with_problems(self, problems: tuple[str, ...]) -> Suite:
+        return Suite(**{**vars(self), "problems": problems})
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    # bool is an int in Python; a suite saying `top = true` is a mistake, not 1.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise FidelityError(f"{where} must be {_type_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise FidelityError(f"{where} must be {_type_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise FidelityError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(allowed))}"
+        )
+
+
+def _dataclass_from_table(cls: type, table: Any, where: str) -> Any:
+    _expect(table, dict, where)
+    defaults = cls()
+    fields = {name: getattr(defaults, name) for name in vars(defaults)}
+    _check_keys(table, set(fields), where)
+    values = {}
+    for name, default in fields.items():
+        value = table.get(name, default)
+        if value is not None or default is not None:
+            expected: type | tuple[type, ...] = type(default) if default is not None else str
+            if expected is float:
+                expected = (int, float)
+            _expect(value, expected, f"{where}.{name}")
+        values[name] = value
+    return cls(**values)
+
+
+def _components(entries: Any, kind: str, registry: Any, where: str) -> tuple[ComponentSpec, ...]:
+    _expect(entries, list, where)
+    if not entries:
+        raise FidelityError(f"{where}: name at least one {kind}")
+    specs, labels = [], set()
+    for position, entry in enumerate(entries):
+        at = f"{where}[{position}]"
+        _expect(entry, dict, at)
+        if "kind" not in entry:
+            raise FidelityError(f"{at}: missing key 'kind' (one of {', '.join(registry.names())})")
+        name = _expect(entry["kind"], str, f"{at}.kind")
+        label = _expect(entry.get("label", name), str, f"{at}.label")
+        if label in labels:
+            raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
+        labels.add(label)
+        settings = {k: v for k, v in entry.items() if k not in ("kind", "label")}
+        build_component(registry, name, settings, where=at)  # validates; does no work
+        specs.append(ComponentSpec(name, label, settings))
+    return tuple(specs)
+
+
+def build_component(registry: Any, kind: str, settings: Mapping[str, Any], *, where: str) -> Any:
+    """Instantiate an estimator or response from its registry kind and settings."""
+    cls = registry.get(kind)
+    if not isinstance(cls, type):
+        raise FidelityError(f"{where}: {registry.kind} {kind!r} is not a class")
+    parameters = inspect.signature(cls.__init__).parameters
+    allowed = {n for n, p in parameters.items() if n != "self" and p.kind is p.KEYWORD_ONLY}
+    _check_keys(settings, allowed, f"{where} ({registry.kind} {kind!r})")
+    try:
+        return cls(**settings)
+    except FidelityError as exc:
+        raise FidelityError(f"{where}: {exc}") from exc
+    except TypeError as exc:
+        raise FidelityError(f"{where}: bad settings for {kind!r}: {exc}") from exc
+
+
+def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
+    """Validate a parsed TOML document into a ``Suite``."""
+    from estimators import ESTIMATORS
+    from retrain import RESPONSES
+
+    where = source or "suite"
+    allowed = {
+        "name",
+        "description",
+        "seed",
+        "problems",
+        "estimators",
+        "responses",
+        "selection",
+        "metrics",
+    }
+    _check_keys(data, allowed, where)
+    for required in ("name", "problems", "estimators", "responses"):
+        if required not in data:
+            raise FidelityError(f"{where}: missing key {required!r}")
+    name = _expect(data["name"], str, f"{where}: name")
+    problems = _expect(data["problems"], list, f"{where}: problems")
+    if not problems:
+        raise FidelityError(f"{where}: problems must name at least one problem")
+    for position, problem in enumerate(problems):
+        _expect(problem, str, f"{where}: problems[{position}]")
+    estimators = _components(data["estimators"], "estimator", ESTIMATORS, f"{where}: estimators")
+    responses = _components(data["responses"], "response", RESPONSES, f"{where}: responses")
+    selection = _dataclass_from_table(
+        SelectionSpec, data.get("selection", {}), f"{where}: selection"
+    )
+    metrics = _dataclass_from_table(MetricsSpec, data.get("metrics", {}), f"{where}: metrics")
+    for field_name in ("test_points", "random", "top"):
+        if getattr(selection, field_name) < 0:
+            raise FidelityError(f"{where}: selection.{field_name} must be >= 0")
+    if selection.test_points < 1 or selection.random + selection.top < 2:
+        raise FidelityError(
+            f"{where}: selection needs test_points >= 1 and at least two removed points"
+        )
+    labels = [spec.label for spec in estimators]
+    if selection.top_by is not None and selection.top_by not in labels:
+        raise FidelityError(
+            f"{where}: selection.top_by {selection.top_by!r} is not an estimator label "
+            f"({', '.join(labels)})"
+        )
+    if metrics.bootstrap < 0 or not (0 < metrics.confidence < 1):
+        raise FidelityError(f"{where}: metrics needs bootstrap >= 0 and 0 < confidence < 1")
+    return Suite(
+        name=name,
+        problems=tuple(problems),
+        estimators=estimators,
+        responses=responses,
+        selection=selection,
+        metrics=metrics,
+        description=_expect(data.get("description", ""), str, f"{where}: description"),
+        seed=_expect(data.get("seed", 0), int, f"{where}: seed"),
+        source=source,
+    )
+
+
+def builtin_suites() -> list[str]:
+    folder = resources.files(BUILTIN_SUITES_PACKAGE)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A bundled suite by name (``smoke``) or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise FidelityError(f"suite file {name_or_path!r} does not exist")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    elif name_or_path in builtin_suites():
+        resource = resources.files(BUILTIN_SUITES_PACKAGE) / f"{name_or_path}.toml"
+        text, source = resource.read_text(encoding="utf-8"), f"{name_or_path}.toml"
+    else:
+        raise FidelityError(
+            f"unknown suite {name_or_path!r}; bundled suites: {', '.join(builtin_suites())} "
+            "(or a path to a .toml file)"
+        )
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FidelityError(f"suite {source}: malformed TOML: {exc}") from exc
+    return parse_suite(data, source=source)

@@ -1,0 +1,92 @@
+"""The Markdown report: one table of metrics per problem, timings and provenance."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+METRIC_COLUMNS = (
+    ("pearson", "Pearson"),
+    ("spearman", "Spearman"),
+    ("kendall", "Kendall tau"),
+    ("mean_test_pearson", "mean per-test Pearson"),
+    ("mean_test_spearman", "mean per-test Spearman"),
+)
+
+
+def md_escape(text: object) -> str:
+    """Escape a string from data or configuration for a Markdown table cell."""
+    escaped = html.escape(str(text), quote=True)
+    for char in "\\|`*_[]":
+        escaped = escaped.replace(char, "\\" + char)
+    return escaped.replace("\n", " ")
+
+
+def format_interval(entry: dict[str, float | None]) -> str:
+    value, low, high = entry.get("value"), entry.get("low"), entry.get("high")
+    if value is None:
+        return "n/a"
+    if low is None or high is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def render_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
+    suite = results["suite"]
+    confidence = suite["metrics"]["confidence"]
+    lines = [
+        f"# fidelity report: {md_escape(suite['name'])}",
+        "",
+        f"Created {md_escape(results['created'])}"
+        f" · fidelity {md_escape(results['fidelity_version'])}"
+        f" · git {md_escape(results.get('git_revision') or 'n/a')}"
+        f" · total {results['timings']['total_seconds']:.1f} s",
+        "",
+        "delta[t, j] = change of test loss t when training point j is removed (positive: j "
+        f"helped). Intervals: {confidence:.0%} two-way bootstrap over test and removed points "
+        f"({suite['metrics']['bootstrap']} replicates).",
+    ]
+    for name, problem in results["problems"].items():
+        training = problem["training"]
+        removed = problem["n_removed"]
+        lines += [
+            "",
+            f"## {md_escape(name)}",
+            "",
+            f"{problem['n_train']} training / {problem['n_test']} test points, "
+            f"{problem['n_params']} parameters, loss {md_escape(problem['loss'])}, weight decay "
+            f"{problem['weight_decay']:g}; theta_s gradient norm {training['grad_norm']:.2e} "
+            f"after {training['iterations']} Newton steps. {problem['n_test_points']} test points"
+            f" x {removed['top'] + removed['random']} removed ({removed['top']} top by "
+            f"|{md_escape(problem['top_by'] or '-')}|, {removed['random']} random).",
+            "",
+            "| estimator | response | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(METRIC_COLUMNS),
+        ]
+        for estimator, by_response in problem["metrics"].items():
+            for response, metrics in by_response.items():
+                cells = [format_interval(metrics[key]) for key, _ in METRIC_COLUMNS]
+                lines.append(
+                    f"| {md_escape(estimator)} | {md_escape(response)} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+        lines += ["", "| step | seconds | notes |", "|---|---|---|"]
+        lines.append(
+            f"| train theta_s | {problem['timings']['train_seconds']:.2f} | "
+            f"{'cached' if training.get('cached') else 'computed'} |"
+        )
+        for label, info in problem["estimators"].items():
+            lines.append(
+                f"| estimator {md_escape(label)} | "
+                f"{info['fit_seconds'] + info['scores_seconds']:.2f} | fit + scores |"
+            )
+        for label, info in problem["responses"].items():
+            detail = info["info"]
+            lines.append(
+                f"| response {md_escape(label)} | {info['seconds']:.2f} | "
+                f"{detail.get('refits', 0)} retrained, {detail.get('cached', 0)} cached |"
+            )
+        if name in figures:
+            lines += ["", f"![predicted vs actual for {md_escape(name)}]({figures[name]})"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,10 @@
+"""Ground truth: training loops and the response-function ladder."""
+
+from fidelity.registry import Registry
+from retrain.responses import ColdResponse, Execution, Response, ResponseResult
+from retrain.train import train
+
+RESPONSES: Registry[type[Response]] = Registry("response")
+RESPONSES.register("cold")(ColdResponse)
+
+__all__ = ["RESPONSES", "ColdResponse", "Execution", "Response", "ResponseResult", "train"]

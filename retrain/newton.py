@@ -1,0 +1,180 @@
+"""Full-batch Newton training of the weighted objective J, and exact leave-one-out refits.
+
+Both run to the floating-point floor: they iterate until the gradient norm is at most ``gtol``
+and then while each step still at least halves it, so the returned parameters are as accurate as
+the arithmetic allows (deltas are differences of nearby optima and need that accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fidelity.errors import FidelityError
+from fidelity.objective import objective, objective_hessian, output_hessian_factor
+from fidelity.problem import FunctionalModel, Problem
+
+
+@dataclass(frozen=True)
+class NewtonResult:
+    theta: Tensor
+    iterations: int
+    grad_norm: float
+    converged: bool
+
+
+def _keeps_improving(norm: float, previous: float, gtol: float) -> bool:
+    """Whether to take another step: not yet at tolerance, or still halving the gradient."""
+    return norm > gtol or (norm > 0 and norm <= 0.5 * previous)
+
+
+def newton_minimize(
+    model: FunctionalModel,
+    problem: Problem,
+    theta0: Tensor,
+    weights: Tensor | None = None,
+    *,
+    gtol: float = 1e-10,
+    max_iter: int = 100,
+) -> NewtonResult:
+    """Minimise J(theta; weights) from ``theta0`` by Newton's method with backtracking.
+
+    The Newton system is solved by Cholesky; where the Hessian is not positive definite
+    (non-convex model) a multiple of the identity is added until it is (Levenberg damping).
+    """
+
+    def value(theta: Tensor) -> Tensor:
+        return objective(model, problem, theta, weights)
+
+    grad_fn = torch.func.grad(value)
+    theta = theta0.detach().clone()
+    grad = grad_fn(theta)
+    norm, previous = float(grad.norm()), math.inf
+    current = float(value(theta))
+    iterations = 0
+    while iterations < max_iter and _keeps_improving(norm, previous, gtol):
+        hessian = objective_hessian(model, problem, theta, weights)
+        direction = -_damped_solve(hessian, grad)
+        step, accepted = 1.0, False
+        slope = float(grad @ direction)
+        for _ in range(40):
+            candidate = theta + step * direction
+            trial = float(value(candidate))
+            # Near the optimum J changes by less than its rounding error; accept full steps then.
+            if trial <= current + 1e-4 * step * slope + 1e-13 * abs(current):
+                accepted = True
+                break
+            step *= 0.5
+        if not accepted:
+            break
+        theta, current = candidate, trial
+        grad = grad_fn(theta)
+        norm, previous = float(grad.norm()), norm
+        iterations += 1
+    return NewtonResult(theta, iterations, norm, norm <= gtol)
+
+
+def _damped_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    shift = 0.0
+    scale = float(matrix.diagonal().abs().mean()) or 1.0
+    for _ in range(30):
+        factor, info = torch.linalg.cholesky_ex(matrix + shift * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+        shift = max(shift * 10, 1e-10 * scale)
+    raise FidelityError("Newton step failed: the Hessian could not be made positive definite")
+
+
+@dataclass(frozen=True)
+class RefitResult:
+    thetas: Tensor  # [B, p]
+    iterations: Tensor  # [B]
+    grad_norms: Tensor  # [B]
+
+
+def removal_weights(n_train: int, removed: Tensor, like: Tensor) -> Tensor:
+    """``[B, N]`` weights: ones, with a zero at each model's removed point."""
+    weights = torch.ones(removed.numel(), n_train, dtype=like.dtype, device=like.device)
+    weights[torch.arange(removed.numel(), device=like.device), removed] = 0.0
+    return weights
+
+
+def refit_removals(
+    model: FunctionalModel,
+    problem: Problem,
+    theta_start: Tensor,
+    hessian_cholesky: Tensor,
+    removed: Tensor,
+    *,
+    gtol: float = 1e-10,
+    max_iter: int = 100,
+) -> RefitResult:
+    """Exact minimisers of J with w_j = 0, one model per entry of ``removed``, all at once.
+
+    Each model iterates theta <- theta - P_j^{-1} grad J_{-j}(theta), vmapped over models. P_j is
+    the Hessian at theta_s (its Cholesky factor is given) minus the removed point's Gauss-Newton
+    term (1/N) J_j^T H_out,j J_j, applied by the Woodbury identity: the exact Hessian of J_{-j} at
+    theta_s for models linear in their parameters, so convergence is quadratic-like; for other
+    models it is still a convergent preconditioner, and the fixed point is the exact minimiser
+    because the iteration uses the exact gradient. Models not converged after ``max_iter`` steps
+    finish with full Newton.
+    """
+    n = problem.n_train
+    removed = removed.to(device=theta_start.device, dtype=torch.long)
+    weights = removal_weights(n, removed, theta_start)
+    x_removed, y_removed = problem.x_train[removed], problem.y_train[removed]
+
+    def single_output(theta: Tensor, x: Tensor) -> Tensor:
+        return model(theta, x.unsqueeze(0)).squeeze(0)
+
+    jacobians = torch.func.vmap(torch.func.jacrev(single_output), in_dims=(None, 0))(
+        theta_start, x_removed
+    )  # [B, k, p]
+    outputs = model(theta_start, x_removed)
+    factors = output_hessian_factor(problem.loss, outputs, y_removed)  # [B, k, k]
+    low_rank = jacobians.transpose(1, 2) @ factors  # U_j, [B, p, k]
+    solved = torch.cholesky_solve(low_rank, hessian_cholesky)  # Z_j = H^{-1} U_j
+    eye_k = torch.eye(low_rank.shape[-1], dtype=low_rank.dtype, device=low_rank.device)
+    capacitance = n * eye_k - low_rank.transpose(1, 2) @ solved  # N I - U^T H^{-1} U
+    capacitance_factor = torch.linalg.cholesky(capacitance)
+
+    def precondition(vectors: Tensor) -> Tensor:
+        base = torch.cholesky_solve(vectors.T, hessian_cholesky).T  # H^{-1} v, [B, p]
+        inner = torch.cholesky_solve(
+            (solved.transpose(1, 2) @ vectors.unsqueeze(-1)), capacitance_factor
+        )
+        return base + (solved @ inner).squeeze(-1)
+
+    def value(theta: Tensor, weight: Tensor) -> Tensor:
+        return objective(model, problem, theta, weight)
+
+    batched_grad = torch.func.vmap(torch.func.grad(value))
+    thetas = theta_start.detach().unsqueeze(0).repeat(removed.numel(), 1)
+    iterations = torch.zeros(removed.numel(), dtype=torch.long)
+    previous = torch.full((removed.numel(),), math.inf, dtype=torch.float64)
+    active = torch.ones(removed.numel(), dtype=torch.bool)
+    grads = batched_grad(thetas, weights)
+    norms = grads.norm(dim=1).double().cpu()
+    for _ in range(max_iter):
+        active &= (norms > gtol) | ((norms > 0) & (norms <= 0.5 * previous))
+        if not bool(active.any()):
+            break
+        steps = precondition(grads)
+        mask = active.to(thetas.device).unsqueeze(1)
+        thetas = torch.where(mask, thetas - steps, thetas)
+        grads = batched_grad(thetas, weights)
+        previous = torch.where(active, norms, previous)
+        norms = torch.where(active, grads.norm(dim=1).double().cpu(), norms)
+        iterations += active.long()
+    for index in torch.nonzero(norms > gtol).flatten().tolist():
+        finished = newton_minimize(
+            model, problem, thetas[index], weights[index], gtol=gtol, max_iter=max_iter
+        )
+        thetas[index] = finished.theta
+        norms[index] = finished.grad_norm
+        iterations[index] += finished.iterations
+    return RefitResult(thetas, iterations, norms)

@@ -1,0 +1,236 @@
+"""Response functions: what retraining actually does to the measurement when j is removed.
+
+Every response returns ``delta[t, j] = m(z_t, theta_without_j) - m(z_t, theta_s)`` with m the
+test loss (no regulariser), shaped ``[n_test, n_removed]`` (DESIGN.md's sign convention).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fidelity.cache import ArtifactCache, cache_key
+from fidelity.errors import FidelityError
+from fidelity.objective import objective_hessian, per_example_loss
+from fidelity.problem import Examples, TrainedProblem
+from retrain.newton import newton_minimize, refit_removals, removal_weights
+from retrain.train import theta_digest
+
+BACKENDS = ("loky", "threading", "sequential")
+
+
+@dataclass(frozen=True)
+class ResponseResult:
+    deltas: Tensor  # [n_test, n_removed]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How retrains are spread out: worker processes, joblib backend, cache, progress bar.
+
+    None of these change a result: groups of removals are formed independently of the worker
+    count, and every group is computed the same way wherever it runs.
+    """
+
+    cache: ArtifactCache = field(default_factory=lambda: ArtifactCache(None))
+    workers: int = 1
+    backend: str = "loky"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise FidelityError(f"workers must be >= 1, got {self.workers}")
+        if self.backend not in BACKENDS:
+            raise FidelityError(
+                f"unknown joblib backend {self.backend!r}; valid: {', '.join(BACKENDS)}"
+            )
+
+
+class Response(ABC):
+    """A stage of the response ladder; configured in ``__init__``, computed by ``compute``."""
+
+    name: ClassVar[str]
+
+    def get_params(self) -> dict[str, Any]:
+        names = inspect.signature(type(self).__init__).parameters
+        return {n: getattr(self, n) for n in names if n != "self"}
+
+    @abstractmethod
+    def compute(
+        self,
+        trained: TrainedProblem,
+        test: Examples,
+        removed: Tensor,
+        execution: Execution | None = None,
+    ) -> ResponseResult:
+        """Actual deltas ``[n_test, n_removed]`` for removing each training index in ``removed``."""
+
+
+def measure(trained: TrainedProblem, thetas: Tensor, test: Examples) -> Tensor:
+    """Test loss of each parameter vector, ``[n_models, n_test]``."""
+    model, loss = trained.model, trained.problem.loss
+    return torch.func.vmap(lambda theta: per_example_loss(model, loss, theta, test))(thetas)
+
+
+class ColdResponse(Response):
+    """Leave-one-out retraining: minimise J with w_j = 0 (same 1/N) with the problem's recipe.
+
+    For the full-batch Newton recipe (convex models) this is the exact refit: each removal is
+    solved to the floating-point floor, started from theta_s when ``refit_start="trained"``
+    (same unique minimiser, fewer steps) or from the original initialisation otherwise.
+    Retrained parameters are cached per removed point, so an interrupted run resumes and a
+    repeated run retrains nothing.
+    """
+
+    name = "cold"
+
+    def __init__(self, *, group_size: int = 64) -> None:
+        if not isinstance(group_size, int) or group_size < 1:
+            raise FidelityError(f"cold.group_size must be a positive integer, got {group_size!r}")
+        self.group_size = group_size
+
+    @staticmethod
+    def _key(problem_fingerprint: str, theta_s: str, index: int) -> str:
+        # group_size is left out on purpose: it does not change any result.
+        return cache_key(kind="cold", problem=problem_fingerprint, theta_s=theta_s, removed=index)
+
+    def compute(
+        self,
+        trained: TrainedProblem,
+        test: Examples,
+        removed: Tensor,
+        execution: Execution | None = None,
+    ) -> ResponseResult:
+        execution = execution or Execution()
+        problem = trained.problem
+        start = time.perf_counter()
+        removed = torch.as_tensor(removed, dtype=torch.long).flatten()
+        if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= problem.n_train):
+            raise FidelityError(f"removed indices must lie in [0, {problem.n_train})")
+        fingerprint, digest = problem.fingerprint(), theta_digest(trained)
+        unique = sorted(set(removed.tolist()))
+        keys = {index: self._key(fingerprint, digest, index) for index in unique}
+        thetas: dict[int, Tensor] = {}
+        iterations: dict[int, int] = {}
+        grad_norms: dict[int, float] = {}
+        for index in unique:
+            stored = execution.cache.load("cold", keys[index])
+            if stored is not None:
+                thetas[index] = torch.as_tensor(stored["theta"]).to(trained.theta)
+                iterations[index] = int(stored["iterations"])
+                grad_norms[index] = float(stored["grad_norm"])
+        missing = [index for index in unique if index not in thetas]
+        groups = [missing[i : i + self.group_size] for i in range(0, len(missing), self.group_size)]
+        hessian_factor = None
+        if groups and problem.recipe.refit_start == "trained":
+            hessian = objective_hessian(trained.model, problem, trained.theta)
+            hessian_factor, info = torch.linalg.cholesky_ex(hessian)
+            if int(info) != 0:
+                raise FidelityError(
+                    f"problem {problem.name!r}: the Hessian at theta_s is not positive definite, "
+                    "so exact leave-one-out refits are ill-posed; add weight decay"
+                )
+        jobs = (
+            delayed(_refit_group)(trained, hessian_factor, group, execution.workers)
+            for group in groups
+        )
+        parallel = Parallel(
+            n_jobs=execution.workers,
+            backend=execution.backend if execution.workers > 1 else "sequential",
+            return_as="generator",
+        )
+        bar = tqdm(
+            total=len(missing),
+            desc=f"cold {problem.name}",
+            unit="refit",
+            disable=not execution.progress or not missing,
+            leave=False,
+        )
+        with bar:
+            for group, (group_thetas, group_iters, group_norms) in zip(
+                groups, parallel(jobs), strict=True
+            ):
+                for position, index in enumerate(group):
+                    theta = group_thetas[position].to(trained.theta)
+                    thetas[index] = theta
+                    iterations[index] = int(group_iters[position])
+                    grad_norms[index] = float(group_norms[position])
+                    execution.cache.save(
+                        "cold",
+                        keys[index],
+                        {
+                            "theta": theta.cpu().numpy(),
+                            "iterations": np.int64(iterations[index]),
+                            "grad_norm": np.float64(grad_norms[index]),
+                        },
+                    )
+                bar.update(len(group))
+        gtol = problem.recipe.gtol
+        unconverged = [index for index in unique if not grad_norms[index] <= gtol]
+        if unconverged:
+            raise FidelityError(
+                f"cold refits of {problem.name!r} did not converge for training indices "
+                f"{unconverged[:10]} (gradient norm above gtol {gtol:g}); raise the recipe's "
+                "max_iter"
+            )
+        if removed.numel():
+            stacked = torch.stack([thetas[index] for index in removed.tolist()])
+            after = measure(trained, stacked, test)
+        else:
+            after = test.x.new_zeros((0, len(test)))
+        before = measure(trained, trained.theta.unsqueeze(0), test)
+        deltas = (after - before).T.contiguous()
+        info = {
+            "refits": len(missing),
+            "cached": len(unique) - len(missing),
+            "seconds": time.perf_counter() - start,
+            "max_grad_norm": max(grad_norms.values(), default=0.0),
+            "mean_iterations": float(np.mean(list(iterations.values()))) if iterations else 0.0,
+        }
+        return ResponseResult(deltas, info)
+
+
+def _refit_group(
+    trained: TrainedProblem, hessian_factor: Tensor | None, group: list[int], workers: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    if workers > 1:
+        # Worker processes share the cores; one BLAS thread each avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    problem = trained.problem
+    recipe = problem.recipe
+    removed = torch.tensor(group, dtype=torch.long, device=trained.theta.device)
+    if hessian_factor is not None:
+        result = refit_removals(
+            trained.model,
+            problem,
+            trained.theta,
+            hessian_factor,
+            removed,
+            gtol=recipe.gtol,
+            max_iter=recipe.max_iter,
+        )
+        return result.thetas.cpu(), result.iterations, result.grad_norms
+    weights = removal_weights(problem.n_train, removed, trained.theta)
+    start = trained.model.initial_theta()
+    finished = [
+        newton_minimize(
+            trained.model, problem, start, weights[b], gtol=recipe.gtol, max_iter=recipe.max_iter
+        )
+        for b in range(len(group))
+    ]
+    return (
+        torch.stack([f.theta for f in finished]).cpu(),
+        torch.tensor([f.iterations for f in finished]),
+        torch.tensor([f.grad_norm for f in finished], dtype=torch.float64),
+    )

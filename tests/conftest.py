@@ -1,0 +1,60 @@
+"""Shared fixtures: trained built-in problems (trained once per session) and tiny problems."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from fidelity.problem import NewtonRecipe, Problem
+from fidelity.problems import linear_model, load_problem
+from retrain import train
+
+torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(scope="session")
+def trained_problems():
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = train(load_problem(name))
+        return cache[name]
+
+    return get
+
+
+def make_tiny_logreg(
+    n_train: int = 40,
+    n_test: int = 12,
+    features: int = 3,
+    classes: int = 3,
+    weight_decay: float = 1e-2,
+    seed: int = 0,
+) -> Problem:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, features, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, classes, (n_train + n_test,), generator=generator)
+    return Problem(
+        name="tiny-logreg",
+        x_train=x[:n_train],
+        y_train=y[:n_train],
+        x_test=x[n_train:],
+        y_test=y[n_train:],
+        model_factory=partial(linear_model, features, classes),
+        loss="cross_entropy",
+        weight_decay=weight_decay,
+        recipe=NewtonRecipe(),
+    )
+
+
+def tiny_problem_for_import(seed: int = 0) -> Problem:
+    """Importable as tests.conftest:tiny_problem_for_import (a user problem)."""
+    return make_tiny_logreg(seed=seed)
+
+
+@pytest.fixture
+def tiny_logreg() -> Problem:
+    return make_tiny_logreg()

@@ -1,0 +1,49 @@
+"""One contract test over every registered estimator."""
+
+import pytest
+import torch
+
+from estimators import ESTIMATORS, Estimator
+from retrain import train
+from tests.conftest import make_tiny_logreg
+
+
+@pytest.fixture(scope="module")
+def tiny_trained():
+    return train(make_tiny_logreg())
+
+
+@pytest.mark.parametrize("name", ESTIMATORS.names())
+def test_estimator_contract(name, tiny_trained):
+    problem = tiny_trained.problem
+    cls = ESTIMATORS.get(name)
+    estimator = cls()
+    assert isinstance(estimator, Estimator)
+    assert not any(attr.endswith("_") and not attr.startswith("_") for attr in vars(estimator))
+    params_before = {k: v.clone() for k, v in tiny_trained.model.module.state_dict().items()}
+    theta_before = tiny_trained.theta.clone()
+
+    assert estimator.fit(tiny_trained) is estimator
+    test, train_subset = problem.test.subset(torch.arange(5)), problem.train.subset(torch.arange(7))
+    first = estimator.scores(test, train_subset)
+    second = cls().fit(tiny_trained).scores(test, train_subset)
+
+    assert first.shape == (5, 7)
+    assert first.dtype == problem.dtype
+    assert bool(torch.isfinite(first).all())
+    assert torch.equal(first, second)  # deterministic
+    assert torch.equal(tiny_trained.theta, theta_before)
+    for key, value in tiny_trained.model.module.state_dict().items():
+        assert torch.equal(value, params_before[key])
+    assert isinstance(estimator.diagnostics, dict) and "fit_seconds" in estimator.diagnostics
+    assert set(estimator.get_params()) <= set(vars(estimator))
+
+
+@pytest.mark.parametrize("name", ESTIMATORS.names())
+def test_scores_rows_follow_test_and_columns_follow_train(name, tiny_trained):
+    problem = tiny_trained.problem
+    estimator = ESTIMATORS.get(name)().fit(tiny_trained)
+    full = estimator.scores(problem.test, problem.train)
+    rows, cols = torch.tensor([4, 1]), torch.tensor([9, 0, 3])
+    part = estimator.scores(problem.test.subset(rows), problem.train.subset(cols))
+    torch.testing.assert_close(part, full[rows][:, cols], rtol=1e-12, atol=1e-15)

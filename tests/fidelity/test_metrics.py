@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from fidelity.errors import FidelityError
+from fidelity.metrics import (
+    kendall,
+    mean_row_pearson,
+    mean_row_spearman,
+    pearson,
+    row_pearson,
+    row_spearman,
+    score,
+    spearman,
+)
+
+
+@pytest.fixture
+def pair():
+    rng = np.random.default_rng(3)
+    actual = rng.standard_normal((6, 30))
+    predicted = actual + 0.5 * rng.standard_normal((6, 30))
+    predicted[2, 4] = predicted[2, 5]  # a tie, for rank handling
+    return predicted, actual
+
+
+def test_pooled_metrics_equal_scipy(pair):
+    predicted, actual = pair
+    assert pearson(predicted, actual) == pytest.approx(
+        stats.pearsonr(predicted.ravel(), actual.ravel()).statistic, abs=1e-12
+    )
+    assert spearman(predicted, actual) == pytest.approx(
+        stats.spearmanr(predicted.ravel(), actual.ravel()).statistic, abs=1e-12
+    )
+    assert kendall(predicted, actual) == pytest.approx(
+        stats.kendalltau(predicted.ravel(), actual.ravel()).statistic, abs=1e-12
+    )
+
+
+def test_per_test_point_metrics_equal_a_loop_over_rows(pair):
+    predicted, actual = pair
+    expected_p = [stats.pearsonr(p, a).statistic for p, a in zip(predicted, actual, strict=True)]
+    expected_s = [stats.spearmanr(p, a).statistic for p, a in zip(predicted, actual, strict=True)]
+    np.testing.assert_allclose(row_pearson(predicted, actual), expected_p, atol=1e-12)
+    np.testing.assert_allclose(row_spearman(predicted, actual), expected_s, atol=1e-12)
+    assert mean_row_pearson(predicted, actual) == pytest.approx(np.mean(expected_p), abs=1e-12)
+    assert mean_row_spearman(predicted, actual) == pytest.approx(np.mean(expected_s), abs=1e-12)
+
+
+def test_sign_flip_negates_correlations(pair):
+    predicted, actual = pair
+    assert pearson(-predicted, actual) == pytest.approx(-pearson(predicted, actual))
+    assert kendall(-predicted, actual) == pytest.approx(-kendall(predicted, actual))
+
+
+def test_bootstrap_interval_brackets_value_and_is_reproducible(pair):
+    predicted, actual = pair
+    first = score(predicted, actual, n_boot=300, seed=5)
+    again = score(predicted, actual, n_boot=300, seed=5)
+    other = score(predicted, actual, n_boot=300, seed=6)
+    assert first == again
+    assert first["pearson"] != other["pearson"]
+    for interval in first.values():
+        assert interval.low <= interval.value <= interval.high
+        assert interval.high - interval.low > 0.01
+
+
+def test_interval_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+
+    def width(rows, cols):
+        actual = rng.standard_normal((rows, cols))
+        result = score(actual + rng.standard_normal((rows, cols)), actual, n_boot=200)
+        return result["pearson"].high - result["pearson"].low
+
+    assert width(40, 200) < 0.5 * width(5, 20)
+
+
+def test_perfect_agreement_and_constant_predictions():
+    actual = np.arange(12.0).reshape(3, 4)
+    perfect = score(2 * actual + 1, actual, n_boot=50)
+    assert perfect["pearson"].value == pytest.approx(1.0)
+    assert perfect["kendall"].low == pytest.approx(1.0)
+    constant = score(np.ones_like(actual), actual, n_boot=20)
+    assert np.isnan(constant["pearson"].value)
+    assert constant["pearson"].to_dict()["value"] is None
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(FidelityError, match=r"equal 2-d shapes"):
+        score(np.zeros((2, 3)), np.zeros((3, 2)))

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from fidelity.errors import FidelityError
+from fidelity.problem import ParamSpec
+from fidelity.problems import PROBLEMS, load_problem
+
+
+@pytest.mark.parametrize(
+    ("name", "n_train", "n_test", "features", "loss", "weight_decay"),
+    [
+        ("digits-logreg", 1437, 360, 64, "cross_entropy", 1e-3),
+        ("cancer-logreg", 455, 114, 30, "bce", 1e-2),
+        ("diabetes-ridge", 353, 89, 10, "mse", 1e-2),
+    ],
+)
+def test_builtin_problems(name, n_train, n_test, features, loss, weight_decay):
+    problem = load_problem(name)
+    assert (problem.n_train, problem.n_test) == (n_train, n_test)
+    assert problem.x_train.shape[1] == features
+    assert problem.loss == loss and problem.weight_decay == weight_decay
+    assert problem.dtype == torch.float64
+    assert problem.fingerprint() == load_problem(name).fingerprint()
+
+
+def test_digits_is_scaled_to_unit_interval_and_split_is_stratified():
+    problem = load_problem("digits-logreg")
+    assert float(problem.x_train.min()) == 0.0 and float(problem.x_train.max()) == 1.0
+    train_share = torch.bincount(problem.y_train) / problem.n_train
+    test_share = torch.bincount(problem.y_test) / problem.n_test
+    assert float((train_share - test_share).abs().max()) < 0.01
+
+
+def test_standardisation_uses_train_statistics_only():
+    problem = load_problem("cancer-logreg")
+    torch.testing.assert_close(problem.x_train.mean(0), torch.zeros(30), atol=1e-12, rtol=0)
+    assert float(problem.x_test.mean(0).abs().max()) > 1e-3
+
+
+def test_split_depends_on_seed():
+    from fidelity.problems import digits_logreg
+
+    assert not torch.equal(digits_logreg(seed=0).x_train, digits_logreg(seed=1).x_train)
+    assert digits_logreg(seed=0).fingerprint() != digits_logreg(seed=1).fingerprint()
+
+
+def test_user_problem_by_import_path():
+    problem = load_problem("tests.fidelity.user_problems:tiny")
+    assert problem.name == "tiny-logreg"
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("no-such-problem", "unknown problem 'no-such-problem'; valid names: cancer-logreg"),
+        ("no_such_package.mod:factory", "cannot import module 'no_such_package.mod'"),
+        ("tests.fidelity.user_problems:missing", "has no attribute 'missing'"),
+        ("tests.fidelity.user_problems:broken", "failed to build: RuntimeError"),
+        ("tests.fidelity.user_problems:not_a_problem", "returned dict, expected"),
+        ("tests.fidelity.user_problems:with_nan", "x_test holds 1 NaN"),
+    ],
+)
+def test_bad_problem_names(path, message):
+    with pytest.raises(FidelityError, match=message.replace("(", r"\(")):
+        load_problem(path)
+
+
+def test_registry_lists_builtin_problems():
+    assert {"digits-logreg", "cancer-logreg", "diabetes-ridge"} <= set(PROBLEMS.names())
+
+
+def test_param_spec_round_trip():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    spec = ParamSpec.of(model)
+    flat = spec.flatten(dict(model.named_parameters()))
+    assert flat.numel() == spec.numel == 3 * 4 + 4 + 4 * 2 + 2
+    for name, tensor in spec.unflatten(flat).items():
+        assert torch.equal(tensor, dict(model.named_parameters())[name])

@@ -1,0 +1,101 @@
+import pytest
+
+from fidelity.errors import FidelityError
+from fidelity.suite import builtin_suites, load_suite
+
+VALID = """
+name = "mine"
+problems = ["diabetes-ridge"]
+[selection]
+test_points = 5
+random = 3
+top = 2
+[[estimators]]
+kind = "exact"
+damping = 0.01
+[[responses]]
+kind = "cold"
+group_size = 4
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "suite.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_bundled_smoke_suite():
+    assert "smoke" in builtin_suites()
+    suite = load_suite("smoke")
+    assert suite.problems == ("digits-logreg", "cancer-logreg", "diabetes-ridge")
+    assert [e.kind for e in suite.estimators] == ["exact"]
+    assert [r.kind for r in suite.responses] == ["cold"]
+    assert (suite.selection.test_points, suite.selection.random, suite.selection.top) == (
+        20,
+        50,
+        50,
+    )
+
+
+def test_valid_file(tmp_path):
+    suite = load_suite(write(tmp_path, VALID))
+    assert suite.estimators[0].settings == {"damping": 0.01}
+    assert suite.estimators[0].label == "exact"
+    assert suite.responses[0].settings == {"group_size": 4}
+    assert suite.metrics.bootstrap == 1000
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.replace("test_points", "tset_points"), "unknown key.*tset_points"),
+        (lambda t: t.replace("top = 2", 'top = "2"'), r"selection.top must be an integer"),
+        (lambda t: t.replace("top = 2", "top = true"), "got a boolean"),
+        (
+            lambda t: t.replace('kind = "exact"', 'kind = "exakt"'),
+            "unknown estimator 'exakt'; valid names: exact",
+        ),
+        (lambda t: t.replace('kind = "cold"', 'kind = "colt"'), "unknown response 'colt'"),
+        (lambda t: t.replace("damping = 0.01", "dampng = 0.01"), "unknown key.*dampng"),
+        (lambda t: t.replace("damping = 0.01", "damping = -1"), "exact.damping"),
+        (lambda t: t.replace("group_size = 4", "group_size = 0"), "group_size"),
+        (lambda t: t.replace('name = "mine"', 'name = "mine'), "malformed TOML"),
+        (lambda t: t.replace('problems = ["diabetes-ridge"]', "problems = []"), "at least one"),
+        (
+            lambda t: t.replace('problems = ["diabetes-ridge"]', 'problems = "diabetes-ridge"'),
+            "problems must be a list",
+        ),
+        (lambda t: t + "\nextra = 1\n", "unknown key.*extra"),
+        (lambda t: t.replace("top = 2", 'top = 2\ntop_by = "cg"'), "top_by 'cg' is not"),
+        (lambda t: t.replace("random = 3\ntop = 2", "random = 1\ntop = 0"), "at least two removed"),
+        (
+            lambda t: (
+                t.replace('kind = "exact"\n', 'kind = "exact"\nlabel = "x"\n').replace(
+                    'kind = "cold"', 'kind = "cold"'
+                )
+                + '[[estimators]]\nkind = "exact"\n'
+                'label = "x"\n'
+            ),
+            "label 'x' is used twice",
+        ),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, change, message):
+    with pytest.raises(FidelityError, match=message):
+        load_suite(write(tmp_path, change(VALID)))
+
+
+def test_unknown_suite_name_lists_bundled_ones():
+    with pytest.raises(FidelityError, match=r"unknown suite 'smok'; bundled suites: smoke"):
+        load_suite("smok")
+
+
+def test_missing_file():
+    with pytest.raises(FidelityError, match=r"does not exist"):
+        load_suite("/nonexistent/suite.toml")
+
+
+def test_import_path_estimator_is_accepted(tmp_path):
+    text = VALID.replace('kind = "exact"', 'kind = "estimators.exact:ExactEstimator"')
+    assert load_suite(write(tmp_path, text)).estimators[0].kind.endswith(":ExactEstimator")

@@ -1,0 +1,24 @@
+"""Problems importable by path, as a user's package would provide them."""
+
+import torch
+
+from tests.conftest import make_tiny_logreg
+
+
+def tiny() -> object:
+    return make_tiny_logreg()
+
+
+def with_nan() -> object:
+    problem = make_tiny_logreg()
+    x_test = problem.x_test.clone()
+    x_test[0, 0] = float("nan")
+    return type(problem)(**{**vars(problem), "x_test": x_test})
+
+
+def not_a_problem() -> object:
+    return {"x": torch.zeros(3)}
+
+
+def broken() -> object:
+    raise RuntimeError("cannot reach the data")

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from fidelity.objective import objective, objective_hessian
+from fidelity.problem import FunctionalModel
+from fidelity.problems import load_problem
+from retrain.newton import newton_minimize, refit_removals, removal_weights
+from tests.conftest import make_tiny_logreg
+
+
+@pytest.mark.parametrize("name", ["digits-logreg", "cancer-logreg", "diabetes-ridge"])
+def test_training_reaches_gradient_tolerance(trained_problems, name):
+    trained = trained_problems(name)
+    gradient = torch.func.grad(lambda t: objective(trained.model, trained.problem, t))(
+        trained.theta
+    )
+    assert float(gradient.norm()) <= 1e-10
+    assert trained.info["grad_norm"] <= 1e-10
+
+
+def test_diabetes_ridge_matches_normal_equations(trained_problems):
+    trained = trained_problems("diabetes-ridge")
+    problem = trained.problem
+    design = torch.cat([problem.x_train, torch.ones(problem.n_train, 1)], dim=1)
+    n, p = design.shape
+    system = design.T @ design / n + problem.weight_decay * torch.eye(p)
+    solution = torch.linalg.solve(system, design.T @ problem.y_train[:, 0] / n)
+    # nn.Linear flattens as (weight[1, 10], bias[1])
+    torch.testing.assert_close(trained.theta, solution, rtol=1e-12, atol=1e-13)
+
+
+def test_newton_starts_from_given_parameters():
+    problem = make_tiny_logreg()
+    model = FunctionalModel.of(problem.build_model())
+    far = torch.full((model.spec.numel,), 3.0)
+    from_far = newton_minimize(model, problem, far)
+    from_init = newton_minimize(model, problem, model.initial_theta())
+    assert from_far.converged and from_init.converged
+    torch.testing.assert_close(from_far.theta, from_init.theta, rtol=0, atol=1e-12)
+    started_at_optimum = newton_minimize(model, problem, from_init.theta)
+    assert started_at_optimum.iterations <= 1
+
+
+def test_refit_removals_equals_newton_on_each_weighted_objective():
+    problem = make_tiny_logreg()
+    model = FunctionalModel.of(problem.build_model())
+    theta_s = newton_minimize(model, problem, model.initial_theta()).theta
+    factor = torch.linalg.cholesky(objective_hessian(model, problem, theta_s))
+    removed = torch.tensor([0, 5, 17, 39])
+    fast = refit_removals(model, problem, theta_s, factor, removed)
+    weights = removal_weights(problem.n_train, removed, theta_s)
+    for b in range(removed.numel()):
+        reference = newton_minimize(model, problem, model.initial_theta(), weights[b]).theta
+        torch.testing.assert_close(fast.thetas[b], reference, rtol=0, atol=1e-12)
+    assert bool((fast.grad_norms <= 1e-10).all())
+
+
+def test_refit_is_independent_of_group_composition():
+    problem = make_tiny_logreg()
+    model = FunctionalModel.of(problem.build_model())
+    theta_s = newton_minimize(model, problem, model.initial_theta()).theta
+    factor = torch.linalg.cholesky(objective_hessian(model, problem, theta_s))
+    together = refit_removals(model, problem, theta_s, factor, torch.tensor([3, 9, 21]))
+    alone = refit_removals(model, problem, theta_s, factor, torch.tensor([9]))
+    torch.testing.assert_close(together.thetas[1], alone.thetas[0], rtol=0, atol=1e-14)
+
+
+def test_problem_with_nan_is_rejected():
+    from fidelity.errors import FidelityError
+
+    problem = load_problem("cancer-logreg")
+    x_train = problem.x_train.clone()
+    x_train[3, 2] = float("nan")
+    with pytest.raises(FidelityError, match=r"x_train holds 1 NaN"):
+        type(problem)(**{**vars(problem), "x_train": x_train})
