@@ -1,10 +1,36 @@
 """Influence estimators, all in DESIGN.md's contract and sign convention."""
 
+from estimators.arnoldi import ArnoldiEstimator
 from estimators.base import Estimator, InverseCurvatureEstimator
-from estimators.exact import ExactEstimator
+from estimators.baselines import GradCosEstimator, GradDotEstimator
+from estimators.curvature import CURVATURES, CurvatureOperator
+from estimators.exact import ExactEstimator, GaussNewtonEstimator
+from estimators.iterative import ConjugateGradientEstimator, LissaEstimator
 from fidelity.registry import Registry
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
-ESTIMATORS.register("exact")(ExactEstimator)
+for _estimator in (
+    ExactEstimator,
+    GaussNewtonEstimator,
+    ConjugateGradientEstimator,
+    LissaEstimator,
+    ArnoldiEstimator,
+    GradDotEstimator,
+    GradCosEstimator,
+):
+    ESTIMATORS.register(_estimator.name)(_estimator)
 
-__all__ = ["ESTIMATORS", "Estimator", "ExactEstimator", "InverseCurvatureEstimator"]
+__all__ = [
+    "CURVATURES",
+    "ESTIMATORS",
+    "ArnoldiEstimator",
+    "ConjugateGradientEstimator",
+    "CurvatureOperator",
+    "Estimator",
+    "ExactEstimator",
+    "GaussNewtonEstimator",
+    "GradCosEstimator",
+    "GradDotEstimator",
+    "InverseCurvatureEstimator",
+    "LissaEstimator",
+]

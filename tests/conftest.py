@@ -58,3 +58,33 @@ def tiny_problem_for_import(seed: int = 0) -> Problem:
 @pytest.fixture
 def tiny_logreg() -> Problem:
     return make_tiny_logreg()
+
+
+def tiny_mlp(features: int, hidden: int, outputs: int) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(features, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, outputs)
+    )
+
+
+def make_tiny_mlp_problem(loss: str = "cross_entropy", n_train: int = 30, seed: int = 0):
+    """A non-convex 3-5-k tanh MLP (k = 3 classes, or 1 output for bce / mse)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + 8, 3, generator=generator, dtype=torch.float64)
+    outputs = 3 if loss == "cross_entropy" else 1
+    if loss == "cross_entropy":
+        y = torch.randint(0, 3, (n_train + 8,), generator=generator)
+    elif loss == "bce":
+        y = (x[:, :1] + 0.3 * torch.randn(n_train + 8, 1, generator=generator) > 0).double()
+    else:
+        y = torch.sin(x[:, :1]) + 0.1 * torch.randn(n_train + 8, 1, generator=generator)
+    return Problem(
+        name=f"tiny-mlp-{loss}",
+        x_train=x[:n_train],
+        y_train=y[:n_train],
+        x_test=x[n_train:],
+        y_test=y[n_train:],
+        model_factory=partial(tiny_mlp, 3, 5, outputs),
+        loss=loss,
+        weight_decay=1e-2,
+        recipe=NewtonRecipe(),
+    )

@@ -64,8 +64,9 @@ def test_damping_adds_a_multiple_of_the_identity(trained_problems):
 
 
 def saddle_problem() -> TrainedProblem:
-    """f(x) = a b x at a = b = 0 with no weight decay: the Hessian [[0, c], [c, 0]] is
-    indefinite, as at a saddle of a non-convex model."""
+    """f(x) = a b x at a = b = 0.1 with no weight decay. With r = abx - y the Hessian has
+    H_aa = H_bb = mean(0.01 x^2) and H_ab = mean(x (0.02 x - y)) < 0, so it is indefinite, and
+    along the gradient direction (1, 1) the curvature mean(0.06 x^2 - 2 x y) is negative."""
     x = torch.linspace(-1, 1, 8).unsqueeze(1)
     problem = Problem(
         name="saddle",
@@ -81,7 +82,7 @@ def saddle_problem() -> TrainedProblem:
         recipe=NewtonRecipe(),
     )
     model = FunctionalModel.of(problem.build_model())
-    return TrainedProblem(problem, model, torch.zeros(2))
+    return TrainedProblem(problem, model, torch.full((2,), 0.1))
 
 
 def test_non_positive_definite_hessian_without_damping_is_an_error():

@@ -1,0 +1,149 @@
+"""Curvature of the training objective J as a linear operator.
+
+``hessian``: H = (1/N) sum_i d^2 L_i / d theta^2 + wd I (forward-over-reverse products).
+``gnh``:     G = (1/N) sum_i J_i^T H_out,i J_i + wd I, J_i the Jacobian of the model outputs of
+             example i, H_out,i the Hessian of the loss in output space (jvp, then vjp).
+
+Products are accumulated over the training set in batches of ``batch_size`` examples; the result
+does not depend on the batch size beyond floating-point summation order. Damping is not part of
+the operator: estimators add it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fidelity.errors import FidelityError
+from fidelity.objective import loss_from_outputs, output_hessian_factor
+from fidelity.problem import Examples, TrainedProblem
+
+Curvature = Literal["hessian", "gnh"]
+CURVATURES: tuple[str, ...] = ("hessian", "gnh")
+
+
+def check_curvature(curvature: object, owner: str) -> str:
+    if curvature not in CURVATURES:
+        raise FidelityError(
+            f"{owner}.curvature must be one of {', '.join(CURVATURES)}, got {curvature!r}"
+        )
+    return str(curvature)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FidelityError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_nonnegative(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise FidelityError(f"{name} must be a number >= 0, got {value!r}")
+    if value == float("inf"):
+        raise FidelityError(f"{name} must be finite")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CurvatureOperator:
+    """Products with the Hessian or Gauss-Newton matrix of J at theta_s (no damping)."""
+
+    trained: TrainedProblem
+    curvature: Curvature = "hessian"
+    batch_size: int = 512
+
+    @property
+    def n_params(self) -> int:
+        return self.trained.n_params
+
+    def _batches(self, data: Examples | None = None):
+        data = data if data is not None else self.trained.problem.train
+        for start in range(0, len(data), self.batch_size):
+            yield Examples(
+                data.x[start : start + self.batch_size], data.y[start : start + self.batch_size]
+            )
+
+    def batch_products(self, vectors: Tensor, batch: Examples) -> Tensor:
+        """sum_{i in batch} C_i v for each row v of ``vectors`` ``[m, p]`` (no 1/N, no wd)."""
+        model, loss, theta = self.trained.model, self.trained.problem.loss, self.trained.theta
+        if self.curvature == "hessian":
+
+            def batch_loss(t: Tensor) -> Tensor:
+                return loss_from_outputs(loss, model(t, batch.x), batch.y).sum()
+
+            gradient = torch.func.grad(batch_loss)
+
+            def product(v: Tensor) -> Tensor:
+                return torch.func.jvp(gradient, (theta,), (v,))[1]
+
+            return torch.func.vmap(product)(vectors)
+
+        outputs, vjp_fn = torch.func.vjp(lambda t: model(t, batch.x), theta)
+        factors = output_hessian_factor(loss, outputs.detach(), batch.y)
+        output_hessians = factors @ factors.transpose(1, 2)  # [b, k, k]
+
+        def gauss_newton_product(v: Tensor) -> Tensor:
+            jv = torch.func.jvp(lambda t: model(t, batch.x), (theta,), (v,))[1]  # [b, k]
+            return vjp_fn((output_hessians @ jv.unsqueeze(-1)).squeeze(-1))[0]
+
+        return torch.func.vmap(gauss_newton_product)(vectors)
+
+    def matvec(self, vectors: Tensor) -> Tensor:
+        """C v for each row of ``vectors`` ``[m, p]`` (or a single ``[p]`` vector)."""
+        single = vectors.dim() == 1
+        block = vectors.unsqueeze(0) if single else vectors
+        total = torch.zeros_like(block)
+        for batch in self._batches():
+            total = total + self.batch_products(block, batch)
+        problem = self.trained.problem
+        result = total / problem.n_train + problem.weight_decay * block
+        return result.squeeze(0) if single else result
+
+    def minibatch_matvec(self, vectors: Tensor, batch: Examples) -> Tensor:
+        """The curvature of the minibatch objective (1/|B|) sum_B L_i + (wd/2)||theta||^2."""
+        products = self.batch_products(vectors, batch) / len(batch)
+        return products + self.trained.problem.weight_decay * vectors
+
+    def dense(self) -> Tensor:
+        """The ``[p, p]`` matrix, accumulated over data batches (memory ~ p x batch x width)."""
+        model, loss, theta = self.trained.model, self.trained.problem.loss, self.trained.theta
+        total = torch.zeros(self.n_params, self.n_params, dtype=theta.dtype, device=theta.device)
+        for batch in self._batches():
+            if self.curvature == "hessian":
+
+                def batch_loss(t: Tensor, batch: Examples = batch) -> Tensor:
+                    return loss_from_outputs(loss, model(t, batch.x), batch.y).sum()
+
+                total += torch.func.jacrev(torch.func.grad(batch_loss))(theta)
+            else:
+                factors = self.gauss_newton_factors(batch)  # [b, k, p]
+                flat = factors.reshape(-1, self.n_params)
+                total += flat.T @ flat
+        problem = self.trained.problem
+        matrix = total / problem.n_train
+        matrix.diagonal().add_(problem.weight_decay)
+        return 0.5 * (matrix + matrix.T)
+
+    def gauss_newton_factors(self, batch: Examples) -> Tensor:
+        """R_i^T J_i for each example, ``[b, k, p]``: G_i = (R^T J)^T (R^T J)."""
+        model, loss, theta = self.trained.model, self.trained.problem.loss, self.trained.theta
+
+        def single_output(t: Tensor, x: Tensor) -> Tensor:
+            return model(t, x.unsqueeze(0)).squeeze(0)
+
+        jacobians = torch.func.vmap(torch.func.jacrev(single_output), in_dims=(None, 0))(
+            theta, batch.x
+        )  # [b, k, p]
+        factors = output_hessian_factor(loss, model(theta, batch.x), batch.y)  # [b, k, k]
+        return factors.transpose(1, 2) @ jacobians
+
+    def gauss_newton_diagonal(self) -> Tensor:
+        """diag(G) from per-example Gauss-Newton factors; nothing of size p x p is formed."""
+        total = torch.zeros_like(self.trained.theta)
+        for batch in self._batches():
+            total = total + self.gauss_newton_factors(batch).pow(2).sum(dim=(0, 1))
+        problem = self.trained.problem
+        return total / problem.n_train + problem.weight_decay

@@ -1,0 +1,92 @@
+"""Curvature products against dense float64 references built independently."""
+
+import pytest
+import torch
+
+from estimators import CurvatureOperator
+from fidelity.objective import objective
+from fidelity.problem import FunctionalModel, TrainedProblem
+from tests.conftest import make_tiny_mlp_problem
+
+LOSSES = ["cross_entropy", "bce", "mse"]
+
+
+def at_random_point(loss: str) -> TrainedProblem:
+    """A tiny MLP at a random (untrained) point: curvature products hold at any theta."""
+    problem = make_tiny_mlp_problem(loss)
+    model = FunctionalModel.of(problem.build_model())
+    theta = torch.randn(model.spec.numel, generator=torch.Generator().manual_seed(1)).double()
+    return TrainedProblem(problem, model, theta)
+
+
+def dense_hessian(trained):
+    return torch.autograd.functional.hessian(
+        lambda t: objective(trained.model, trained.problem, t), trained.theta
+    )
+
+
+def output_hessian(loss, outputs):
+    if loss == "cross_entropy":
+        probs = outputs.softmax(-1)
+        return torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+    if loss == "bce":
+        s = outputs.sigmoid()
+        return (s * (1 - s)).unsqueeze(-1)
+    return torch.eye(outputs.shape[-1]).expand(outputs.shape[0], -1, -1)
+
+
+def dense_gauss_newton(trained):
+    problem, model, theta = trained.problem, trained.model, trained.theta
+    jacobian = torch.autograd.functional.jacobian(lambda t: model(t, problem.x_train), theta)
+    hout = output_hessian(problem.loss, model(theta, problem.x_train))
+    gn = torch.einsum("nkp,nkl,nlq->pq", jacobian, hout, jacobian) / problem.n_train
+    return gn + problem.weight_decay * torch.eye(theta.numel())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_hessian_vector_products_equal_dense_hessian(loss):
+    trained = at_random_point(loss)
+    vectors = torch.randn(4, trained.n_params, generator=torch.Generator().manual_seed(2)).double()
+    reference = vectors @ dense_hessian(trained)
+    operator = CurvatureOperator(trained, "hessian", batch_size=7)
+    torch.testing.assert_close(operator.matvec(vectors), reference, rtol=0, atol=1e-10)
+    torch.testing.assert_close(operator.dense(), dense_hessian(trained), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gauss_newton_vector_products_equal_dense_gauss_newton(loss):
+    trained = at_random_point(loss)
+    vectors = torch.randn(4, trained.n_params, generator=torch.Generator().manual_seed(3)).double()
+    reference_matrix = dense_gauss_newton(trained)
+    operator = CurvatureOperator(trained, "gnh", batch_size=7)
+    torch.testing.assert_close(
+        operator.matvec(vectors), vectors @ reference_matrix, rtol=0, atol=1e-10
+    )
+    torch.testing.assert_close(operator.dense(), reference_matrix, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        operator.gauss_newton_diagonal(), reference_matrix.diagonal(), rtol=0, atol=1e-12
+    )
+
+
+def test_gauss_newton_is_positive_semidefinite_where_the_hessian_is_not():
+    trained = at_random_point("cross_entropy")
+    hessian = CurvatureOperator(trained, "hessian").dense()
+    gauss_newton = CurvatureOperator(trained, "gnh").dense()
+    assert float(torch.linalg.eigvalsh(hessian)[0]) < 0
+    assert float(torch.linalg.eigvalsh(gauss_newton)[0]) >= trained.problem.weight_decay - 1e-12
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gnh"])
+def test_products_do_not_depend_on_batch_size(curvature):
+    trained = at_random_point("cross_entropy")
+    vectors = torch.randn(3, trained.n_params, generator=torch.Generator().manual_seed(4)).double()
+    results = [CurvatureOperator(trained, curvature, b).matvec(vectors) for b in (1, 4, 30, 512)]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=1e-13)
+
+
+def test_single_vector_and_block_agree():
+    trained = at_random_point("mse")
+    operator = CurvatureOperator(trained, "hessian")
+    vectors = torch.randn(2, trained.n_params, generator=torch.Generator().manual_seed(5)).double()
+    torch.testing.assert_close(operator.matvec(vectors[1]), operator.matvec(vectors)[1])
