@@ -54,7 +54,7 @@ def test_valid_file(tmp_path):
         (lambda t: t.replace("top = 2", "top = true"), "got a boolean"),
         (
             lambda t: t.replace('kind = "exact"', 'kind = "exakt"'),
-            "unknown estimator 'exakt'; valid names: exact",
+            "unknown estimator 'exakt'; valid names: arnoldi, cg, exact, gnh",
         ),
         (lambda t: t.replace('kind = "cold"', 'kind = "colt"'), "unknown response 'colt'"),
         (lambda t: t.replace("damping = 0.01", "dampng = 0.01"), "unknown key.*dampng"),
