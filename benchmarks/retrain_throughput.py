@@ -6,7 +6,7 @@ C = 1/(N wd), and sample weight 0 for the removed point (so the 1/N is unchanged
 from theta_s with tol 1e-10. Prints both times, their ratio and the largest difference between
 the two sets of deltas relative to the largest delta.
 
-    python benchmarks/retrain_throughput.py [--removals 100] [--workers 1]
+    python -m benchmarks.retrain_throughput [--removals 100] [--workers 1]
 """
 
 from __future__ import annotations

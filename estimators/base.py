@@ -8,7 +8,6 @@ when training point j is REMOVED (DESIGN.md), shaped ``[n_test, n_train]``.
 
 from __future__ import annotations
 
-import inspect
 import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Self
@@ -18,6 +17,7 @@ from torch import Tensor
 from fidelity.errors import FidelityError
 from fidelity.objective import per_example_grads
 from fidelity.problem import Examples, TrainedProblem
+from fidelity.registry import constructor_params
 
 
 class Estimator(ABC):
@@ -27,8 +27,7 @@ class Estimator(ABC):
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments, as configured (used in results and cache keys)."""
-        names = inspect.signature(type(self).__init__).parameters
-        return {n: getattr(self, n) for n in names if n != "self"}
+        return constructor_params(self)
 
     @abstractmethod
     def fit(self, trained: TrainedProblem) -> Self:

@@ -11,7 +11,7 @@ the operator: estimators add it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -23,6 +23,9 @@ from fidelity.problem import Examples, TrainedProblem
 
 Curvature = Literal["hessian", "gnh"]
 CURVATURES: tuple[str, ...] = ("hessian", "gnh")
+
+# Examples x basis vectors processed at once when a dense Hessian is built.
+DENSE_CHUNK_ELEMENTS = 16384
 
 
 def check_curvature(curvature: object, owner: str) -> str:
@@ -54,6 +57,7 @@ class CurvatureOperator:
     trained: TrainedProblem
     curvature: Curvature = "hessian"
     batch_size: int = 512
+    _memo: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_params(self) -> int:
@@ -66,8 +70,13 @@ class CurvatureOperator:
                 data.x[start : start + self.batch_size], data.y[start : start + self.batch_size]
             )
 
-    def batch_products(self, vectors: Tensor, batch: Examples) -> Tensor:
-        """sum_{i in batch} C_i v for each row v of ``vectors`` ``[m, p]`` (no 1/N, no wd)."""
+    def batch_products(
+        self, vectors: Tensor, batch: Examples, output_hessians: Tensor | None = None
+    ) -> Tensor:
+        """sum_{i in batch} C_i v for each row v of ``vectors`` ``[m, p]`` (no 1/N, no wd).
+
+        ``output_hessians`` (Gauss-Newton only) may pass H_out for the batch if already known.
+        """
         model, loss, theta = self.trained.model, self.trained.problem.loss, self.trained.theta
         if self.curvature == "hessian":
 
@@ -81,9 +90,9 @@ class CurvatureOperator:
 
             return torch.func.vmap(product)(vectors)
 
-        outputs, vjp_fn = torch.func.vjp(lambda t: model(t, batch.x), theta)
-        factors = output_hessian_factor(loss, outputs.detach(), batch.y)
-        output_hessians = factors @ factors.transpose(1, 2)  # [b, k, k]
+        _, vjp_fn = torch.func.vjp(lambda t: model(t, batch.x), theta)
+        if output_hessians is None:
+            output_hessians = self._output_hessians(batch)  # [b, k, k]
 
         def gauss_newton_product(v: Tensor) -> Tensor:
             jv = torch.func.jvp(lambda t: model(t, batch.x), (theta,), (v,))[1]  # [b, k]
@@ -91,13 +100,30 @@ class CurvatureOperator:
 
         return torch.func.vmap(gauss_newton_product)(vectors)
 
+    def _output_hessians(self, batch: Examples) -> Tensor:
+        """H_out at theta_s for each example of ``batch``, ``[b, k, k]``."""
+        model, loss, theta = self.trained.model, self.trained.problem.loss, self.trained.theta
+        factors = output_hessian_factor(loss, model(theta, batch.x).detach(), batch.y)
+        return factors @ factors.transpose(1, 2)
+
+    def _training_batch_output_hessians(self, number: int, batch: Examples) -> Tensor:
+        # Products repeat over the same training batches (CG, Arnoldi): compute H_out once each.
+        if number not in self._memo:
+            self._memo[number] = self._output_hessians(batch)
+        return self._memo[number]
+
     def matvec(self, vectors: Tensor) -> Tensor:
         """C v for each row of ``vectors`` ``[m, p]`` (or a single ``[p]`` vector)."""
         single = vectors.dim() == 1
         block = vectors.unsqueeze(0) if single else vectors
         total = torch.zeros_like(block)
-        for batch in self._batches():
-            total = total + self.batch_products(block, batch)
+        for number, batch in enumerate(self._batches()):
+            known = (
+                self._training_batch_output_hessians(number, batch)
+                if self.curvature == "gnh"
+                else None
+            )
+            total = total + self.batch_products(block, batch, known)
         problem = self.trained.problem
         result = total / problem.n_train + problem.weight_decay * block
         return result.squeeze(0) if single else result
@@ -117,7 +143,9 @@ class CurvatureOperator:
                 def batch_loss(t: Tensor, batch: Examples = batch) -> Tensor:
                     return loss_from_outputs(loss, model(t, batch.x), batch.y).sum()
 
-                total += torch.func.jacrev(torch.func.grad(batch_loss))(theta)
+                # Reverse passes in chunks: memory ~ chunk x batch x width instead of p x ...
+                chunk = max(1, DENSE_CHUNK_ELEMENTS // len(batch))
+                total += torch.func.jacrev(torch.func.grad(batch_loss), chunk_size=chunk)(theta)
             else:
                 factors = self.gauss_newton_factors(batch)  # [b, k, p]
                 flat = factors.reshape(-1, self.n_params)

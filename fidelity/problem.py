@@ -61,7 +61,47 @@ class NewtonRecipe:
             )
 
 
-Recipe = NewtonRecipe
+@dataclass(frozen=True)
+class MinibatchRecipe:
+    """Minibatch training for a fixed number of epochs (neural networks, not converged).
+
+    Each epoch visits the training set in an order drawn from a generator seeded with
+    ``order_seed`` (the order is a pure function of the seed, so every retrain sees the same
+    batches); the last batch of an epoch may be smaller. A step follows the gradient of
+    (1/|B|) sum_{i in B} w_i L_i + (wd/2) ||theta||^2, so weight decay is the L2 term of J (not
+    decoupled), and a removed point (w_j = 0) leaves the 1/|B| unchanged. ``momentum`` is SGD's
+    momentum or Adam's beta1.
+    """
+
+    optimizer: Literal["sgd", "adam"] = "adam"
+    learning_rate: float = 1e-3
+    epochs: int = 100
+    batch_size: int = 64
+    momentum: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    order_seed: int = 0
+    init_seed: int = 0
+    kind: Literal["minibatch"] = "minibatch"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise FidelityError(
+                f"MinibatchRecipe.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}"
+            )
+        for name in ("learning_rate", "eps"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise FidelityError(f"MinibatchRecipe.{name} must be positive, got {value!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FidelityError(f"MinibatchRecipe.{name} must be >= 1")
+        for name in ("momentum", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise FidelityError(f"MinibatchRecipe.{name} must lie in [0, 1)")
+
+
+Recipe = NewtonRecipe | MinibatchRecipe
 
 
 @dataclass(frozen=True)
@@ -83,7 +123,7 @@ class Problem:
     model_factory: Callable[[], nn.Module]
     loss: LossName
     weight_decay: float
-    recipe: Recipe = field(default_factory=NewtonRecipe)
+    recipe: NewtonRecipe | MinibatchRecipe = field(default_factory=NewtonRecipe)
     description: str = ""
     train_texts: tuple[str, ...] | None = None
     test_texts: tuple[str, ...] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from functools import partial
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from fidelity.errors import FidelityError
-from fidelity.problem import NewtonRecipe, Problem
+from fidelity.problem import MinibatchRecipe, NewtonRecipe, Problem
 from fidelity.registry import Registry
 
 PROBLEMS: Registry[Callable[..., Problem]] = Registry("problem")
@@ -19,6 +20,36 @@ PROBLEMS: Registry[Callable[..., Problem]] = Registry("problem")
 def linear_model(in_features: int, out_features: int) -> nn.Module:
     """A linear map with bias; the model of logistic and ridge regression."""
     return nn.Linear(in_features, out_features)
+
+
+def tanh_mlp(sizes: tuple[int, ...]) -> nn.Module:
+    """Linear layers of the given widths with tanh between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for position, (width_in, width_out) in enumerate(itertools.pairwise(sizes)):
+        if position:
+            layers.append(nn.Tanh())
+        layers.append(nn.Linear(width_in, width_out))
+    return nn.Sequential(*layers)
+
+
+class DigitsCNN(nn.Module):
+    """1x8x8 digits: conv 3x3 (8 channels) + tanh, conv 3x3 stride 2 (8) + tanh, linear to 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, kernel_size=3, stride=2, padding=1)
+        self.head = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.conv1(x.reshape(-1, 1, 8, 8)))
+        hidden = torch.tanh(self.conv2(hidden))
+        return self.head(hidden.flatten(1))
+
+
+NETWORK_RECIPE = MinibatchRecipe(
+    optimizer="sgd", learning_rate=0.05, momentum=0.9, epochs=100, batch_size=64
+)
 
 
 def _split(
@@ -111,6 +142,60 @@ def diabetes_ridge(seed: int = 0, device: str = "cpu") -> Problem:
         weight_decay=1e-2,
         recipe=NewtonRecipe(),
         description=diabetes_ridge.__doc__ or "",
+    )
+
+
+def _with_model(
+    base: Problem, name: str, factory, weight_decay: float, description: str
+) -> Problem:
+    return Problem(
+        name=name,
+        x_train=base.x_train,
+        y_train=base.y_train,
+        x_test=base.x_test,
+        y_test=base.y_test,
+        model_factory=factory,
+        loss=base.loss,
+        weight_decay=weight_decay,
+        recipe=NETWORK_RECIPE,
+        description=description,
+    )
+
+
+@PROBLEMS.register("digits-mlp", description="digits, 64-32-10 tanh MLP (non-convex)")
+def digits_mlp(seed: int = 0, device: str = "cpu") -> Problem:
+    """digits as in digits-logreg, 64-32-10 tanh MLP, weight decay 1e-3, SGD with momentum 0.9,
+    learning rate 0.05, batch 64, 100 epochs from a seeded initialisation and batch order."""
+    return _with_model(
+        digits_logreg(seed, device),
+        "digits-mlp",
+        partial(tanh_mlp, (64, 32, 10)),
+        1e-3,
+        digits_mlp.__doc__ or "",
+    )
+
+
+@PROBLEMS.register("diabetes-mlp", description="diabetes, 10-64-64-1 tanh MLP regression")
+def diabetes_mlp(seed: int = 0, device: str = "cpu") -> Problem:
+    """diabetes as in diabetes-ridge, 10-64-64-1 tanh MLP, half squared error, weight decay
+    1e-3, SGD with momentum 0.9, learning rate 0.05, batch 64, 100 epochs (the UCI-style
+    regression setting of Bae et al. 2022)."""
+    return _with_model(
+        diabetes_ridge(seed, device),
+        "diabetes-mlp",
+        partial(tanh_mlp, (10, 64, 64, 1)),
+        1e-3,
+        diabetes_mlp.__doc__ or "",
+    )
+
+
+@PROBLEMS.register("digits-cnn", description="digits as 1x8x8 images, two conv layers + linear")
+def digits_cnn(seed: int = 0, device: str = "cpu") -> Problem:
+    """digits as in digits-logreg viewed as 1x8x8 images, DigitsCNN (two 3x3 tanh conv layers,
+    linear head), weight decay 1e-3, SGD with momentum 0.9, learning rate 0.05, batch 64,
+    100 epochs."""
+    return _with_model(
+        digits_logreg(seed, device), "digits-cnn", DigitsCNN, 1e-3, digits_cnn.__doc__ or ""
     )
 
 

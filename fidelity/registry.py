@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fidelity.errors import FidelityError
 
@@ -30,6 +31,12 @@ def import_object(path: str, *, kind: str) -> object:
                 f"module {module_name!r} has no attribute {attribute!r} (from {kind} {path!r})"
             ) from exc
     return obj
+
+
+def constructor_params(obj: object) -> dict[str, Any]:
+    """The values of ``obj``'s constructor arguments, read from same-named attributes."""
+    names = inspect.signature(type(obj).__init__).parameters
+    return {name: getattr(obj, name) for name in names if name != "self"}
 
 
 class Registry(Generic[T]):

@@ -22,7 +22,7 @@ from fidelity import __version__
 from fidelity.cache import ArtifactCache, atomic_write_bytes
 from fidelity.environment import environment, git_revision
 from fidelity.errors import FidelityError
-from fidelity.metrics import score
+from fidelity.metrics import pearson, score
 from fidelity.problems import load_problem
 from fidelity.selection import choose_removals, choose_test_points
 from fidelity.suite import Suite, build_component
@@ -70,9 +70,12 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
     test_index = choose_test_points(problem.n_test, suite.selection.test_points, rng)
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
 
+    names = (problem_name, problem.name)
     fitted, estimator_info = {}, {}
     for spec in suite.estimators:
-        estimator = build_component(ESTIMATORS, spec.kind, spec.settings, where=spec.label)
+        estimator = build_component(
+            ESTIMATORS, spec.kind, spec.settings_for(*names), where=spec.label
+        )
         tick = time.perf_counter()
         fitted[spec.label] = estimator.fit(trained)
         estimator_info[spec.label] = {"kind": spec.kind, "fit_seconds": time.perf_counter() - tick}
@@ -106,7 +109,9 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
 
     response_info = {}
     for spec in suite.responses:
-        response = build_component(RESPONSES, spec.kind, spec.settings, where=spec.label)
+        response = build_component(
+            RESPONSES, spec.kind, spec.settings_for(*names), where=spec.label
+        )
         tick = time.perf_counter()
         result = response.compute(trained, test, removed, execution)
         actual = result.deltas.detach().cpu().numpy()
@@ -119,6 +124,11 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
             "info": result.info,
         }
 
+    labels = list(fitted)
+    agreement = {
+        a: {b: pearson(arrays[f"estimator/{a}"], arrays[f"estimator/{b}"]) for b in labels}
+        for a in labels
+    }
     metrics: dict[str, dict[str, Any]] = {}
     for estimator_label in fitted:
         metrics[estimator_label] = {}
@@ -156,6 +166,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         "estimators": estimator_info,
         "responses": response_info,
         "metrics": metrics,
+        "agreement": agreement,
         "timings": timings,
     }
     return ProblemOutcome(summary, arrays)

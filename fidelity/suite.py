@@ -20,6 +20,8 @@ and how metrics are computed::
     kind = "exact"            # registry name or import path package.module:Class
     label = "exact"           # optional; defaults to kind; must be unique
     damping = 0.0             # every other key is a constructor argument of the estimator
+    # per-problem settings replace the ones above for that problem
+    overrides = { "digits-mlp" = { damping = 0.01 } }
 
     [[responses]]
     kind = "cold"
@@ -30,7 +32,7 @@ from __future__ import annotations
 import inspect
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,11 +44,20 @@ BUILTIN_SUITES_PACKAGE = "fidelity.suites"
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """An estimator or response: registry kind, unique label and constructor settings."""
+    """An estimator or response: registry kind, unique label, constructor settings, and
+    per-problem overrides of those settings (keyed by problem name)."""
 
     kind: str
     label: str
     settings: Mapping[str, Any]
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def settings_for(self, *problem_names: str) -> dict[str, Any]:
+        """Settings for a problem known by any of ``problem_names`` (registry name, own name)."""
+        merged = dict(self.settings)
+        for name in problem_names:
+            merged.update(self.overrides.get(name, {}))
+        return merged
 
 
 @dataclass(frozen=True)
@@ -143,9 +154,15 @@ def _components(entries: Any, kind: str, registry: Any, where: str) -> tuple[Com
         if label in labels:
             raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
         labels.add(label)
-        settings = {k: v for k, v in entry.items() if k not in ("kind", "label")}
+        settings = {k: v for k, v in entry.items() if k not in ("kind", "label", "overrides")}
+        overrides = _expect(entry.get("overrides", {}), dict, f"{at}.overrides")
         build_component(registry, name, settings, where=at)  # validates; does no work
-        specs.append(ComponentSpec(name, label, settings))
+        for problem, changes in overrides.items():
+            _expect(changes, dict, f"{at}.overrides.{problem}")
+            build_component(
+                registry, name, {**settings, **changes}, where=f"{at}.overrides.{problem}"
+            )
+        specs.append(ComponentSpec(name, label, settings, overrides))
     return tuple(specs)
 
 

@@ -31,6 +31,10 @@ def format_interval(entry: dict[str, float | None]) -> str:
     return f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def render_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
     suite = results["suite"]
     confidence = suite["metrics"]["confidence"]
@@ -71,6 +75,19 @@ def render_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
                     + " | ".join(cells)
                     + " |"
                 )
+        agreement = problem.get("agreement", {})
+        if len(agreement) > 1:
+            labels = list(agreement)
+            lines += [
+                "",
+                "Pooled Pearson between estimators (same test points and removals):",
+                "",
+                "| | " + " | ".join(md_escape(label) for label in labels) + " |",
+                "|---|" + "---|" * len(labels),
+            ]
+            for row in labels:
+                cells = [_number(agreement[row][col]) for col in labels]
+                lines.append(f"| {md_escape(row)} | " + " | ".join(cells) + " |")
         lines += ["", "| step | seconds | notes |", "|---|---|---|"]
         lines.append(
             f"| train theta_s | {problem['timings']['train_seconds']:.2f} | "

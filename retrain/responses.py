@@ -6,7 +6,7 @@ test loss (no regulariser), shaped ``[n_test, n_removed]`` (DESIGN.md's sign con
 
 from __future__ import annotations
 
-import inspect
+import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from fidelity.cache import ArtifactCache, cache_key
 from fidelity.errors import FidelityError
-from fidelity.objective import objective_hessian, per_example_loss
-from fidelity.problem import Examples, TrainedProblem
+from fidelity.objective import objective, objective_hessian, per_example_loss
+from fidelity.problem import Examples, MinibatchRecipe, NewtonRecipe, TrainedProblem
+from fidelity.registry import constructor_params
+from retrain.minibatch import train_minibatch
 from retrain.newton import newton_minimize, refit_removals, removal_weights
 from retrain.train import theta_digest
 
@@ -63,8 +65,8 @@ class Response(ABC):
     name: ClassVar[str]
 
     def get_params(self) -> dict[str, Any]:
-        names = inspect.signature(type(self).__init__).parameters
-        return {n: getattr(self, n) for n in names if n != "self"}
+        """The constructor arguments, as configured (recorded in results)."""
+        return constructor_params(self)
 
     @abstractmethod
     def compute(
@@ -88,9 +90,12 @@ class ColdResponse(Response):
 
     For the full-batch Newton recipe (convex models) this is the exact refit: each removal is
     solved to the floating-point floor, started from theta_s when ``refit_start="trained"``
-    (same unique minimiser, fewer steps) or from the original initialisation otherwise.
-    Retrained parameters are cached per removed point, so an interrupted run resumes and a
-    repeated run retrains nothing.
+    (same unique minimiser, fewer steps) or from the original initialisation otherwise. For a
+    minibatch recipe it is cold-start retraining from the same initialisation with the same
+    batch order as theta_s, so delta is paired against the full model trained from that seed.
+    Removals are trained ``group_size`` at a time in one vmapped computation. Retrained
+    parameters are cached per removed point, so an interrupted run resumes and a repeated run
+    retrains nothing.
     """
 
     name = "cold"
@@ -133,7 +138,8 @@ class ColdResponse(Response):
         missing = [index for index in unique if index not in thetas]
         groups = [missing[i : i + self.group_size] for i in range(0, len(missing), self.group_size)]
         hessian_factor = None
-        if groups and problem.recipe.refit_start == "trained":
+        newton = isinstance(problem.recipe, NewtonRecipe)
+        if groups and newton and problem.recipe.refit_start == "trained":
             hessian = objective_hessian(trained.model, problem, trained.theta)
             hessian_factor, info = torch.linalg.cholesky_ex(hessian)
             if int(info) != 0:
@@ -176,7 +182,7 @@ class ColdResponse(Response):
                         },
                     )
                 bar.update(len(group))
-        gtol = problem.recipe.gtol
+        gtol = problem.recipe.gtol if newton else math.inf
         unconverged = [index for index in unique if not grad_norms[index] <= gtol]
         if unconverged:
             raise FidelityError(
@@ -210,6 +216,16 @@ def _refit_group(
     problem = trained.problem
     recipe = problem.recipe
     removed = torch.tensor(group, dtype=torch.long, device=trained.theta.device)
+    weights = removal_weights(problem.n_train, removed, trained.theta)
+    if isinstance(recipe, MinibatchRecipe):
+        thetas = train_minibatch(
+            trained.model, problem, recipe, trained.model.initial_theta(), weights
+        )
+        value = torch.func.vmap(
+            torch.func.grad(lambda t, w: objective(trained.model, problem, t, w))
+        )
+        norms = value(thetas, weights).norm(dim=1).double().cpu()
+        return thetas.cpu(), torch.full((len(group),), recipe.epochs), norms
     if hessian_factor is not None:
         result = refit_removals(
             trained.model,
@@ -221,7 +237,6 @@ def _refit_group(
             max_iter=recipe.max_iter,
         )
         return result.thetas.cpu(), result.iterations, result.grad_norms
-    weights = removal_weights(problem.n_train, removed, trained.theta)
     start = trained.model.initial_theta()
     finished = [
         newton_minimize(

@@ -76,3 +76,25 @@ def test_param_spec_round_trip():
     assert flat.numel() == spec.numel == 3 * 4 + 4 + 4 * 2 + 2
     for name, tensor in spec.unflatten(flat).items():
         assert torch.equal(tensor, dict(model.named_parameters())[name])
+
+
+@pytest.mark.parametrize(
+    ("name", "n_params", "data_from"),
+    [
+        ("digits-mlp", 64 * 32 + 32 + 32 * 10 + 10, "digits-logreg"),
+        ("diabetes-mlp", 10 * 64 + 64 + 64 * 64 + 64 + 64 + 1, "diabetes-ridge"),
+        ("digits-cnn", (8 * 9 + 8) + (8 * 8 * 9 + 8) + (128 * 10 + 10), "digits-logreg"),
+    ],
+)
+def test_network_problems(name, n_params, data_from):
+    from fidelity.problem import MinibatchRecipe
+
+    problem = load_problem(name)
+    assert ParamSpec.of(problem.build_model()).numel == n_params
+    assert isinstance(problem.recipe, MinibatchRecipe)
+    assert problem.weight_decay == 1e-3
+    assert torch.equal(problem.x_train, load_problem(data_from).x_train)
+    outputs = problem.build_model()(problem.x_test[:5])
+    assert outputs.shape == (5, 10 if name.startswith("digits") else 1)
+    first = problem.build_model().state_dict()
+    assert all(torch.equal(v, problem.build_model().state_dict()[k]) for k, v in first.items())

@@ -1,0 +1,1 @@
+"""Benchmarks that print timings; run as modules: python -m benchmarks.<name>."""

@@ -1,0 +1,76 @@
+"""Minibatch training: recorded order, vmapped = sequential, pairing with theta_s."""
+
+import pytest
+import torch
+
+from fidelity.cache import ArtifactCache
+from fidelity.objective import objective_hessian
+from fidelity.problem import FunctionalModel, MinibatchRecipe
+from retrain import ColdResponse, Execution, train
+from retrain.minibatch import batch_order, train_minibatch
+from retrain.newton import newton_minimize, refit_removals, removal_weights
+from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
+
+RECIPE = MinibatchRecipe(optimizer="sgd", learning_rate=0.1, epochs=20, batch_size=8)
+
+
+def network_problem(recipe=RECIPE):
+    problem = make_tiny_mlp_problem("cross_entropy", n_train=30)
+    return type(problem)(**{**vars(problem), "recipe": recipe})
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    order = batch_order(RECIPE, 30)
+    assert order.shape == (20, 30)
+    assert all(sorted(row.tolist()) == list(range(30)) for row in order)
+    assert torch.equal(order, batch_order(RECIPE, 30))
+    other = MinibatchRecipe(**{**vars(RECIPE), "order_seed": 1})
+    assert not torch.equal(order, batch_order(other, 30))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_vmapped_training_equals_one_model_at_a_time(optimizer):
+    recipe = MinibatchRecipe(**{**vars(RECIPE), "optimizer": optimizer, "learning_rate": 0.02})
+    problem = network_problem(recipe)
+    model = FunctionalModel.of(problem.build_model())
+    theta0 = model.initial_theta()
+    weights = removal_weights(problem.n_train, torch.tensor([0, 11, 29]), theta0)
+    together = train_minibatch(model, problem, recipe, theta0, weights)
+    for b in range(3):
+        alone = train_minibatch(model, problem, recipe, theta0, weights[b : b + 1])[0]
+        torch.testing.assert_close(together[b], alone, rtol=0, atol=1e-10)
+
+
+def test_full_batch_descent_reaches_the_exact_weighted_minimiser():
+    """With |B| = N the step follows grad J_{-j} exactly (same 1/N): compare with Newton."""
+    problem = make_tiny_logreg()
+    recipe = MinibatchRecipe(
+        optimizer="sgd", learning_rate=0.5, momentum=0.9, epochs=3000, batch_size=problem.n_train
+    )
+    model = FunctionalModel.of(problem.build_model())
+    theta_s = newton_minimize(model, problem, model.initial_theta()).theta
+    factor = torch.linalg.cholesky(objective_hessian(model, problem, theta_s))
+    removed = torch.tensor([4, 17])
+    exact = refit_removals(model, problem, theta_s, factor, removed).thetas
+    weights = removal_weights(problem.n_train, removed, theta_s)
+    descended = train_minibatch(model, problem, recipe, model.initial_theta(), weights)
+    torch.testing.assert_close(descended, exact, rtol=0, atol=1e-9)
+
+
+def test_cold_on_a_network_is_paired_with_theta_s(tmp_path):
+    problem = network_problem()
+    trained = train(problem)
+    assert trained.info["iterations"] == RECIPE.epochs and trained.info["grad_norm"] > 0
+    model = trained.model
+    ones = torch.ones(1, problem.n_train)
+    again = train_minibatch(model, problem, RECIPE, model.initial_theta(), ones)[0]
+    torch.testing.assert_close(again, trained.theta, rtol=0, atol=1e-12)
+    removed = torch.arange(0, 30, 3)
+    execution = Execution(cache=ArtifactCache(tmp_path))
+    first = ColdResponse(group_size=4).compute(trained, problem.test, removed, execution)
+    second = ColdResponse(group_size=10).compute(trained, problem.test, removed, execution)
+    assert first.deltas.shape == (problem.n_test, 10)
+    assert second.info["refits"] == 0 and torch.equal(first.deltas, second.deltas)
+    fresh = ColdResponse(group_size=7).compute(trained, problem.test, removed)
+    torch.testing.assert_close(fresh.deltas, first.deltas, rtol=0, atol=1e-12)
+    assert float(first.deltas.abs().max()) > 1e-6
