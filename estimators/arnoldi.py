@@ -82,14 +82,18 @@ class ArnoldiEstimator(InverseCurvatureEstimator):
         self.eigenvalues_ = eigenvalues[keep]
         self.eigenvectors_ = eigenvectors[:, keep].T @ basis[:found]  # [k, p]
         shifted = self.eigenvalues_ + self.damping
-        if bool((shifted == 0).any()):
-            raise FidelityError("arnoldi: an eigenvalue plus damping is exactly 0; add damping")
+        if bool((shifted <= 0).any()):
+            smallest = float(self.eigenvalues_.min())
+            raise FidelityError(
+                f"arnoldi: the {self.curvature} of {trained.problem.name!r} has a kept eigenvalue "
+                f"{smallest:.3g} that damping {self.damping:g} does not make positive; set damping "
+                f"above {-smallest:.3g} or use curvature='gnh'"
+            )
         return {
             "krylov_steps": found,
             "rank": int(keep.numel()),
             "top_eigenvalue": float(self.eigenvalues_[0]),
             "smallest_kept_eigenvalue": float(self.eigenvalues_.abs().min()),
-            "non_positive_kept": int((shifted <= 0).sum()),
         }
 
     def _inverse_curvature_product(self, vectors: Tensor) -> Tensor:

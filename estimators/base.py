@@ -58,8 +58,10 @@ class InverseCurvatureEstimator(Estimator):
     """
 
     def __init__(self, *, batch_size: int = 512) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise FidelityError(f"{self.name}.batch_size must be a positive integer")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise FidelityError(
+                f"{self.name}.batch_size must be a positive integer, got {batch_size!r}"
+            )
         self.batch_size = batch_size
 
     @abstractmethod

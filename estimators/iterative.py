@@ -157,8 +157,13 @@ class LissaEstimator(InverseCurvatureEstimator):
 
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
         self.operator_ = CurvatureOperator(trained, self.curvature, self.batch_size)
-        self.scale_ = self._largest_eigenvalue() if self.scale == "auto" else self.scale
-        return {"n_params": trained.n_params, "scale": self.scale_}
+        largest = self._largest_eigenvalue()
+        self.scale_ = largest if self.scale == "auto" else self.scale
+        if self.scale_ <= largest / 2:
+            # The full-batch recursion provably diverges; catching it here beats waiting for
+            # the iterate to grow, which takes long when the scale is just below the limit.
+            raise self._divergence(0, 0, float("nan"), float("nan"), largest)
+        return {"n_params": trained.n_params, "scale": self.scale_, "largest_eigenvalue": largest}
 
     def _largest_eigenvalue(self, iterations: int = 50) -> float:
         generator = torch.Generator().manual_seed(self.seed)
@@ -172,11 +177,18 @@ class LissaEstimator(InverseCurvatureEstimator):
             v = w
         return value
 
-    def _divergence(self, step: int, repeat: int, norm: float, start: float) -> FidelityError:
-        largest = self._largest_eigenvalue()
+    def _divergence(
+        self, step: int, repeat: int, norm: float, start: float, largest: float | None = None
+    ) -> FidelityError:
+        largest = self._largest_eigenvalue() if largest is None else largest
+        where = (
+            f"diverges (scale {self.scale_:.3g} is at most half the largest eigenvalue)"
+            if step == 0
+            else f"diverged at step {step} of repeat {repeat} (iterate norm {norm:.3g}, started "
+            f"at {start:.3g}) with scale {self.scale_:.3g}"
+        )
         return FidelityError(
-            f"lissa diverged at step {step} of repeat {repeat} (iterate norm {norm:.3g}, started "
-            f"at {start:.3g}) with scale {self.scale_:.3g}; the largest eigenvalue of the damped "
+            f"lissa {where}; the largest eigenvalue of the damped "
             f"{self.curvature} is about {largest:.3g}: use scale >= {largest:.2g} (convergence "
             f"needs more than {largest / 2:.2g}; minibatch curvature can exceed the full one, so "
             "leave a margin) or scale = 'auto'. If the curvature has negative eigenvalues, add "

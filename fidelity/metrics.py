@@ -128,3 +128,41 @@ def score(
             low = high = float("nan")
         result[name] = Interval(float(value), float(low), float(high))
     return result
+
+
+def split_half_reliability(
+    per_seed: np.ndarray, *, max_splits: int = 100, seed: int = 0
+) -> dict[str, float | int]:
+    """Reliability of the seed-averaged deltas from ``per_seed`` ``[n_seeds, ...]``.
+
+    Two disjoint halves of h = floor(S / 2) seeds are drawn; the correlation r between the
+    halves' means is corrected to all S seeds by the Spearman-Brown formula k r / (1 + (k - 1) r),
+    k = S / h (2 r / (1 + r) for an even S), and averaged over up to ``max_splits`` random
+    splits. Reported for Pearson and Spearman. ``max_correlation`` = sqrt(Pearson reliability)
+    bounds the Pearson correlation a noise-free predictor can reach against the seed mean.
+    """
+    per_seed = np.asarray(per_seed, float)
+    n_seeds = per_seed.shape[0]
+    if n_seeds < 2:
+        raise FidelityError("a noise ceiling needs at least two seeds")
+    rng = np.random.default_rng(seed)
+    half = n_seeds // 2
+    k = n_seeds / half
+    splits: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    for _ in range(max_splits * 4):
+        order = rng.permutation(n_seeds)
+        first, second = sorted(order[:half].tolist()), sorted(order[half : 2 * half].tolist())
+        splits.add(tuple(sorted((tuple(first), tuple(second)))))
+        if len(splits) >= max_splits:
+            break
+    values: dict[str, list[float]] = {"pearson": [], "spearman": []}
+    for first, second in splits:
+        a, b = per_seed[list(first)].mean(0), per_seed[list(second)].mean(0)
+        for name, fn in (("pearson", pearson), ("spearman", spearman)):
+            r = fn(a, b)
+            values[name].append(k * r / (1 + (k - 1) * r) if r > -1 / (k - 1) else float("nan"))
+    result: dict[str, float | int] = {name: _finite_mean(np.array(v)) for name, v in values.items()}
+    result["max_correlation"] = float(np.sqrt(max(result["pearson"], 0.0)))
+    result["seeds"] = n_seeds
+    result["splits"] = len(splits)
+    return result

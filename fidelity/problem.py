@@ -7,6 +7,7 @@ the runner, the CLI or the reports.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -206,17 +207,27 @@ class Problem:
         """The architecture with its seeded initial parameters, on the problem's device/dtype."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.recipe.init_seed)
-            model = self.model_factory()
+            try:
+                model = self.model_factory()
+            except Exception as exc:  # user code: report it as an input error
+                raise FidelityError(
+                    f"problem {self.name!r}: model_factory failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        if not isinstance(model, nn.Module):
+            raise FidelityError(f"problem {self.name!r}: model_factory must return an nn.Module")
         return model.to(device=self.device, dtype=self.dtype)
 
     def fingerprint(self) -> str:
-        """Hash of everything that determines theta_s: data, architecture, init, loss, recipe."""
+        """Hash of everything that determines theta_s and every retrain: training data, model
+        code and initial parameters, loss, weight decay, recipe, dtype and device. The test
+        split is not part of it (changing it reuses trained parameters), nor is the name."""
         digest = hashlib.sha256()
         model = self.build_model()
-        header = [self.name, self.loss, repr(self.weight_decay), repr(asdict(self.recipe))]
-        header += [str(self.dtype), repr(model)]
+        recipe = {k: v for k, v in asdict(self.recipe).items() if k != "refit_start"}
+        header = [self.loss, repr(self.weight_decay), repr(recipe)]
+        header += [str(self.dtype), str(self.device), repr(model), model_source(model)]
         digest.update("\x1f".join(header).encode())
-        for tensor in (self.x_train, self.y_train, self.x_test, self.y_test):
+        for tensor in (self.x_train, self.y_train):
             digest.update(tensor_bytes(tensor))
         for name, tensor in model.state_dict().items():
             digest.update(name.encode())
@@ -228,7 +239,22 @@ def tensor_bytes(tensor: Tensor) -> bytes:
     """Bytes that identify a tensor's dtype, shape and values (for content hashes)."""
     array = tensor.detach().cpu().contiguous()
     head = f"{array.dtype}{tuple(array.shape)}".encode()
-    return head + array.view(torch.uint8).numpy().tobytes() if array.numel() else head
+    if not array.numel():
+        return head
+    return head + array.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_source(model: nn.Module) -> str:
+    """The source code of every module class in ``model`` (what ``forward`` computes), so that
+    editing a model's code changes the fingerprint even when its parameters do not."""
+    parts = []
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: c.__qualname__):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # defined interactively: the name is all there is
+            source = ""
+        parts.append(f"{cls.__module__}.{cls.__qualname__}\n{source}")
+    return "\x1e".join(parts)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from fidelity import __version__
 from fidelity.cache import ArtifactCache, atomic_write_bytes
 from fidelity.environment import environment, git_revision
 from fidelity.errors import FidelityError
-from fidelity.metrics import pearson, score
+from fidelity.metrics import pearson, score, split_half_reliability
 from fidelity.problems import load_problem
 from fidelity.selection import choose_removals, choose_test_points
 from fidelity.suite import Suite, build_component
@@ -122,7 +122,14 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
             "settings": response.get_params(),
             "seconds": time.perf_counter() - tick,
             "info": result.info,
+            "noise_ceiling": None,
         }
+        if result.per_seed is not None:
+            per_seed = result.per_seed.detach().cpu().numpy()
+            arrays[f"response/{spec.label}/seeds"] = per_seed
+            response_info[spec.label]["noise_ceiling"] = split_half_reliability(
+                per_seed, seed=suite.seed
+            )
 
     labels = list(fitted)
     agreement = {
@@ -204,6 +211,12 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
     out = Path(options.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FidelityError(f"output directory {str(out)!r} exists and is not empty; choose --out")
+    blocking = next((a for a in (out, *out.parents) if a.exists() and not a.is_dir()), None)
+    if blocking is not None and blocking != out:
+        raise FidelityError(f"cannot create {str(out)!r}: {str(blocking)!r} is a file")
+    cache_dir = None if options.cache_dir is None else Path(options.cache_dir)
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise FidelityError(f"cache directory {str(cache_dir)!r} is a file")
     execution = Execution(
         cache=ArtifactCache(options.cache_dir),
         workers=options.workers,
@@ -219,6 +232,15 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
         if name in outcomes:
             raise FidelityError(f"two problems of suite {suite.name!r} are both named {name!r}")
         outcome.summary["arrays_file"] = f"arrays/{safe_filename(name)}.npz"
+        clash = [
+            n
+            for n, o in outcomes.items()
+            if o.summary["arrays_file"] == outcome.summary["arrays_file"]
+        ]
+        if clash:
+            raise FidelityError(
+                f"problems {clash[0]!r} and {name!r} map to the same file name; rename one"
+            )
         outcomes[name] = outcome
     results = _json_ready(
         {

@@ -208,6 +208,9 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         raise FidelityError(f"{where}: problems must name at least one problem")
     for position, problem in enumerate(problems):
         _expect(problem, str, f"{where}: problems[{position}]")
+    repeated = sorted({p for p in problems if problems.count(p) > 1})
+    if repeated:
+        raise FidelityError(f"{where}: problems lists {', '.join(repeated)} more than once")
     estimators = _components(data["estimators"], "estimator", ESTIMATORS, f"{where}: estimators")
     responses = _components(data["responses"], "response", RESPONSES, f"{where}: responses")
     selection = _dataclass_from_table(
@@ -227,6 +230,16 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
             f"{where}: selection.top_by {selection.top_by!r} is not an estimator label "
             f"({', '.join(labels)})"
         )
+    for spec in (*estimators, *responses):
+        unknown = sorted(set(spec.overrides) - set(problems))
+        if unknown:
+            raise FidelityError(
+                f"{where}: {spec.label} has overrides for {', '.join(unknown)}, which the suite "
+                f"does not run (problems: {', '.join(problems)})"
+            )
+    seed = _expect(data.get("seed", 0), int, f"{where}: seed")
+    if seed < 0:
+        raise FidelityError(f"{where}: seed must be >= 0, got {seed}")
     if metrics.bootstrap < 0 or not (0 < metrics.confidence < 1):
         raise FidelityError(f"{where}: metrics needs bootstrap >= 0 and 0 < confidence < 1")
     return Suite(
@@ -237,7 +250,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         selection=selection,
         metrics=metrics,
         description=_expect(data.get("description", ""), str, f"{where}: description"),
-        seed=_expect(data.get("seed", 0), int, f"{where}: seed"),
+        seed=seed,
         source=source,
     )
 

@@ -31,6 +31,33 @@ def format_interval(entry: dict[str, float | None]) -> str:
     return f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
 
+def estimator_warnings(problem: dict[str, Any]) -> list[str]:
+    """Diagnostics that say a solver did not compute what it claims (shown in every report)."""
+    found = []
+    for label, info in problem.get("estimators", {}).items():
+        diagnostics = info.get("diagnostics", {})
+        if diagnostics.get("negative_curvature_columns"):
+            found.append(
+                f"{label}: {diagnostics['negative_curvature_columns']} test point(s) met a "
+                "direction of non-positive curvature and stopped early (add damping)"
+            )
+        if diagnostics.get("unconverged_columns"):
+            found.append(
+                f"{label}: {diagnostics['unconverged_columns']} test point(s) did not reach the "
+                f"tolerance (largest relative residual {diagnostics['max_relative_residual']:.2e})"
+            )
+    return found
+
+
+def format_ceiling(ceiling: dict[str, float] | None) -> str:
+    """Split-half reliability of a multi-seed response, or '-' for a single seed."""
+    if not ceiling:
+        return "-"
+    return (
+        f"{_number(ceiling['pearson'])} / {_number(ceiling['spearman'])} ({ceiling['seeds']} seeds)"
+    )
+
+
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -48,7 +75,8 @@ def render_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         "delta[t, j] = change of test loss t when training point j is removed (positive: j "
         f"helped). Intervals: {confidence:.0%} two-way bootstrap over test and removed points "
-        f"({suite['metrics']['bootstrap']} replicates).",
+        f"({suite['metrics']['bootstrap']} replicates). Noise ceiling: split-half reliability of "
+        "a multi-seed response (Spearman-Brown corrected); '-' for one seed.",
     ]
     for name, problem in results["problems"].items():
         training = problem["training"]
@@ -64,17 +92,23 @@ def render_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
             f" x {removed['top'] + removed['random']} removed ({removed['top']} top by "
             f"|{md_escape(problem['top_by'] or '-')}|, {removed['random']} random).",
             "",
-            "| estimator | response | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |",
-            "|---|---|" + "---|" * len(METRIC_COLUMNS),
+            "| estimator | response | "
+            + " | ".join(title for _, title in METRIC_COLUMNS)
+            + " | noise ceiling (Pearson / Spearman) |",
+            "|---|---|" + "---|" * (len(METRIC_COLUMNS) + 1),
         ]
         for estimator, by_response in problem["metrics"].items():
             for response, metrics in by_response.items():
                 cells = [format_interval(metrics[key]) for key, _ in METRIC_COLUMNS]
+                cells.append(format_ceiling(problem["responses"][response].get("noise_ceiling")))
                 lines.append(
                     f"| {md_escape(estimator)} | {md_escape(response)} | "
                     + " | ".join(cells)
                     + " |"
                 )
+        warnings = estimator_warnings(problem)
+        if warnings:
+            lines += ["", "Warnings:", ""] + [f"- {md_escape(w)}" for w in warnings]
         agreement = problem.get("agreement", {})
         if len(agreement) > 1:
             labels = list(agreement)

@@ -120,8 +120,9 @@ def refit_removals(
     term (1/N) J_j^T H_out,j J_j, applied by the Woodbury identity: the exact Hessian of J_{-j} at
     theta_s for models linear in their parameters, so convergence is quadratic-like; for other
     models it is still a convergent preconditioner, and the fixed point is the exact minimiser
-    because the iteration uses the exact gradient. Models not converged after ``max_iter`` steps
-    finish with full Newton.
+    because the iteration uses the exact gradient. A model whose gradient norm grows or stops
+    being finite leaves the loop at once; every model not at tolerance is then solved by the
+    line-searched ``newton_minimize``, restarted from ``theta_start``.
     """
     n = problem.n_train
     removed = removed.to(device=theta_start.device, dtype=torch.long)
@@ -140,7 +141,14 @@ def refit_removals(
     solved = torch.cholesky_solve(low_rank, hessian_cholesky)  # Z_j = H^{-1} U_j
     eye_k = torch.eye(low_rank.shape[-1], dtype=low_rank.dtype, device=low_rank.device)
     capacitance = n * eye_k - low_rank.transpose(1, 2) @ solved  # N I - U^T H^{-1} U
-    capacitance_factor = torch.linalg.cholesky(capacitance)
+    capacitance_factor, info = torch.linalg.cholesky_ex(capacitance)
+    if bool((info != 0).any()):
+        bad = removed[info != 0].tolist()
+        raise FidelityError(
+            f"problem {problem.name!r}: removing training point(s) {bad[:10]} leaves a Hessian "
+            "that is not positive definite (a direction only those points constrain); add "
+            "weight decay"
+        )
 
     def precondition(vectors: Tensor) -> Tensor:
         base = torch.cholesky_solve(vectors.T, hessian_cholesky).T  # H^{-1} v, [B, p]
@@ -160,7 +168,8 @@ def refit_removals(
     grads = batched_grad(thetas, weights)
     norms = grads.norm(dim=1).double().cpu()
     for _ in range(max_iter):
-        active &= (norms > gtol) | ((norms > 0) & (norms <= 0.5 * previous))
+        diverging = ~torch.isfinite(norms) | (norms > previous)
+        active &= ~diverging & ((norms > gtol) | ((norms > 0) & (norms <= 0.5 * previous)))
         if not bool(active.any()):
             break
         steps = precondition(grads)
@@ -170,9 +179,9 @@ def refit_removals(
         previous = torch.where(active, norms, previous)
         norms = torch.where(active, grads.norm(dim=1).double().cpu(), norms)
         iterations += active.long()
-    for index in torch.nonzero(norms > gtol).flatten().tolist():
+    for index in torch.nonzero(~(norms <= gtol)).flatten().tolist():
         finished = newton_minimize(
-            model, problem, thetas[index], weights[index], gtol=gtol, max_iter=max_iter
+            model, problem, theta_start, weights[index], gtol=gtol, max_iter=max_iter
         )
         thetas[index] = finished.theta
         norms[index] = finished.grad_norm

@@ -6,11 +6,10 @@ test loss (no regulariser), shaped ``[n_test, n_removed]`` (DESIGN.md's sign con
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,19 +21,23 @@ from tqdm.auto import tqdm
 from fidelity.cache import ArtifactCache, cache_key
 from fidelity.errors import FidelityError
 from fidelity.objective import objective, objective_hessian, per_example_loss
-from fidelity.problem import Examples, MinibatchRecipe, NewtonRecipe, TrainedProblem
+from fidelity.problem import Examples, MinibatchRecipe, NewtonRecipe, Problem, TrainedProblem
 from fidelity.registry import constructor_params
 from retrain.minibatch import train_minibatch
 from retrain.newton import newton_minimize, refit_removals, removal_weights
-from retrain.train import theta_digest
+from retrain.train import theta_digest, train
 
 BACKENDS = ("loky", "threading", "sequential")
 
 
 @dataclass(frozen=True)
 class ResponseResult:
-    deltas: Tensor  # [n_test, n_removed]
+    """Deltas ``[n_test, n_removed]``; ``per_seed`` ``[n_seeds, n_test, n_removed]`` when the
+    response averages independent training seeds (``deltas`` is then their mean)."""
+
+    deltas: Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    per_seed: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -100,15 +103,12 @@ class ColdResponse(Response):
 
     name = "cold"
 
-    def __init__(self, *, group_size: int = 64) -> None:
-        if not isinstance(group_size, int) or group_size < 1:
-            raise FidelityError(f"cold.group_size must be a positive integer, got {group_size!r}")
+    def __init__(self, *, group_size: int = 64, seeds: int = 1) -> None:
+        for label, value in (("group_size", group_size), ("seeds", seeds)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FidelityError(f"cold.{label} must be a positive integer, got {value!r}")
         self.group_size = group_size
-
-    @staticmethod
-    def _key(problem_fingerprint: str, theta_s: str, index: int) -> str:
-        # group_size is left out on purpose: it does not change any result.
-        return cache_key(kind="cold", problem=problem_fingerprint, theta_s=theta_s, removed=index)
+        self.seeds = seeds
 
     def compute(
         self,
@@ -117,7 +117,39 @@ class ColdResponse(Response):
         removed: Tensor,
         execution: Execution | None = None,
     ) -> ResponseResult:
+        """Deltas averaged over ``seeds`` training seeds, each paired with its own full model.
+
+        Seed 0 is the problem as given (its theta_s is ``trained``); seed s shifts the recipe's
+        initialisation seed (and, for minibatch recipes, its batch-order seed) by s and trains a
+        new full model, against which that seed's retrains are paired.
+        """
         execution = execution or Execution()
+        results = [self._compute_seed(trained, test, removed, execution)]
+        for offset in range(1, self.seeds):
+            shifted = seeded_variant(trained.problem, offset)
+            seed_trained = train(shifted, cache=execution.cache)
+            results.append(self._compute_seed(seed_trained, test, removed, execution))
+        if self.seeds == 1:
+            return results[0]
+        per_seed = torch.stack([result.deltas for result in results])
+        info = {
+            "seeds": self.seeds,
+            "refits": sum(r.info["refits"] for r in results),
+            "cached": sum(r.info["cached"] for r in results),
+            "seconds": sum(r.info["seconds"] for r in results),
+            "max_grad_norm": max(r.info["max_grad_norm"] for r in results),
+            "mean_iterations": float(np.mean([r.info["mean_iterations"] for r in results])),
+        }
+        return ResponseResult(per_seed.mean(0), info, per_seed)
+
+    @staticmethod
+    def _key(problem_fingerprint: str, theta_s: str, index: int) -> str:
+        # group_size is left out on purpose: it does not change any result.
+        return cache_key(kind="cold", problem=problem_fingerprint, theta_s=theta_s, removed=index)
+
+    def _compute_seed(
+        self, trained: TrainedProblem, test: Examples, removed: Tensor, execution: Execution
+    ) -> ResponseResult:
         problem = trained.problem
         start = time.perf_counter()
         removed = torch.as_tensor(removed, dtype=torch.long).flatten()
@@ -148,7 +180,7 @@ class ColdResponse(Response):
                     "so exact leave-one-out refits are ill-posed; add weight decay"
                 )
         jobs = (
-            delayed(_refit_group)(trained, hessian_factor, group, execution.workers)
+            delayed(_refit_group)(trained, hessian_factor, group, execution.workers, os.getpid())
             for group in groups
         )
         parallel = Parallel(
@@ -172,6 +204,8 @@ class ColdResponse(Response):
                     thetas[index] = theta
                     iterations[index] = int(group_iters[position])
                     grad_norms[index] = float(group_norms[position])
+                    if newton and not grad_norms[index] <= problem.recipe.gtol:
+                        continue  # never cache a failed refit; the error below reports it
                     execution.cache.save(
                         "cold",
                         keys[index],
@@ -182,14 +216,16 @@ class ColdResponse(Response):
                         },
                     )
                 bar.update(len(group))
-        gtol = problem.recipe.gtol if newton else math.inf
-        unconverged = [index for index in unique if not grad_norms[index] <= gtol]
-        if unconverged:
-            raise FidelityError(
-                f"cold refits of {problem.name!r} did not converge for training indices "
-                f"{unconverged[:10]} (gradient norm above gtol {gtol:g}); raise the recipe's "
-                "max_iter"
-            )
+        if newton:
+            gtol = problem.recipe.gtol
+            unconverged = [index for index in unique if not grad_norms[index] <= gtol]
+            if unconverged:
+                raise FidelityError(
+                    f"cold refits of {problem.name!r} did not converge for training indices "
+                    f"{unconverged[:10]} (gradient norm above gtol {gtol:g} after damped Newton); "
+                    "raise the recipe's max_iter, or add weight decay if the objective is not "
+                    "strictly convex"
+                )
         if removed.numel():
             stacked = torch.stack([thetas[index] for index in removed.tolist()])
             after = measure(trained, stacked, test)
@@ -207,11 +243,25 @@ class ColdResponse(Response):
         return ResponseResult(deltas, info)
 
 
+def seeded_variant(problem: Problem, offset: int) -> Problem:
+    """The problem with its recipe's initialisation (and batch-order) seed shifted by ``offset``."""
+    recipe = problem.recipe
+    changes: dict[str, int] = {"init_seed": recipe.init_seed + offset}
+    if isinstance(recipe, MinibatchRecipe):
+        changes["order_seed"] = recipe.order_seed + offset
+    return replace(problem, recipe=replace(recipe, **changes))
+
+
 def _refit_group(
-    trained: TrainedProblem, hessian_factor: Tensor | None, group: list[int], workers: int
+    trained: TrainedProblem,
+    hessian_factor: Tensor | None,
+    group: list[int],
+    workers: int,
+    parent_pid: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if workers > 1:
-        # Worker processes share the cores; one BLAS thread each avoids oversubscription.
+    if workers > 1 and os.getpid() != parent_pid:
+        # Worker processes share the cores; fewer BLAS threads each avoid oversubscription
+        # (never in the parent process, where the threading backend runs groups).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     problem = trained.problem
     recipe = problem.recipe

@@ -185,3 +185,35 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr
     assert completed.stderr.strip().startswith("fidelity: error: unknown problem 'nope'")
+
+
+def test_multi_seed_cold_writes_per_seed_arrays_and_a_noise_ceiling(tmp_path):
+    suite = tmp_path / "seeds.toml"
+    suite.write_text(
+        SMALL.replace(
+            'problems = ["diabetes-ridge", "cancer-logreg"]',
+            'problems = ["tests.fidelity.user_problems:tiny_network"]',
+        )
+        .replace('kind = "cold"', 'kind = "cold"\nseeds = 4')
+        .replace('kind = "exact"', 'kind = "gnh"')
+        .replace("test_points = 6", "test_points = 8")
+    )
+    out = tmp_path / "run"
+    assert run_cli("run", suite, "--out", out, "--no-cache") == 0
+    results = json.loads((out / "results.json").read_text())
+    ceiling = results["problems"]["tiny-mlp-cross_entropy"]["responses"]["cold"]["noise_ceiling"]
+    assert ceiling["seeds"] == 4 and -1 <= ceiling["pearson"] <= 1
+    with np.load(out / "arrays" / "tiny-mlp-cross_entropy.npz") as arrays:
+        per_seed = arrays["response/cold/seeds"]
+        assert per_seed.shape == (4, 8, 14)
+        np.testing.assert_allclose(arrays["response/cold"], per_seed.mean(0), atol=1e-15)
+    assert "(4 seeds)" in (out / "report.md").read_text()
+
+
+def test_unusable_output_or_cache_path_fails_before_any_work(small_suite, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert run_cli("run", small_suite, "--out", blocker / "run", "--no-cache") == 2
+    assert "is a file" in capsys.readouterr().err
+    assert run_cli("run", small_suite, "--out", tmp_path / "r", "--cache-dir", blocker) == 2
+    assert "cache directory" in capsys.readouterr().err

@@ -81,8 +81,22 @@ def test_lissa_minibatches_are_seeded_and_repeats_reduce_the_error(mlp):
 
 
 def test_lissa_with_too_small_scale_fails_with_the_scale_to_use(mlp):
-    with pytest.raises(FidelityError, match=r"lissa diverged .* use scale >= [0-9.]+"):
+    with pytest.raises(FidelityError, match=r"lissa diverges .* use scale >= [0-9.]+"):
         scores(LissaEstimator(scale=1e-3, depth=100), mlp)
+
+
+def test_lissa_just_below_the_convergence_limit_fails_at_fit(mlp):
+    """Growth per step is barely above 1 there, so a norm check alone would miss it."""
+    largest = LissaEstimator(depth=1).fit(mlp).diagnostics["largest_eigenvalue"]
+    with pytest.raises(FidelityError, match="lissa diverges"):
+        LissaEstimator(scale=largest / 2.1, depth=20).fit(mlp)
+    assert LissaEstimator(scale=largest / 1.9, depth=20).fit(mlp).scale_ > largest / 2
+
+
+def test_arnoldi_refuses_to_invert_negative_curvature():
+    with pytest.raises(FidelityError, match=r"arnoldi: .* set damping above"):
+        ArnoldiEstimator(rank=2).fit(saddle_problem())
+    assert ArnoldiEstimator(rank=2, damping=10.0).fit(saddle_problem()).eigenvalues_.numel() == 2
 
 
 def test_lissa_on_negative_curvature_fails_instead_of_returning_garbage():

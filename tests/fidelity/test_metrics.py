@@ -89,3 +89,27 @@ def test_perfect_agreement_and_constant_predictions():
 def test_bad_shapes_are_rejected():
     with pytest.raises(FidelityError, match=r"equal 2-d shapes"):
         score(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3, 4, 8])
+def test_split_half_reliability_matches_the_closed_form(n_seeds):
+    """Seeds = signal + independent noise: the reliability of their mean is
+    var_signal / (var_signal + var_noise / S)."""
+    from fidelity.metrics import split_half_reliability
+
+    rng = np.random.default_rng(n_seeds)
+    signal = rng.standard_normal((40, 300))
+    per_seed = signal + 1.5 * rng.standard_normal((n_seeds, 40, 300))
+    expected = 1 / (1 + 1.5**2 / n_seeds)
+    result = split_half_reliability(per_seed)
+    assert result["pearson"] == pytest.approx(expected, abs=0.03)
+    assert result["spearman"] == pytest.approx(expected, abs=0.05)
+    assert result["max_correlation"] == pytest.approx(np.sqrt(result["pearson"]))
+    assert result["seeds"] == n_seeds
+
+
+def test_split_half_reliability_needs_two_seeds():
+    from fidelity.metrics import split_half_reliability
+
+    with pytest.raises(FidelityError, match="at least two seeds"):
+        split_half_reliability(np.zeros((1, 3, 4)))

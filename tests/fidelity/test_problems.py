@@ -98,3 +98,62 @@ def test_network_problems(name, n_params, data_from):
     assert outputs.shape == (5, 10 if name.startswith("digits") else 1)
     first = problem.build_model().state_dict()
     assert all(torch.equal(v, problem.build_model().state_dict()[k]) for k, v in first.items())
+
+
+class _SinLinear(torch.nn.Linear):
+    """Same parameters as nn.Linear, different forward: must change the fingerprint."""
+
+    def forward(self, x):
+        return torch.sin(super().forward(x))
+
+
+def test_fingerprint_changes_with_everything_that_determines_training():
+    from dataclasses import replace
+    from functools import partial
+
+    from fidelity.problem import NewtonRecipe
+
+    base = load_problem("diabetes-ridge")
+    reference = base.fingerprint()
+    changed = {
+        "weight decay": replace(base, weight_decay=0.02),
+        "recipe": replace(base, recipe=NewtonRecipe(gtol=1e-9)),
+        "init seed": replace(base, recipe=NewtonRecipe(init_seed=1)),
+        "targets": replace(base, y_train=base.y_train * 1.0001),
+        "loss": replace(
+            base, loss="bce", y_train=(base.y_train > 0).double(), y_test=(base.y_test > 0).double()
+        ),
+        "model code": replace(base, model_factory=partial(_SinLinear, 10, 1)),
+    }
+    for what, problem in changed.items():
+        assert problem.fingerprint() != reference, what
+    same = {
+        "name": replace(base, name="renamed"),
+        "test split": replace(base, x_test=base.x_test[:5], y_test=base.y_test[:5]),
+        "refit start": replace(base, recipe=NewtonRecipe(refit_start="init")),
+    }
+    for what, problem in same.items():
+        assert problem.fingerprint() == reference, what
+
+
+def test_fingerprint_handles_zero_dimensional_buffers():
+    from dataclasses import replace
+
+    base = load_problem("diabetes-ridge")
+
+    def with_batchnorm():
+        return torch.nn.Sequential(torch.nn.BatchNorm1d(10), torch.nn.Linear(10, 1))
+
+    assert len(replace(base, model_factory=with_batchnorm).fingerprint()) == 64
+
+
+def test_failing_model_factory_is_an_input_error():
+    from dataclasses import replace
+
+    from fidelity.errors import FidelityError
+
+    def broken():
+        raise ValueError("bad width")
+
+    with pytest.raises(FidelityError, match="model_factory failed: ValueError: bad width"):
+        replace(load_problem("diabetes-ridge"), model_factory=broken).build_model()

@@ -99,3 +99,44 @@ def test_missing_file():
 def test_import_path_estimator_is_accepted(tmp_path):
     text = VALID.replace('kind = "exact"', 'kind = "estimators.exact:ExactEstimator"')
     assert load_suite(write(tmp_path, text)).estimators[0].kind.endswith(":ExactEstimator")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.replace('name = "mine"', 'name = "mine"\nseed = -1'), "seed must be >= 0"),
+        (
+            lambda t: t.replace(
+                "damping = 0.01",
+                "damping = 0.01\noverrides = { diabetes-ridg = { damping = 0.1 } }",
+            ),
+            "overrides for diabetes-ridg, which",
+        ),
+        (
+            lambda t: t.replace(
+                "damping = 0.01",
+                "damping = 0.01\noverrides = { diabetes-ridge = { dampng = 0.1 } }",
+            ),
+            "unknown key.*dampng",
+        ),
+        (
+            lambda t: t.replace(
+                'problems = ["diabetes-ridge"]', 'problems = ["diabetes-ridge", "diabetes-ridge"]'
+            ),
+            "diabetes-ridge more than once",
+        ),
+        (lambda t: t.replace("damping = 0.01", "batch_size = true"), "batch_size must be"),
+    ],
+)
+def test_more_bad_files(tmp_path, change, message):
+    with pytest.raises(FidelityError, match=message):
+        load_suite(write(tmp_path, change(VALID)))
+
+
+def test_overrides_apply_to_their_problem_only(tmp_path):
+    text = VALID.replace(
+        'problems = ["diabetes-ridge"]', 'problems = ["diabetes-ridge", "cancer-logreg"]'
+    ).replace("damping = 0.01", "damping = 0.01\noverrides = { cancer-logreg = { damping = 0.5 } }")
+    spec = load_suite(write(tmp_path, text)).estimators[0]
+    assert spec.settings_for("cancer-logreg") == {"damping": 0.5}
+    assert spec.settings_for("diabetes-ridge") == {"damping": 0.01}

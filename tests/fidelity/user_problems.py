@@ -22,3 +22,13 @@ def not_a_problem() -> object:
 
 def broken() -> object:
     raise RuntimeError("cannot reach the data")
+
+
+def tiny_network() -> object:
+    """A tiny MLP trained by minibatch SGD (non-convex, seed-dependent)."""
+    from fidelity.problem import MinibatchRecipe
+    from tests.conftest import make_tiny_mlp_problem
+
+    problem = make_tiny_mlp_problem("cross_entropy", n_train=30)
+    recipe = MinibatchRecipe(optimizer="sgd", learning_rate=0.1, epochs=20, batch_size=8)
+    return type(problem)(**{**vars(problem), "recipe": recipe})

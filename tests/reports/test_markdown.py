@@ -59,3 +59,22 @@ def test_report_escapes_names_from_configuration():
     for raw in ("<script>", "<i>", "<b>", "<img"):
         assert raw not in text
     assert "| &lt;i&gt;est&lt;/i&gt; | cold | 0.9000 [0.8000, 0.9500]" in text
+
+
+def test_solver_warnings_are_listed():
+    from reports.markdown import estimator_warnings
+
+    problem = {
+        "estimators": {
+            "cg": {
+                "diagnostics": {
+                    "negative_curvature_columns": 2,
+                    "unconverged_columns": 1,
+                    "max_relative_residual": 0.3,
+                }
+            }
+        }
+    }
+    found = estimator_warnings(problem)
+    assert len(found) == 2 and "non-positive curvature" in found[0] and "3.00e-01" in found[1]
+    assert estimator_warnings({"estimators": {"exact": {"diagnostics": {}}}}) == []

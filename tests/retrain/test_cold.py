@@ -121,3 +121,15 @@ def test_removed_index_out_of_range_is_an_error(trained_problems):
     trained = trained_problems("diabetes-ridge")
     with pytest.raises(FidelityError, match=r"removed indices"):
         ColdResponse().compute(trained, trained.problem.test, torch.tensor([10_000]))
+
+
+def test_seeds_on_a_convex_problem_agree(trained_problems):
+    """A strictly convex objective has one minimiser: every seed gives the same deltas."""
+    trained = trained_problems("cancer-logreg")
+    test, removed = trained.problem.test.subset(torch.arange(8)), torch.arange(0, 40, 4)
+    single = ColdResponse().compute(trained, test, removed)
+    several = ColdResponse(seeds=3).compute(trained, test, removed)
+    assert single.per_seed is None
+    assert several.per_seed.shape == (3, 8, 10) and several.info["seeds"] == 3
+    for per_seed in several.per_seed:
+        torch.testing.assert_close(per_seed, single.deltas, rtol=0, atol=1e-12)

@@ -74,3 +74,24 @@ def test_cold_on_a_network_is_paired_with_theta_s(tmp_path):
     fresh = ColdResponse(group_size=7).compute(trained, problem.test, removed)
     torch.testing.assert_close(fresh.deltas, first.deltas, rtol=0, atol=1e-12)
     assert float(first.deltas.abs().max()) > 1e-6
+
+
+def test_cold_with_seeds_pairs_each_seed_with_its_own_full_model(tmp_path):
+    from retrain.responses import seeded_variant
+
+    problem = network_problem()
+    trained = train(problem)
+    removed = torch.tensor([1, 8, 20])
+    execution = Execution(cache=ArtifactCache(tmp_path))
+    single = ColdResponse().compute(trained, problem.test, removed, execution)
+    several = ColdResponse(seeds=3).compute(trained, problem.test, removed, execution)
+    assert several.per_seed.shape == (3, problem.n_test, 3)
+    torch.testing.assert_close(several.per_seed[0], single.deltas, rtol=0, atol=0)
+    torch.testing.assert_close(several.deltas, several.per_seed.mean(0), rtol=0, atol=1e-15)
+    assert not torch.allclose(several.per_seed[1], several.per_seed[2])
+    shifted = seeded_variant(problem, 2)
+    assert (shifted.recipe.init_seed, shifted.recipe.order_seed) == (2, 2)
+    seed_two = ColdResponse().compute(train(shifted), problem.test, removed)
+    torch.testing.assert_close(several.per_seed[2], seed_two.deltas, rtol=0, atol=1e-12)
+    again = ColdResponse(seeds=3).compute(trained, problem.test, removed, execution)
+    assert again.info["refits"] == 0 and torch.equal(again.per_seed, several.per_seed)

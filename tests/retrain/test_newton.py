@@ -73,3 +73,21 @@ def test_problem_with_nan_is_rejected():
     x_train[3, 2] = float("nan")
     with pytest.raises(FidelityError, match=r"x_train holds 1 NaN"):
         type(problem)(**{**vars(problem), "x_train": x_train})
+
+
+def test_refits_that_diverge_fall_back_to_line_searched_newton():
+    """On a non-convex MLP the Woodbury-preconditioned iteration overflows for some removals
+    (it did for point 16 before the fallback caught growing norms); all must still converge,
+    to the same local minimum as Newton from theta_s."""
+    from tests.conftest import make_tiny_mlp_problem
+
+    problem = make_tiny_mlp_problem("mse", n_train=30)
+    model = FunctionalModel.of(problem.build_model())
+    theta_s = newton_minimize(model, problem, model.initial_theta()).theta
+    factor = torch.linalg.cholesky(objective_hessian(model, problem, theta_s))
+    result = refit_removals(model, problem, theta_s, factor, torch.arange(30))
+    assert bool((result.grad_norms <= 1e-10).all())
+    assert bool(torch.isfinite(result.thetas).all())
+    weights = removal_weights(30, torch.tensor([16]), theta_s)[0]
+    reference = newton_minimize(model, problem, theta_s, weights).theta
+    torch.testing.assert_close(result.thetas[16], reference, rtol=0, atol=1e-9)
