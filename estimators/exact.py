@@ -44,8 +44,9 @@ class ExactEstimator(InverseCurvatureEstimator):
         if int(info) != 0:
             raise FidelityError(
                 f"{self.name}: the {self.curvature} of {trained.problem.name!r} plus damping "
-                f"{self.damping:g} is not positive definite (smallest eigenvalue {smallest:.3g}); "
-                f"set damping above {max(-smallest, 0.0):.3g}"
+                f"{self.damping:g} is not positive definite (smallest eigenvalue {smallest:.3g}, "
+                f"largest {largest:.3g}); set damping above "
+                f"{max(-smallest, 0.0) + 1e-8 * abs(largest):.3g}"
             )
         self.cholesky_ = factor
         return {

@@ -58,7 +58,14 @@ class ConjugateGradientEstimator(InverseCurvatureEstimator):
         self.operator_ = CurvatureOperator(trained, self.curvature, self.batch_size)
         self.inverse_diagonal_ = None
         if self.preconditioner == "jacobi":
-            self.inverse_diagonal_ = 1.0 / (self.operator_.gauss_newton_diagonal() + self.damping)
+            diagonal = self.operator_.gauss_newton_diagonal() + self.damping
+            if bool((diagonal <= 0).any()):
+                raise FidelityError(
+                    f"cg: the jacobi preconditioner meets {int((diagonal <= 0).sum())} "
+                    "parameter(s) with zero Gauss-Newton curvature and no weight decay; add "
+                    "damping or drop the preconditioner"
+                )
+            self.inverse_diagonal_ = 1.0 / diagonal
         return {"n_params": trained.n_params}
 
     def _inverse_curvature_product(self, vectors: Tensor) -> Tensor:
