@@ -3,7 +3,6 @@
 from estimators.arnoldi import ArnoldiEstimator
 from estimators.base import Estimator, InverseCurvatureEstimator
 from estimators.baselines import GradCosEstimator, GradDotEstimator
-from estimators.curvature import CURVATURES, CurvatureOperator
 from estimators.exact import ExactEstimator, GaussNewtonEstimator
 from estimators.iterative import ConjugateGradientEstimator, LissaEstimator
 from fidelity.registry import Registry
@@ -21,11 +20,9 @@ for _estimator in (
     ESTIMATORS.register(_estimator.name)(_estimator)
 
 __all__ = [
-    "CURVATURES",
     "ESTIMATORS",
     "ArnoldiEstimator",
     "ConjugateGradientEstimator",
-    "CurvatureOperator",
     "Estimator",
     "ExactEstimator",
     "GaussNewtonEstimator",

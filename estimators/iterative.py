@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
-from estimators.curvature import (
+from fidelity.curvature import (
     CurvatureOperator,
     check_curvature,
     check_nonnegative,

@@ -6,13 +6,13 @@ import torch
 from estimators import (
     ArnoldiEstimator,
     ConjugateGradientEstimator,
-    CurvatureOperator,
     ExactEstimator,
     GaussNewtonEstimator,
     GradCosEstimator,
     GradDotEstimator,
     LissaEstimator,
 )
+from fidelity.curvature import CurvatureOperator
 from fidelity.errors import FidelityError
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem

@@ -1,4 +1,5 @@
-"""Curvature of the training objective J as a linear operator.
+"""Curvature of the training objective J as a linear operator (shared by estimators and the
+response ladder).
 
 ``hessian``: H = (1/N) sum_i d^2 L_i / d theta^2 + wd I (forward-over-reverse products).
 ``gnh``:     G = (1/N) sum_i J_i^T H_out,i J_i + wd I, J_i the Jacobian of the model outputs of

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from estimators import CurvatureOperator
+from fidelity.curvature import CurvatureOperator
 from fidelity.objective import objective
 from fidelity.problem import FunctionalModel, TrainedProblem
 from tests.conftest import make_tiny_mlp_problem
