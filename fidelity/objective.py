@@ -33,20 +33,34 @@ def per_example_loss(model: FunctionalModel, loss: str, theta: Tensor, data: Exa
 
 
 def objective(
-    model: FunctionalModel, problem: Problem, theta: Tensor, weights: Tensor | None = None
+    model: FunctionalModel,
+    problem: Problem,
+    theta: Tensor,
+    weights: Tensor | None = None,
+    anchor: Tensor | None = None,
+    proximity: float = 0.0,
 ) -> Tensor:
-    """J(theta) with per-example weights (all ones when ``weights`` is None)."""
+    """J(theta) with per-example weights (all ones when ``weights`` is None), plus the proximal
+    term (proximity/2) ||theta - anchor||^2 when an ``anchor`` is given."""
     losses = per_example_loss(model, problem.loss, theta, problem.train)
     total = losses.sum() if weights is None else (weights * losses).sum()
-    return total / problem.n_train + 0.5 * problem.weight_decay * theta.pow(2).sum()
+    value = total / problem.n_train + 0.5 * problem.weight_decay * theta.pow(2).sum()
+    if anchor is not None and proximity:
+        value = value + 0.5 * proximity * (theta - anchor).pow(2).sum()
+    return value
 
 
 def objective_hessian(
-    model: FunctionalModel, problem: Problem, theta: Tensor, weights: Tensor | None = None
+    model: FunctionalModel,
+    problem: Problem,
+    theta: Tensor,
+    weights: Tensor | None = None,
+    anchor: Tensor | None = None,
+    proximity: float = 0.0,
 ) -> Tensor:
-    """Dense Hessian of J at theta, ``[p, p]`` (reverse-over-reverse; symmetrised)."""
+    """Dense Hessian of J (with the optional proximal term) at theta, ``[p, p]``."""
     hessian = torch.func.jacrev(torch.func.grad(objective, argnums=2), argnums=2)(
-        model, problem, theta, weights
+        model, problem, theta, weights, anchor, proximity
     )
     return 0.5 * (hessian + hessian.T)
 

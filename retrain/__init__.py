@@ -2,11 +2,20 @@
 
 from fidelity.registry import Registry
 from retrain.linear import LinearResponse
-from retrain.responses import ColdResponse, Execution, Response, ResponseResult
+from retrain.responses import (
+    ColdResponse,
+    Execution,
+    ProximalResponse,
+    Response,
+    ResponseResult,
+    WarmResponse,
+)
 from retrain.train import train
 
 RESPONSES: Registry[type[Response]] = Registry("response")
 RESPONSES.register("cold")(ColdResponse)
+RESPONSES.register("warm")(WarmResponse)
+RESPONSES.register("proximal")(ProximalResponse)
 RESPONSES.register("linear")(LinearResponse)
 
 __all__ = [
@@ -14,7 +23,9 @@ __all__ = [
     "ColdResponse",
     "Execution",
     "LinearResponse",
+    "ProximalResponse",
     "Response",
     "ResponseResult",
+    "WarmResponse",
     "train",
 ]

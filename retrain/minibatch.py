@@ -7,6 +7,8 @@ leave-one-out retrain sets one weight to 0, so the two are paired step for step.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -26,15 +28,26 @@ def train_minibatch(
     recipe: MinibatchRecipe,
     theta0: Tensor,
     weights: Tensor,
+    *,
+    epochs: int | None = None,
+    anchor: Tensor | None = None,
+    proximity: float = 0.0,
 ) -> Tensor:
-    """Train ``weights.shape[0]`` models from ``theta0``; returns ``[n_models, p]``."""
+    """Train ``weights.shape[0]`` models from ``theta0`` for ``epochs`` (default: the recipe's)
+    epochs, adding (proximity/2) ||theta - anchor||^2 when an anchor is given; returns
+    ``[n_models, p]``."""
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
     n_models = weights.shape[0]
     order = batch_order(recipe, problem.n_train).to(theta0.device)
     decay = problem.weight_decay
+    pull = proximity if anchor is not None else 0.0
+    centre = anchor if anchor is not None else theta0
 
     def minibatch_objective(theta: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         losses = loss_from_outputs(problem.loss, model(theta, x), y)
-        return (w * losses).sum() / x.shape[0] + 0.5 * decay * theta.pow(2).sum()
+        value = (w * losses).sum() / x.shape[0] + 0.5 * decay * theta.pow(2).sum()
+        return value + 0.5 * pull * (theta - centre).pow(2).sum()
 
     gradients = torch.func.vmap(torch.func.grad(minibatch_objective), in_dims=(0, 0, None, None))
     thetas = theta0.detach().unsqueeze(0).repeat(n_models, 1)

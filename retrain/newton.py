@@ -39,6 +39,8 @@ def newton_minimize(
     *,
     gtol: float = 1e-10,
     max_iter: int = 100,
+    anchor: Tensor | None = None,
+    proximity: float = 0.0,
 ) -> NewtonResult:
     """Minimise J(theta; weights) from ``theta0`` by Newton's method with backtracking.
 
@@ -47,7 +49,7 @@ def newton_minimize(
     """
 
     def value(theta: Tensor) -> Tensor:
-        return objective(model, problem, theta, weights)
+        return objective(model, problem, theta, weights, anchor, proximity)
 
     grad_fn = torch.func.grad(value)
     theta = theta0.detach().clone()
@@ -56,7 +58,7 @@ def newton_minimize(
     current = float(value(theta))
     iterations = 0
     while iterations < max_iter and _keeps_improving(norm, previous, gtol):
-        hessian = objective_hessian(model, problem, theta, weights)
+        hessian = objective_hessian(model, problem, theta, weights, anchor, proximity)
         direction = -_damped_solve(hessian, grad)
         step, accepted = 1.0, False
         slope = float(grad @ direction)
@@ -112,8 +114,12 @@ def refit_removals(
     *,
     gtol: float = 1e-10,
     max_iter: int = 100,
+    anchor: Tensor | None = None,
+    proximity: float = 0.0,
 ) -> RefitResult:
-    """Exact minimisers of J with w_j = 0, one model per entry of ``removed``, all at once.
+    """Exact minimisers of J with w_j = 0, one model per entry of ``removed``, all at once
+    (plus (proximity/2) ||theta - anchor||^2 when an anchor is given; ``hessian_cholesky`` must
+    then factor H + proximity I).
 
     Each model iterates theta <- theta - P_j^{-1} grad J_{-j}(theta), vmapped over models. P_j is
     the Hessian at theta_s (its Cholesky factor is given) minus the removed point's Gauss-Newton
@@ -158,7 +164,7 @@ def refit_removals(
         return base + (solved @ inner).squeeze(-1)
 
     def value(theta: Tensor, weight: Tensor) -> Tensor:
-        return objective(model, problem, theta, weight)
+        return objective(model, problem, theta, weight, anchor, proximity)
 
     batched_grad = torch.func.vmap(torch.func.grad(value))
     thetas = theta_start.detach().unsqueeze(0).repeat(removed.numel(), 1)
@@ -181,7 +187,14 @@ def refit_removals(
         iterations += active.long()
     for index in torch.nonzero(~(norms <= gtol)).flatten().tolist():
         finished = newton_minimize(
-            model, problem, theta_start, weights[index], gtol=gtol, max_iter=max_iter
+            model,
+            problem,
+            theta_start,
+            weights[index],
+            gtol=gtol,
+            max_iter=max_iter,
+            anchor=anchor,
+            proximity=proximity,
         )
         thetas[index] = finished.theta
         norms[index] = finished.grad_norm

@@ -88,6 +88,17 @@ def measure(trained: TrainedProblem, thetas: Tensor, test: Examples) -> Tensor:
     return torch.func.vmap(lambda theta: per_example_loss(model, loss, theta, test))(thetas)
 
 
+@dataclass(frozen=True)
+class RetrainPlan:
+    """How a retraining stage runs: where it starts, its proximal pull toward theta_s and, for
+    minibatch recipes, its epoch budget (None: the recipe's). Part of every cache key."""
+
+    stage: str
+    start: str  # "init" | "trained"
+    proximity: float = 0.0
+    epochs: int | None = None
+
+
 class ColdResponse(Response):
     """Leave-one-out retraining: minimise J with w_j = 0 (same 1/N) with the problem's recipe.
 
@@ -142,10 +153,26 @@ class ColdResponse(Response):
         }
         return ResponseResult(per_seed.mean(0), info, per_seed)
 
+    subtract_drift = False
+
+    def _plan(self, problem: Problem) -> RetrainPlan:
+        recipe = problem.recipe
+        start = recipe.refit_start if isinstance(recipe, NewtonRecipe) else "init"
+        return RetrainPlan("cold", start)
+
     @staticmethod
-    def _key(problem_fingerprint: str, theta_s: str, index: int) -> str:
-        # group_size is left out on purpose: it does not change any result.
-        return cache_key(kind="cold", problem=problem_fingerprint, theta_s=theta_s, removed=index)
+    def _key(fingerprint: str, theta_s: str, plan: RetrainPlan, index: int) -> str:
+        # group_size is left out on purpose: it does not change any result. index -1 is the
+        # no-removal control run.
+        return cache_key(
+            kind=plan.stage,
+            problem=fingerprint,
+            theta_s=theta_s,
+            removed=index,
+            proximity=plan.proximity,
+            epochs=plan.epochs,
+            start=plan.start,
+        )
 
     def _compute_seed(
         self, trained: TrainedProblem, test: Examples, removed: Tensor, execution: Execution
@@ -156,13 +183,16 @@ class ColdResponse(Response):
         if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= problem.n_train):
             raise FidelityError(f"removed indices must lie in [0, {problem.n_train})")
         fingerprint, digest = problem.fingerprint(), theta_digest(trained)
-        unique = sorted(set(removed.tolist()))
-        keys = {index: self._key(fingerprint, digest, index) for index in unique}
+        plan = self._plan(problem)
+        newton = isinstance(problem.recipe, NewtonRecipe)
+        control = self.subtract_drift and not newton  # a Newton refit from theta_s has no drift
+        unique = sorted(set(removed.tolist())) + ([-1] if control else [])
+        keys = {index: self._key(fingerprint, digest, plan, index) for index in unique}
         thetas: dict[int, Tensor] = {}
         iterations: dict[int, int] = {}
         grad_norms: dict[int, float] = {}
         for index in unique:
-            stored = execution.cache.load("cold", keys[index])
+            stored = execution.cache.load(plan.stage, keys[index])
             if stored is not None:
                 thetas[index] = torch.as_tensor(stored["theta"]).to(trained.theta)
                 iterations[index] = int(stored["iterations"])
@@ -170,9 +200,9 @@ class ColdResponse(Response):
         missing = [index for index in unique if index not in thetas]
         groups = [missing[i : i + self.group_size] for i in range(0, len(missing), self.group_size)]
         hessian_factor = None
-        newton = isinstance(problem.recipe, NewtonRecipe)
-        if groups and newton and problem.recipe.refit_start == "trained":
+        if groups and newton and plan.start == "trained":
             hessian = objective_hessian(trained.model, problem, trained.theta)
+            hessian.diagonal().add_(plan.proximity)
             hessian_factor, info = torch.linalg.cholesky_ex(hessian)
             if int(info) != 0:
                 raise FidelityError(
@@ -180,7 +210,9 @@ class ColdResponse(Response):
                     "so exact leave-one-out refits are ill-posed; add weight decay"
                 )
         jobs = (
-            delayed(_refit_group)(trained, hessian_factor, group, execution.workers, os.getpid())
+            delayed(_refit_group)(
+                trained, hessian_factor, group, plan, execution.workers, os.getpid()
+            )
             for group in groups
         )
         parallel = Parallel(
@@ -190,7 +222,7 @@ class ColdResponse(Response):
         )
         bar = tqdm(
             total=len(missing),
-            desc=f"cold {problem.name}",
+            desc=f"{plan.stage} {problem.name}",
             unit="refit",
             disable=not execution.progress or not missing,
             leave=False,
@@ -207,7 +239,7 @@ class ColdResponse(Response):
                     if newton and not grad_norms[index] <= problem.recipe.gtol:
                         continue  # never cache a failed refit; the error below reports it
                     execution.cache.save(
-                        "cold",
+                        plan.stage,
                         keys[index],
                         {
                             "theta": theta.cpu().numpy(),
@@ -216,15 +248,21 @@ class ColdResponse(Response):
                         },
                     )
                 bar.update(len(group))
+        diverged = [index for index in unique if not bool(torch.isfinite(thetas[index]).all())]
+        if diverged:
+            raise FidelityError(
+                f"{plan.stage} retraining of {problem.name!r} diverged for training indices "
+                f"{diverged[:10]}; lower the learning rate or the damping"
+            )
         if newton:
             gtol = problem.recipe.gtol
             unconverged = [index for index in unique if not grad_norms[index] <= gtol]
             if unconverged:
                 raise FidelityError(
-                    f"cold refits of {problem.name!r} did not converge for training indices "
-                    f"{unconverged[:10]} (gradient norm above gtol {gtol:g} after damped Newton); "
-                    "raise the recipe's max_iter, or add weight decay if the objective is not "
-                    "strictly convex"
+                    f"{plan.stage} refits of {problem.name!r} did not converge for training "
+                    f"indices {unconverged[:10]} (gradient norm above gtol {gtol:g} after "
+                    "damped Newton); raise the recipe's max_iter, or add weight decay if the "
+                    "objective is not strictly convex"
                 )
         if removed.numel():
             stacked = torch.stack([thetas[index] for index in removed.tolist()])
@@ -232,8 +270,14 @@ class ColdResponse(Response):
         else:
             after = test.x.new_zeros((0, len(test)))
         before = measure(trained, trained.theta.unsqueeze(0), test)
+        drift_info = {}
+        if control:
+            reference = measure(trained, thetas[-1].unsqueeze(0), test)
+            drift_info = {"drift_mean_abs": float((reference - before).abs().mean())}
+            before = reference
         deltas = (after - before).T.contiguous()
         info = {
+            **drift_info,
             "refits": len(missing),
             "cached": len(unique) - len(missing),
             "seconds": time.perf_counter() - start,
@@ -241,6 +285,68 @@ class ColdResponse(Response):
             "mean_iterations": float(np.mean(list(iterations.values()))) if iterations else 0.0,
         }
         return ResponseResult(deltas, info)
+
+
+class WarmResponse(ColdResponse):
+    """Retraining without j started at theta_s (DESIGN's `warm` stage).
+
+    For a minibatch recipe: ``epochs`` epochs (default: the recipe's) of the recipe's optimizer,
+    fresh optimizer state, batches in the recipe's seeded order. A no-removal control trained
+    the same way measures the drift of continued training; with ``subtract_drift`` (default)
+    delta is paired against the control, m(theta_j) - m(theta_control), and the mean |drift| of
+    the test losses is reported. For a Newton recipe it is the exact refit (no drift).
+    """
+
+    name = "warm"
+
+    def __init__(
+        self, *, epochs: int | None = None, subtract_drift: bool = True, group_size: int = 64
+    ) -> None:
+        super().__init__(group_size=group_size)
+        if epochs is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+        ):
+            raise FidelityError(f"{self.name}.epochs must be a positive integer, got {epochs!r}")
+        if not isinstance(subtract_drift, bool):
+            raise FidelityError(f"{self.name}.subtract_drift must be true or false")
+        self.epochs = epochs
+        self.subtract_drift = subtract_drift
+
+    def _plan(self, problem: Problem) -> RetrainPlan:
+        return RetrainPlan(self.name, "trained", 0.0, self.epochs)
+
+
+class ProximalResponse(WarmResponse):
+    """`warm` with the proximal term (damping/2) ||theta - theta_s||^2 added to J without j
+    (DESIGN's `proximal` stage); with ``damping=0`` it is `warm`."""
+
+    name = "proximal"
+
+    def __init__(
+        self,
+        *,
+        damping: float = 0.0,
+        epochs: int | None = None,
+        subtract_drift: bool = True,
+        group_size: int = 64,
+    ) -> None:
+        super().__init__(epochs=epochs, subtract_drift=subtract_drift, group_size=group_size)
+        if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
+            raise FidelityError(f"proximal.damping must be a number >= 0, got {damping!r}")
+        self.damping = float(damping)
+
+    def _plan(self, problem: Problem) -> RetrainPlan:
+        recipe = problem.recipe
+        if isinstance(recipe, MinibatchRecipe) and recipe.optimizer == "sgd":
+            # Heavy-ball SGD on the proximal quadratic alone is stable only below this bound.
+            limit = 2 * (1 + recipe.momentum)
+            if recipe.learning_rate * self.damping >= limit:
+                raise FidelityError(
+                    f"proximal.damping {self.damping:g} is too stiff for SGD with learning rate "
+                    f"{recipe.learning_rate:g} on {problem.name!r}: learning_rate x damping must "
+                    f"stay below 2 (1 + momentum) = {limit:g}; lower the damping"
+                )
+        return RetrainPlan(self.name, "trained", self.damping, self.epochs)
 
 
 def seeded_variant(problem: Problem, offset: int) -> Problem:
@@ -256,41 +362,64 @@ def _refit_group(
     trained: TrainedProblem,
     hessian_factor: Tensor | None,
     group: list[int],
+    plan: RetrainPlan,
     workers: int,
     parent_pid: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Retrain one group of removals (index -1: no removal, the drift control)."""
     if workers > 1 and os.getpid() != parent_pid:
         # Worker processes share the cores; fewer BLAS threads each avoid oversubscription
         # (never in the parent process, where the threading backend runs groups).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     problem = trained.problem
     recipe = problem.recipe
-    removed = torch.tensor(group, dtype=torch.long, device=trained.theta.device)
-    weights = removal_weights(problem.n_train, removed, trained.theta)
+    indices = torch.tensor(group, dtype=torch.long, device=trained.theta.device)
+    weights = removal_weights(problem.n_train, indices.clamp_min(0), trained.theta)
+    weights[indices < 0] = 1.0
+    anchor = trained.theta
+    start = trained.theta if plan.start == "trained" else trained.model.initial_theta()
     if isinstance(recipe, MinibatchRecipe):
         thetas = train_minibatch(
-            trained.model, problem, recipe, trained.model.initial_theta(), weights
+            trained.model,
+            problem,
+            recipe,
+            start,
+            weights,
+            epochs=plan.epochs,
+            anchor=anchor,
+            proximity=plan.proximity,
         )
         value = torch.func.vmap(
-            torch.func.grad(lambda t, w: objective(trained.model, problem, t, w))
+            torch.func.grad(
+                lambda t, w: objective(trained.model, problem, t, w, anchor, plan.proximity)
+            )
         )
         norms = value(thetas, weights).norm(dim=1).double().cpu()
-        return thetas.cpu(), torch.full((len(group),), recipe.epochs), norms
+        epochs = plan.epochs or recipe.epochs
+        return thetas.cpu(), torch.full((len(group),), epochs), norms
     if hessian_factor is not None:
         result = refit_removals(
             trained.model,
             problem,
             trained.theta,
             hessian_factor,
-            removed,
+            indices,
             gtol=recipe.gtol,
             max_iter=recipe.max_iter,
+            anchor=anchor,
+            proximity=plan.proximity,
         )
         return result.thetas.cpu(), result.iterations, result.grad_norms
-    start = trained.model.initial_theta()
     finished = [
         newton_minimize(
-            trained.model, problem, start, weights[b], gtol=recipe.gtol, max_iter=recipe.max_iter
+            trained.model,
+            problem,
+            start,
+            weights[b],
+            gtol=recipe.gtol,
+            max_iter=recipe.max_iter,
+            anchor=anchor,
+            proximity=plan.proximity,
         )
         for b in range(len(group))
     ]

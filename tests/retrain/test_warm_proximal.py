@@ -1,0 +1,94 @@
+"""The warm and proximal stages: equal to cold where theory says so, closed forms, drift."""
+
+import pytest
+import torch
+
+from fidelity.cache import ArtifactCache
+from retrain import ColdResponse, Execution, ProximalResponse, WarmResponse, train
+from retrain.minibatch import train_minibatch
+from retrain.responses import measure
+from tests.retrain.test_minibatch import RECIPE, network_problem
+
+
+@pytest.mark.parametrize("name", ["cancer-logreg", "diabetes-ridge"])
+def test_warm_and_unpenalised_proximal_equal_cold_on_convex_problems(trained_problems, name):
+    trained = trained_problems(name)
+    test, removed = trained.problem.test, torch.arange(0, 50, 5)
+    cold = ColdResponse().compute(trained, test, removed).deltas
+    for response in (WarmResponse(), ProximalResponse(damping=0.0)):
+        deltas = response.compute(trained, test, removed).deltas
+        assert float((deltas - cold).abs().max() / cold.abs().max()) <= 1e-10
+
+
+def test_proximal_equals_closed_form_ridge(trained_problems):
+    """argmin (1/N) sum_{i!=j} 0.5 (x_i^T t - y_i)^2 + (wd/2)|t|^2 + (lam/2)|t - theta_s|^2."""
+    trained = trained_problems("diabetes-ridge")
+    problem, damping = trained.problem, 0.3
+    design = torch.cat([problem.x_train, torch.ones(problem.n_train, 1)], dim=1)
+    test_design = torch.cat([problem.x_test, torch.ones(problem.n_test, 1)], dim=1)
+    n, p = design.shape
+    removed = torch.tensor([0, 17, 200])
+    base = 0.5 * (test_design @ trained.theta - problem.y_test[:, 0]) ** 2
+    expected = torch.empty(problem.n_test, 3)
+    for column, j in enumerate(removed.tolist()):
+        keep = torch.arange(n) != j
+        x, y = design[keep], problem.y_train[keep, 0]
+        system = x.T @ x / n + (problem.weight_decay + damping) * torch.eye(p)
+        theta = torch.linalg.solve(system, x.T @ y / n + damping * trained.theta)
+        expected[:, column] = 0.5 * (test_design @ theta - problem.y_test[:, 0]) ** 2 - base
+    actual = ProximalResponse(damping=damping).compute(trained, problem.test, removed).deltas
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-14)
+
+
+def test_warm_on_a_network_is_paired_with_a_no_removal_control():
+    problem = network_problem()
+    trained = train(problem)
+    removed = torch.tensor([2, 9])
+    result = WarmResponse(epochs=5).compute(trained, problem.test, removed)
+    ones = torch.ones(1, problem.n_train)
+    control = train_minibatch(trained.model, problem, RECIPE, trained.theta, ones, epochs=5)
+    weights = torch.ones(2, problem.n_train)
+    weights[0, 2] = weights[1, 9] = 0
+    retrained = train_minibatch(trained.model, problem, RECIPE, trained.theta, weights, epochs=5)
+    expected = (
+        measure(trained, retrained, problem.test) - measure(trained, control, problem.test)
+    ).T
+    torch.testing.assert_close(result.deltas, expected, rtol=0, atol=1e-12)
+    assert result.info["drift_mean_abs"] > 0
+    raw = WarmResponse(epochs=5, subtract_drift=False).compute(trained, problem.test, removed)
+    expected_raw = (
+        measure(trained, retrained, problem.test)
+        - measure(trained, trained.theta.unsqueeze(0), problem.test)
+    ).T
+    torch.testing.assert_close(raw.deltas, expected_raw, rtol=0, atol=1e-12)
+
+
+def test_strong_proximity_keeps_retrains_near_theta_s():
+    problem = network_problem()
+    trained = train(problem)
+    removed = torch.arange(0, 30, 6)
+    warm = WarmResponse(epochs=5).compute(trained, problem.test, removed).deltas
+    pulled = ProximalResponse(damping=1.0, epochs=5).compute(trained, problem.test, removed).deltas
+    assert float(pulled.norm()) < 0.3 * float(warm.norm())
+
+
+def test_proximal_damping_too_stiff_for_sgd_is_refused():
+    from fidelity.errors import FidelityError
+
+    problem = network_problem()  # SGD, learning rate 0.1, momentum 0.9: limit 3.8 / 0.1 = 38
+    trained = train(problem)
+    with pytest.raises(FidelityError, match="too stiff for SGD"):
+        ProximalResponse(damping=100.0, epochs=5).compute(trained, problem.test, torch.arange(3))
+
+
+def test_stages_and_settings_do_not_share_cache_entries(trained_problems, tmp_path):
+    trained = trained_problems("cancer-logreg")
+    execution = Execution(cache=ArtifactCache(tmp_path))
+    test, removed = trained.problem.test, torch.arange(6)
+    ColdResponse().compute(trained, test, removed, execution)
+    first = ProximalResponse(damping=0.1).compute(trained, test, removed, execution)
+    other = ProximalResponse(damping=0.2).compute(trained, test, removed, execution)
+    again = ProximalResponse(damping=0.1).compute(trained, test, removed, execution)
+    assert first.info["refits"] == 6 and other.info["refits"] == 6
+    assert again.info["refits"] == 0 and torch.equal(again.deltas, first.deltas)
+    assert not torch.allclose(first.deltas, other.deltas)
