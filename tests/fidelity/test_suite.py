@@ -87,7 +87,9 @@ def test_bad_files_name_the_problem(tmp_path, change, message):
 
 
 def test_unknown_suite_name_lists_bundled_ones():
-    with pytest.raises(FidelityError, match=r"unknown suite 'smok'; bundled suites: smoke"):
+    with pytest.raises(
+        FidelityError, match=r"unknown suite 'smok'; bundled suites: noise, smoke, solvers"
+    ):
         load_suite("smok")
 
 
