@@ -13,6 +13,7 @@ from fidelity.curvature import (
     check_curvature,
     check_nonnegative,
     check_positive_int,
+    conjugate_gradient,
 )
 from fidelity.errors import FidelityError
 from fidelity.problem import TrainedProblem
@@ -73,37 +74,18 @@ class ConjugateGradientEstimator(InverseCurvatureEstimator):
             return self.operator_.matvec(v) + self.damping * v
 
         def precondition(r: Tensor) -> Tensor:
-            return r if self.inverse_diagonal_ is None else r * self.inverse_diagonal_
+            return r * self.inverse_diagonal_
 
-        b = vectors
-        x = torch.zeros_like(b)
-        r = b.clone()
-        z = precondition(r)
-        direction = z.clone()
-        rz = (r * z).sum(1)
-        b_norm = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
-        active = (r.norm(dim=1) / b_norm) > self.tol
-        iterations = torch.zeros(b.shape[0], dtype=torch.long)
-        negative = torch.zeros(b.shape[0], dtype=torch.bool)
-        for _ in range(self.max_iter):
-            if not bool(active.any()):
-                break
-            ad = apply(direction)
-            curvature = (direction * ad).sum(1)
-            hit_negative = active & (curvature <= 0)
-            negative |= hit_negative.cpu()
-            active = active & ~hit_negative
-            step = torch.where(active, rz / torch.where(active, curvature, 1.0), 0.0)
-            x = x + step.unsqueeze(1) * direction
-            r = r - step.unsqueeze(1) * ad
-            z = precondition(r)
-            rz_new = (r * z).sum(1)
-            beta = torch.where(active, rz_new / torch.where(active, rz, 1.0), 0.0)
-            direction = torch.where(active.unsqueeze(1), z + beta.unsqueeze(1) * direction, 0)
-            rz = rz_new
-            iterations += active.cpu().long()
-            active = active & ((r.norm(dim=1) / b_norm) > self.tol)
-        residual = (b - apply(x)).norm(dim=1) / b_norm
+        result = conjugate_gradient(
+            apply,
+            vectors,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            precondition=None if self.inverse_diagonal_ is None else precondition,
+        )
+        x, iterations, negative = result.solution, result.iterations, result.negative_curvature
+        b_norm = vectors.norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)
+        residual = (vectors - apply(x)).norm(dim=1) / b_norm
         self.diagnostics_.update(
             {
                 "iterations": iterations.tolist(),

@@ -12,6 +12,7 @@ the operator: estimators add it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -176,3 +177,55 @@ class CurvatureOperator:
             total = total + self.gauss_newton_factors(batch).pow(2).sum(dim=(0, 1))
         problem = self.trained.problem
         return total / problem.n_train + problem.weight_decay
+
+
+@dataclass(frozen=True)
+class ConjugateGradientResult:
+    solution: Tensor  # [m, p]
+    iterations: Tensor  # [m], steps taken per column
+    negative_curvature: Tensor  # [m], columns stopped by a direction with p^T A p <= 0
+    converged: Tensor  # [m], recursive relative residual <= tol
+
+
+def conjugate_gradient(
+    apply: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    precondition: Callable[[Tensor], Tensor] | None = None,
+) -> ConjugateGradientResult:
+    """Solve A x = b for every row b of ``rhs`` ``[m, p]`` at once, each column with its own
+    step sizes, until its relative residual ||r|| / ||b|| is at most ``tol``. A column that
+    meets a direction of non-positive curvature stops at its last iterate and is flagged; it
+    never steps along that direction."""
+    precondition = precondition or (lambda r: r)
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = precondition(r)
+    direction = z.clone()
+    rz = (r * z).sum(1)
+    b_norm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    active = (r.norm(dim=1) / b_norm) > tol
+    iterations = torch.zeros(rhs.shape[0], dtype=torch.long)
+    negative = torch.zeros(rhs.shape[0], dtype=torch.bool)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        ad = apply(direction)
+        curvature = (direction * ad).sum(1)
+        hit_negative = active & (curvature <= 0)
+        negative |= hit_negative.cpu()
+        active = active & ~hit_negative
+        step = torch.where(active, rz / torch.where(active, curvature, 1.0), 0.0)
+        x = x + step.unsqueeze(1) * direction
+        r = r - step.unsqueeze(1) * ad
+        z = precondition(r)
+        rz_new = (r * z).sum(1)
+        beta = torch.where(active, rz_new / torch.where(active, rz, 1.0), 0.0)
+        direction = torch.where(active.unsqueeze(1), z + beta.unsqueeze(1) * direction, 0)
+        rz = rz_new
+        iterations += active.cpu().long()
+        active = active & ((r.norm(dim=1) / b_norm) > tol)
+    converged = ((r.norm(dim=1) / b_norm) <= tol).cpu() & ~negative
+    return ConjugateGradientResult(x, iterations, negative, converged)

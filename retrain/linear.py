@@ -7,7 +7,12 @@ import time
 import torch
 from torch import Tensor
 
-from fidelity.curvature import CurvatureOperator, check_nonnegative, check_positive_int
+from fidelity.curvature import (
+    CurvatureOperator,
+    check_nonnegative,
+    check_positive_int,
+    conjugate_gradient,
+)
 from fidelity.errors import FidelityError
 from fidelity.objective import per_example_grads
 from fidelity.problem import Examples, TrainedProblem
@@ -68,18 +73,14 @@ class LinearResponse(Response):
         return ResponseResult(test_grads @ steps.T, info)
 
     def _conjugate_gradient(self, operator: CurvatureOperator, rhs: Tensor) -> Tensor:
-        x = torch.zeros_like(rhs)
-        residual, direction = rhs.clone(), rhs.clone()
-        rr = (residual * residual).sum(1)
-        target = 1e-20 * rr
-        for _ in range(10 * rhs.shape[1]):
-            if bool((rr <= target).all()):
-                return x
-            product = operator.matvec(direction) + self.damping * direction
-            step = torch.where(rr > target, rr / (direction * product).sum(1), 0.0)
-            x = x + step.unsqueeze(1) * direction
-            residual = residual - step.unsqueeze(1) * product
-            new_rr = (residual * residual).sum(1)
-            direction = residual + (new_rr / rr.clamp_min(1e-300)).unsqueeze(1) * direction
-            rr = new_rr
-        raise FidelityError("linear: conjugate gradient did not reach a relative residual of 1e-10")
+        result = conjugate_gradient(
+            lambda v: operator.matvec(v) + self.damping * v,
+            rhs,
+            tol=1e-10,
+            max_iter=10 * rhs.shape[1],
+        )
+        if not bool(result.converged.all()):
+            raise FidelityError(
+                "linear: conjugate gradient did not reach a relative residual of 1e-10"
+            )
+        return result.solution
