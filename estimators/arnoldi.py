@@ -8,14 +8,10 @@ import torch
 from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
-from fidelity.curvature import (
-    CurvatureOperator,
-    check_curvature,
-    check_nonnegative,
-    check_positive_int,
-)
+from fidelity.curvature import CurvatureOperator, check_curvature
 from fidelity.errors import FidelityError
 from fidelity.problem import TrainedProblem
+from fidelity.validation import check_int, check_nonnegative, check_positive_int
 
 
 class ArnoldiEstimator(InverseCurvatureEstimator):
@@ -49,9 +45,7 @@ class ArnoldiEstimator(InverseCurvatureEstimator):
         self.iterations = iterations
         self.damping = check_nonnegative(damping, "arnoldi.damping")
         self.curvature = check_curvature(curvature, "arnoldi")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise FidelityError(f"arnoldi.seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int(seed, "arnoldi.seed")
 
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
         operator = CurvatureOperator(trained, self.curvature, self.batch_size)

@@ -18,6 +18,7 @@ from fidelity.errors import FidelityError
 from fidelity.objective import per_example_grads
 from fidelity.problem import Examples, TrainedProblem
 from fidelity.registry import constructor_params
+from fidelity.validation import check_positive_int
 
 
 class Estimator(ABC):
@@ -58,11 +59,7 @@ class InverseCurvatureEstimator(Estimator):
     """
 
     def __init__(self, *, batch_size: int = 512) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise FidelityError(
-                f"{self.name}.batch_size must be a positive integer, got {batch_size!r}"
-            )
-        self.batch_size = batch_size
+        self.batch_size = check_positive_int(batch_size, f"{self.name}.batch_size")
 
     @abstractmethod
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:

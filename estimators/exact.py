@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
-from fidelity.curvature import CurvatureOperator, check_curvature, check_nonnegative
+from fidelity.curvature import CurvatureOperator, check_curvature
 from fidelity.errors import FidelityError
 from fidelity.problem import TrainedProblem
+from fidelity.validation import check_nonnegative
 
 
 class ExactEstimator(InverseCurvatureEstimator):

@@ -8,15 +8,10 @@ import torch
 from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
-from fidelity.curvature import (
-    CurvatureOperator,
-    check_curvature,
-    check_nonnegative,
-    check_positive_int,
-    conjugate_gradient,
-)
+from fidelity.curvature import CurvatureOperator, check_curvature, conjugate_gradient
 from fidelity.errors import FidelityError
 from fidelity.problem import TrainedProblem
+from fidelity.validation import check_int, check_nonnegative, check_positive_int
 
 PRECONDITIONERS = (None, "jacobi")
 
@@ -140,9 +135,7 @@ class LissaEstimator(InverseCurvatureEstimator):
         if minibatch_size is not None:
             check_positive_int(minibatch_size, "lissa.minibatch_size")
         self.minibatch_size = minibatch_size
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise FidelityError(f"lissa.seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int(seed, "lissa.seed")
 
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
         self.operator_ = CurvatureOperator(trained, self.curvature, self.batch_size)

@@ -38,20 +38,6 @@ def check_curvature(curvature: object, owner: str) -> str:
     return str(curvature)
 
 
-def check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FidelityError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_nonnegative(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise FidelityError(f"{name} must be a number >= 0, got {value!r}")
-    if value == float("inf"):
-        raise FidelityError(f"{name} must be finite")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class CurvatureOperator:
     """Products with the Hessian or Gauss-Newton matrix of J at theta_s (no damping)."""

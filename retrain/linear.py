@@ -7,15 +7,11 @@ import time
 import torch
 from torch import Tensor
 
-from fidelity.curvature import (
-    CurvatureOperator,
-    check_nonnegative,
-    check_positive_int,
-    conjugate_gradient,
-)
+from fidelity.curvature import CurvatureOperator, conjugate_gradient
 from fidelity.errors import FidelityError
 from fidelity.objective import per_example_grads
 from fidelity.problem import Examples, TrainedProblem
+from fidelity.validation import check_nonnegative, check_positive_int
 from retrain.responses import Execution, Response, ResponseResult
 
 DENSE_LIMIT = 6000  # parameters up to which G is formed densely; CG to 1e-10 beyond

@@ -23,6 +23,7 @@ from fidelity.errors import FidelityError
 from fidelity.objective import objective, objective_hessian, per_example_loss
 from fidelity.problem import Examples, MinibatchRecipe, NewtonRecipe, Problem, TrainedProblem
 from fidelity.registry import constructor_params
+from fidelity.validation import check_nonnegative, check_positive_int
 from retrain.minibatch import train_minibatch
 from retrain.newton import newton_minimize, refit_removals, removal_weights
 from retrain.train import theta_digest, train
@@ -115,11 +116,8 @@ class ColdResponse(Response):
     name = "cold"
 
     def __init__(self, *, group_size: int = 64, seeds: int = 1) -> None:
-        for label, value in (("group_size", group_size), ("seeds", seeds)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FidelityError(f"cold.{label} must be a positive integer, got {value!r}")
-        self.group_size = group_size
-        self.seeds = seeds
+        self.group_size = check_positive_int(group_size, "cold.group_size")
+        self.seeds = check_positive_int(seeds, "cold.seeds")
 
     def compute(
         self,
@@ -303,10 +301,8 @@ class WarmResponse(ColdResponse):
         self, *, epochs: int | None = None, subtract_drift: bool = True, group_size: int = 64
     ) -> None:
         super().__init__(group_size=group_size)
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
-        ):
-            raise FidelityError(f"{self.name}.epochs must be a positive integer, got {epochs!r}")
+        if epochs is not None:
+            check_positive_int(epochs, f"{self.name}.epochs")
         if not isinstance(subtract_drift, bool):
             raise FidelityError(f"{self.name}.subtract_drift must be true or false")
         self.epochs = epochs
@@ -331,9 +327,7 @@ class ProximalResponse(WarmResponse):
         group_size: int = 64,
     ) -> None:
         super().__init__(epochs=epochs, subtract_drift=subtract_drift, group_size=group_size)
-        if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-            raise FidelityError(f"proximal.damping must be a number >= 0, got {damping!r}")
-        self.damping = float(damping)
+        self.damping = check_nonnegative(damping, "proximal.damping")
 
     def _plan(self, problem: Problem) -> RetrainPlan:
         recipe = problem.recipe
