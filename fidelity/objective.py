@@ -44,7 +44,14 @@ def objective(
     term (proximity/2) ||theta - anchor||^2 when an ``anchor`` is given."""
     losses = per_example_loss(model, problem.loss, theta, problem.train)
     total = losses.sum() if weights is None else (weights * losses).sum()
-    value = total / problem.n_train + 0.5 * problem.weight_decay * theta.pow(2).sum()
+    return total / problem.n_train + regulariser(problem, theta, anchor, proximity)
+
+
+def regulariser(
+    problem: Problem, theta: Tensor, anchor: Tensor | None = None, proximity: float = 0.0
+) -> Tensor:
+    """(wd/2) ||theta||^2, plus (proximity/2) ||theta - anchor||^2 when an anchor is given."""
+    value = 0.5 * problem.weight_decay * theta.pow(2).sum()
     if anchor is not None and proximity:
         value = value + 0.5 * proximity * (theta - anchor).pow(2).sum()
     return value

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fidelity.objective import loss_from_outputs
+from fidelity.objective import loss_from_outputs, regulariser
 from fidelity.problem import FunctionalModel, MinibatchRecipe, Problem
 
 
@@ -40,14 +40,10 @@ def train_minibatch(
         recipe = replace(recipe, epochs=epochs)
     n_models = weights.shape[0]
     order = batch_order(recipe, problem.n_train).to(theta0.device)
-    decay = problem.weight_decay
-    pull = proximity if anchor is not None else 0.0
-    centre = anchor if anchor is not None else theta0
 
     def minibatch_objective(theta: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         losses = loss_from_outputs(problem.loss, model(theta, x), y)
-        value = (w * losses).sum() / x.shape[0] + 0.5 * decay * theta.pow(2).sum()
-        return value + 0.5 * pull * (theta - centre).pow(2).sum()
+        return (w * losses).sum() / x.shape[0] + regulariser(problem, theta, anchor, proximity)
 
     gradients = torch.func.vmap(torch.func.grad(minibatch_objective), in_dims=(0, 0, None, None))
     thetas = theta0.detach().unsqueeze(0).repeat(n_models, 1)
