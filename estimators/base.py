@@ -38,6 +38,12 @@ class Estimator(ABC):
     def scores(self, test: Examples, train: Examples) -> Tensor:
         """``[n_test, n_train]`` predicted deltas for removal, in DESIGN.md's convention."""
 
+    def parameter_changes(self, train: Examples) -> Tensor | None:
+        """Predicted theta_without_j - theta_s for each row of ``train``, ``[n_train, p]``, or
+        None where the estimator predicts no parameter change (used by the decomposition's
+        output-space gap)."""
+        return None
+
     @property
     def diagnostics(self) -> dict[str, Any]:
         """Iterations, residuals, flags and seconds of the last fit/scores (JSON-serialisable)."""
@@ -82,6 +88,11 @@ class InverseCurvatureEstimator(Estimator):
         return per_example_grads(
             trained.model, trained.problem.loss, trained.theta, data, self.batch_size
         )
+
+    def parameter_changes(self, train: Examples) -> Tensor | None:
+        """(1/N) C^{-1} g_j: the first-order parameter change of removing j, ``[n_train, p]``."""
+        trained = self._check_fitted()
+        return self._inverse_curvature_product(self.gradients(train)) / trained.problem.n_train
 
     def scores(self, test: Examples, train: Examples) -> Tensor:
         trained = self._check_fitted()

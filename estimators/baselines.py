@@ -35,6 +35,9 @@ class GradCosEstimator(GradDotEstimator):
 
     name = "grad-cos"
 
+    def parameter_changes(self, train: Examples) -> Tensor | None:
+        return None  # a ranking score: it predicts no parameter change
+
     def scores(self, test: Examples, train: Examples) -> Tensor:
         self._check_fitted()
         test_grads, train_grads = self.gradients(test), self.gradients(train)

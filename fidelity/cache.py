@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,12 @@ class ArtifactCache:
             return None
         with np.load(path, allow_pickle=False) as stored:
             return {name: stored[name] for name in stored.files}
+
+    def has_all(self, kind: str, keys: Iterable[str]) -> bool:
+        """Whether every key of one kind is stored (false whenever caching is disabled)."""
+        if self.root is None:
+            return False
+        return all(self._path(kind, key).exists() for key in keys)
 
     def save(self, kind: str, key: str, arrays: Mapping[str, np.ndarray]) -> None:
         if self.root is None:

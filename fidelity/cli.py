@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default runs/<suite>-<time>)")
     run.add_argument("--workers", type=_positive_int, default=1, help="retraining processes")
     run.add_argument(
-        "--backend", default="loky", help="joblib backend: loky (default), threading, sequential"
+        "--backend",
+        default="loky",
+        help="joblib backend: loky (default), threading, sequential, or dask (needs --scheduler "
+        "and the [dask] extra)",
+    )
+    run.add_argument(
+        "--scheduler", metavar="ADDRESS", help="dask scheduler address, e.g. tcp://host:8786"
     )
     run.add_argument(
         "--cache-dir",
@@ -73,6 +79,7 @@ def command_run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         workers=args.workers,
         backend=args.backend,
+        scheduler=args.scheduler,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     results = run_suite(suite, options)

@@ -20,6 +20,7 @@ import torch
 
 from fidelity import __version__
 from fidelity.cache import ArtifactCache, atomic_write_bytes
+from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
 from fidelity.errors import FidelityError
 from fidelity.metrics import pearson, score, split_half_reliability
@@ -38,6 +39,7 @@ class RunOptions:
     cache_dir: Path | None = None
     workers: int = 1
     backend: str = "loky"
+    scheduler: str | None = None
     progress: bool = True
 
 
@@ -108,6 +110,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         estimator_info[label]["diagnostics"] = estimator.diagnostics
 
     response_info = {}
+    stages: list[Stage] = []
     for spec in suite.responses:
         response = build_component(
             RESPONSES, spec.kind, spec.settings_for(*names), where=spec.label
@@ -117,6 +120,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         actual = result.deltas.detach().cpu().numpy()
         _check_finite(actual, f"response {spec.label!r} on {problem.name!r}")
         arrays[f"response/{spec.label}"] = actual
+        stages.append(Stage(spec.label, spec.kind, actual, result.thetas))
         response_info[spec.label] = {
             "kind": spec.kind,
             "settings": response.get_params(),
@@ -150,6 +154,15 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
             metrics[estimator_label][response_label] = {
                 name: interval.to_dict() for name, interval in intervals.items()
             }
+    decomposition = None
+    if any(stage.kind in LADDER for stage in stages):
+        tick = time.perf_counter()
+        predictions = {}
+        for label, estimator in fitted.items():
+            changes = estimator.parameter_changes(removed_train)
+            predictions[label] = (arrays[f"estimator/{label}"], changes)
+        decomposition = decompose(trained, stages, predictions)
+        timings["decomposition_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - start
     summary = {
         "name": problem.name,
@@ -174,6 +187,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         "responses": response_info,
         "metrics": metrics,
         "agreement": agreement,
+        "decomposition": decomposition,
         "timings": timings,
     }
     return ProblemOutcome(summary, arrays)
@@ -222,6 +236,7 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
         workers=options.workers,
         backend=options.backend,
         progress=options.progress,
+        scheduler=options.scheduler,
     )
     started = datetime.now(UTC)
     tick = time.perf_counter()
@@ -253,6 +268,7 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
             "execution": {
                 "workers": options.workers,
                 "backend": options.backend,
+                "scheduler": options.scheduler,
                 "cache_dir": None if options.cache_dir is None else str(options.cache_dir),
             },
             "timings": {"total_seconds": time.perf_counter() - tick},

@@ -17,15 +17,21 @@ def load_problem_arrays(run_dir: Path, problem: dict[str, Any]) -> dict[str, np.
 
 
 def write_reports(run_dir: Path, results: dict[str, Any]) -> None:
-    """Write ``report.md`` and ``figures/<problem>.png`` into ``run_dir``."""
-    from reports.figures import scatter_grid
+    """Write ``report.md``, ``figures/<problem>.png`` and, where the suite has ladder stages,
+    ``figures/<problem>-decomposition.png`` into ``run_dir``."""
+    from reports.figures import decomposition_bars, scatter_grid
 
-    figures = {}
+    figures, decomposition_figures = {}, {}
     for name, problem in results["problems"].items():
-        relative = "figures/" + Path(problem["arrays_file"]).stem + ".png"
-        scatter_grid(problem, load_problem_arrays(run_dir, problem), Path(run_dir) / relative)
-        figures[name] = relative
-    (Path(run_dir) / "report.md").write_text(render_markdown(results, figures), encoding="utf-8")
+        stem = "figures/" + Path(problem["arrays_file"]).stem
+        scatter_grid(problem, load_problem_arrays(run_dir, problem), Path(run_dir) / f"{stem}.png")
+        figures[name] = f"{stem}.png"
+        if problem.get("decomposition"):
+            relative = f"{stem}-decomposition.png"
+            decomposition_bars(problem, Path(run_dir) / relative)
+            decomposition_figures[name] = relative
+    report = render_markdown(results, figures, decomposition_figures)
+    (Path(run_dir) / "report.md").write_text(report, encoding="utf-8")
 
 
 __all__ = ["load_problem_arrays", "render_markdown", "write_reports"]

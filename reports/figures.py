@@ -61,3 +61,33 @@ def scatter_grid(
     figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
+
+
+def decomposition_bars(problem: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
+    """Bars of each ladder gap and each estimator's solver gap, measured in output space and on
+    the measurement (one panel per measure)."""
+    decomposition = problem["decomposition"]
+    rows = list(decomposition["gaps"]) + list(decomposition["estimators"].values())
+    names = [f"{gap['from']} -> {gap['to']}" for gap in rows]
+    measures = [
+        ("output_rms", "output RMS difference"),
+        ("relative_mae", "mean |delta_a - delta_b| / mean |delta_ref|"),
+        ("one_minus_pearson", "1 - Pearson"),
+    ]
+    sns.set_theme(style="whitegrid", context="paper")
+    figure, axes = plt.subplots(
+        1, len(measures), figsize=(4.2 * len(measures), 0.35 * len(rows) + 1.6), squeeze=False
+    )
+    ladder_rows = len(decomposition["gaps"])
+    colours = ["#4c72b0"] * ladder_rows + ["#dd8452"] * (len(rows) - ladder_rows)
+    for axis, (key, title) in zip(axes[0], measures, strict=True):
+        values = [np.nan if gap[key] is None else gap[key] for gap in rows]
+        sns.barplot(x=values, y=names, hue=names, palette=colours, legend=False, ax=axis)
+        axis.set_title(f"{problem['name']}: {title}")
+        axis.set_xlabel(title)
+        axis.set_ylabel("")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path

@@ -62,7 +62,40 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def render_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
+def decomposition_lines(decomposition: dict[str, Any] | None) -> list[str]:
+    """The five-component table (Bae et al. 2022) of one problem; empty without a ladder."""
+    if not decomposition:
+        return []
+    lines = [
+        "",
+        "Gap decomposition along the response ladder (output RMS: root mean square difference "
+        "of the outputs over the training inputs, mean over removals; relative MAE: mean "
+        f"|delta_a - delta_b| / mean |delta of {md_escape(decomposition['reference'])}|):",
+        "",
+        "| from | to | component(s) | output RMS | relative MAE | 1 - Pearson |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = list(decomposition["gaps"]) + list(decomposition["estimators"].values())
+    for gap in rows:
+        distance = gap["output_rms"]
+        lines.append(
+            f"| {md_escape(gap['from'])} | {md_escape(gap['to'])} | "
+            f"{md_escape(', '.join(gap['components']))} | "
+            f"{'n/a' if distance is None else f'{distance:.3g}'} | "
+            f"{_significant(gap['relative_mae'])} | {_significant(gap['one_minus_pearson'])} |"
+        )
+    return lines
+
+
+def _significant(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def render_markdown(
+    results: dict[str, Any],
+    figures: dict[str, str],
+    decomposition_figures: dict[str, str] | None = None,
+) -> str:
     suite = results["suite"]
     confidence = suite["metrics"]["confidence"]
     lines = [
@@ -122,6 +155,12 @@ def render_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
             for row in labels:
                 cells = [_number(agreement[row][col]) for col in labels]
                 lines.append(f"| {md_escape(row)} | " + " | ".join(cells) + " |")
+        lines += decomposition_lines(problem.get("decomposition"))
+        if decomposition_figures and name in decomposition_figures:
+            lines += [
+                "",
+                f"![gap decomposition for {md_escape(name)}]({decomposition_figures[name]})",
+            ]
         lines += ["", "| step | seconds | notes |", "|---|---|---|"]
         lines.append(
             f"| train theta_s | {problem['timings']['train_seconds']:.2f} | "

@@ -2,6 +2,7 @@
 
 from fidelity.registry import Registry
 from retrain.linear import LinearResponse
+from retrain.pbrf import PbrfResponse
 from retrain.responses import (
     ColdResponse,
     Execution,
@@ -16,6 +17,7 @@ RESPONSES: Registry[type[Response]] = Registry("response")
 RESPONSES.register("cold")(ColdResponse)
 RESPONSES.register("warm")(WarmResponse)
 RESPONSES.register("proximal")(ProximalResponse)
+RESPONSES.register("pbrf")(PbrfResponse)
 RESPONSES.register("linear")(LinearResponse)
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "ColdResponse",
     "Execution",
     "LinearResponse",
+    "PbrfResponse",
     "ProximalResponse",
     "Response",
     "ResponseResult",

@@ -66,7 +66,7 @@ class LinearResponse(Response):
             trained.model, problem.loss, trained.theta, test, self.batch_size
         )
         info = {"seconds": time.perf_counter() - start, "solver": solver}
-        return ResponseResult(test_grads @ steps.T, info)
+        return ResponseResult(test_grads @ steps.T, info, thetas=trained.theta + steps)
 
     def _conjugate_gradient(self, operator: CurvatureOperator, rhs: Tensor) -> Tensor:
         result = conjugate_gradient(

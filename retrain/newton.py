@@ -8,13 +8,14 @@ the arithmetic allows (deltas are differences of nearby optima and need that acc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fidelity.errors import FidelityError
-from fidelity.objective import objective, objective_hessian, output_hessian_factor
+from fidelity.objective import objective, output_hessian_factor
 from fidelity.problem import FunctionalModel, Problem
 
 
@@ -42,30 +43,41 @@ def newton_minimize(
     anchor: Tensor | None = None,
     proximity: float = 0.0,
 ) -> NewtonResult:
-    """Minimise J(theta; weights) from ``theta0`` by Newton's method with backtracking.
-
-    The Newton system is solved by Cholesky; where the Hessian is not positive definite
-    (non-convex model) a multiple of the identity is added until it is (Levenberg damping).
-    """
+    """Minimise J(theta; weights) (plus the optional proximal term) from ``theta0`` by
+    ``minimize_newton``."""
 
     def value(theta: Tensor) -> Tensor:
         return objective(model, problem, theta, weights, anchor, proximity)
 
+    return minimize_newton(value, theta0, gtol=gtol, max_iter=max_iter)
+
+
+def minimize_newton(
+    value: Callable[[Tensor], Tensor], theta0: Tensor, *, gtol: float, max_iter: int
+) -> NewtonResult:
+    """Minimise a smooth function of a parameter vector by Newton's method with backtracking.
+
+    The Newton system uses the dense Hessian, solved by Cholesky; where it is not positive
+    definite (a non-convex model) a multiple of the identity is added until it is (Levenberg
+    damping).
+    """
     grad_fn = torch.func.grad(value)
+    hessian_fn = torch.func.jacrev(grad_fn)
     theta = theta0.detach().clone()
     grad = grad_fn(theta)
     norm, previous = float(grad.norm()), math.inf
     current = float(value(theta))
     iterations = 0
     while iterations < max_iter and _keeps_improving(norm, previous, gtol):
-        hessian = objective_hessian(model, problem, theta, weights, anchor, proximity)
-        direction = -_damped_solve(hessian, grad)
+        hessian = hessian_fn(theta)
+        direction = -_damped_solve(0.5 * (hessian + hessian.T), grad)
         step, accepted = 1.0, False
         slope = float(grad @ direction)
         for _ in range(40):
             candidate = theta + step * direction
             trial = float(value(candidate))
-            # Near the optimum J changes by less than its rounding error; accept full steps then.
+            # Near the optimum the value changes by less than its rounding error; accept full
+            # steps then.
             if trial <= current + 1e-4 * step * slope + 1e-13 * abs(current):
                 accepted = True
                 break
@@ -105,6 +117,58 @@ def removal_weights(n_train: int, removed: Tensor, like: Tensor) -> Tensor:
     return weights
 
 
+def removal_preconditioner(
+    model: FunctionalModel,
+    problem: Problem,
+    theta: Tensor,
+    removed: Tensor,
+    solve: Callable[[Tensor], Tensor],
+    *,
+    removal_weight: float = 1.0,
+) -> Callable[[Tensor], Tensor]:
+    """P_j^{-1} for every removed j, as one function of stacked vectors ``[B, p]`` (row b is
+    multiplied by P_{removed[b]}^{-1}).
+
+    P_j = P - (removal_weight/N) J_j^T H_out,j J_j: a base matrix P, given through ``solve``
+    (rows ``[m, p]`` -> rows of P^{-1} v), minus the removed point's Gauss-Newton term at
+    ``theta``, applied by the Woodbury identity with one k x k capacitance per removal. With P
+    the Hessian of J at theta_s this is the Hessian of J without j for models linear in their
+    parameters.
+    """
+    n = problem.n_train
+    x_removed, y_removed = problem.x_train[removed], problem.y_train[removed]
+
+    def single_output(point: Tensor, x: Tensor) -> Tensor:
+        return model(point, x.unsqueeze(0)).squeeze(0)
+
+    jacobians = torch.func.vmap(torch.func.jacrev(single_output), in_dims=(None, 0))(
+        theta, x_removed
+    )  # [B, k, p]
+    outputs = model(theta, x_removed)
+    factors = output_hessian_factor(problem.loss, outputs, y_removed)  # [B, k, k]
+    low_rank = factors.transpose(1, 2) @ jacobians  # U_j^T, [B, k, p]
+    batch, k, p = low_rank.shape
+    solved = solve(low_rank.reshape(batch * k, p)).reshape(batch, k, p)  # (P^{-1} U_j)^T
+    eye_k = torch.eye(k, dtype=low_rank.dtype, device=low_rank.device)
+    # N/w I - U^T P^{-1} U
+    capacitance = (n / removal_weight) * eye_k - low_rank @ solved.transpose(1, 2)
+    capacitance_factor, info = torch.linalg.cholesky_ex(capacitance)
+    if bool((info != 0).any()):
+        bad = removed[info != 0].tolist()
+        raise FidelityError(
+            f"problem {problem.name!r}: removing training point(s) {bad[:10]} leaves a Hessian "
+            "that is not positive definite (a direction only those points constrain); add "
+            "weight decay or damping"
+        )
+
+    def precondition(vectors: Tensor) -> Tensor:
+        base = solve(vectors)  # P^{-1} v, [B, p]
+        inner = torch.cholesky_solve(solved @ vectors.unsqueeze(-1), capacitance_factor)
+        return base + (solved.transpose(1, 2) @ inner).squeeze(-1)
+
+    return precondition
+
+
 def refit_removals(
     model: FunctionalModel,
     problem: Problem,
@@ -133,35 +197,13 @@ def refit_removals(
     n = problem.n_train
     removed = removed.to(device=theta_start.device, dtype=torch.long)
     weights = removal_weights(n, removed, theta_start)
-    x_removed, y_removed = problem.x_train[removed], problem.y_train[removed]
-
-    def single_output(theta: Tensor, x: Tensor) -> Tensor:
-        return model(theta, x.unsqueeze(0)).squeeze(0)
-
-    jacobians = torch.func.vmap(torch.func.jacrev(single_output), in_dims=(None, 0))(
-        theta_start, x_removed
-    )  # [B, k, p]
-    outputs = model(theta_start, x_removed)
-    factors = output_hessian_factor(problem.loss, outputs, y_removed)  # [B, k, k]
-    low_rank = jacobians.transpose(1, 2) @ factors  # U_j, [B, p, k]
-    solved = torch.cholesky_solve(low_rank, hessian_cholesky)  # Z_j = H^{-1} U_j
-    eye_k = torch.eye(low_rank.shape[-1], dtype=low_rank.dtype, device=low_rank.device)
-    capacitance = n * eye_k - low_rank.transpose(1, 2) @ solved  # N I - U^T H^{-1} U
-    capacitance_factor, info = torch.linalg.cholesky_ex(capacitance)
-    if bool((info != 0).any()):
-        bad = removed[info != 0].tolist()
-        raise FidelityError(
-            f"problem {problem.name!r}: removing training point(s) {bad[:10]} leaves a Hessian "
-            "that is not positive definite (a direction only those points constrain); add "
-            "weight decay"
-        )
-
-    def precondition(vectors: Tensor) -> Tensor:
-        base = torch.cholesky_solve(vectors.T, hessian_cholesky).T  # H^{-1} v, [B, p]
-        inner = torch.cholesky_solve(
-            (solved.transpose(1, 2) @ vectors.unsqueeze(-1)), capacitance_factor
-        )
-        return base + (solved @ inner).squeeze(-1)
+    precondition = removal_preconditioner(
+        model,
+        problem,
+        theta_start,
+        removed,
+        lambda rows: torch.cholesky_solve(rows.T, hessian_cholesky).T,
+    )
 
     def value(theta: Tensor, weight: Tensor) -> Tensor:
         return objective(model, problem, theta, weight, anchor, proximity)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -28,17 +31,20 @@ from retrain.minibatch import train_minibatch
 from retrain.newton import newton_minimize, refit_removals, removal_weights
 from retrain.train import theta_digest, train
 
-BACKENDS = ("loky", "threading", "sequential")
+BACKENDS = ("loky", "threading", "sequential", "dask")
 
 
 @dataclass(frozen=True)
 class ResponseResult:
     """Deltas ``[n_test, n_removed]``; ``per_seed`` ``[n_seeds, n_test, n_removed]`` when the
-    response averages independent training seeds (``deltas`` is then their mean)."""
+    response averages independent training seeds (``deltas`` is then their mean); ``thetas``
+    ``[n_removed, p]``, the parameters the stage reached for each removal (seed 0's for a
+    multi-seed response), which the decomposition compares in output space."""
 
     deltas: Tensor
     info: dict[str, Any] = field(default_factory=dict)
     per_seed: Tensor | None = None
+    thetas: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Execution:
     workers: int = 1
     backend: str = "loky"
     progress: bool = False
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -61,6 +68,43 @@ class Execution:
             raise FidelityError(
                 f"unknown joblib backend {self.backend!r}; valid: {', '.join(BACKENDS)}"
             )
+        if self.backend == "dask" and not self.scheduler:
+            raise FidelityError(
+                "the dask backend needs a scheduler address (--scheduler tcp://host:port)"
+            )
+        if self.scheduler and self.backend != "dask":
+            raise FidelityError("a scheduler address is only used by the dask backend")
+
+    @contextmanager
+    def parallel(self) -> Iterator[Parallel]:
+        """A joblib ``Parallel`` that yields results in submission order (as a generator).
+
+        With the dask backend it connects to the scheduler for the duration of the block;
+        dask.distributed is an optional extra (``pip install influence-fidelity[dask]``).
+        """
+        if self.workers == 1 and self.backend != "dask":
+            yield Parallel(n_jobs=1, backend="sequential", return_as="generator")
+            return
+        if self.backend != "dask":
+            yield Parallel(n_jobs=self.workers, backend=self.backend, return_as="generator")
+            return
+        try:
+            from distributed import Client
+        except ImportError as error:
+            raise FidelityError(
+                "the dask backend needs dask.distributed: pip install 'influence-fidelity[dask]'"
+            ) from error
+        try:
+            client = Client(self.scheduler, set_as_default=False, timeout=30)
+        except OSError as error:
+            raise FidelityError(
+                f"cannot reach the dask scheduler at {self.scheduler!r}: {error}"
+            ) from error
+        try:
+            with parallel_config(backend="dask", client=client):
+                yield Parallel(n_jobs=self.workers, return_as="generator")
+        finally:
+            client.close()
 
 
 class Response(ABC):
@@ -83,6 +127,14 @@ class Response(ABC):
         """Actual deltas ``[n_test, n_removed]`` for removing each training index in ``removed``."""
 
 
+def check_removed(removed: Tensor, n_train: int) -> Tensor:
+    """The removed training indices as a flat long tensor, validated against ``n_train``."""
+    removed = torch.as_tensor(removed, dtype=torch.long).flatten()
+    if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= n_train):
+        raise FidelityError(f"removed indices must lie in [0, {n_train})")
+    return removed
+
+
 def measure(trained: TrainedProblem, thetas: Tensor, test: Examples) -> Tensor:
     """Test loss of each parameter vector, ``[n_models, n_test]``."""
     model, loss = trained.model, trained.problem.loss
@@ -98,6 +150,93 @@ class RetrainPlan:
     start: str  # "init" | "trained"
     proximity: float = 0.0
     epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class Refits:
+    """What a retraining stage reached for each training index (-1: the no-removal control)."""
+
+    thetas: dict[int, Tensor]
+    iterations: dict[int, int]
+    grad_norms: dict[int, float]
+    computed: int  # how many were retrained rather than loaded from the cache
+
+
+GroupSolver = Callable[[list[int]], tuple[Tensor, Tensor, Tensor]]
+
+
+def retrain_indices(
+    trained: TrainedProblem,
+    indices: list[int],
+    keys: dict[int, str],
+    stage: str,
+    solver: GroupSolver,
+    execution: Execution,
+    group_size: int,
+    *,
+    cacheable: Callable[[float], bool] | None = None,
+) -> Refits:
+    """Load what the cache holds, retrain the rest ``group_size`` indices per ``solver`` call
+    (``solver(group) -> (thetas [B, p], iterations [B], grad_norms [B])``, picklable so that
+    joblib can ship it to a worker), and cache each result unless ``cacheable(grad_norm)`` says
+    it failed. Groups are formed before any worker is involved, so results do not depend on the
+    worker count or the backend.
+    """
+    thetas: dict[int, Tensor] = {}
+    iterations: dict[int, int] = {}
+    grad_norms: dict[int, float] = {}
+    for index in indices:
+        stored = execution.cache.load(stage, keys[index])
+        if stored is not None:
+            thetas[index] = torch.as_tensor(stored["theta"]).to(trained.theta)
+            iterations[index] = int(stored["iterations"])
+            grad_norms[index] = float(stored["grad_norm"])
+    missing = [index for index in indices if index not in thetas]
+    groups = [missing[i : i + group_size] for i in range(0, len(missing), group_size)]
+    jobs = (delayed(_run_group)(solver, group, execution.workers, os.getpid()) for group in groups)
+    bar = tqdm(
+        total=len(missing),
+        desc=f"{stage} {trained.problem.name}",
+        unit="refit",
+        disable=not execution.progress or not missing,
+        leave=False,
+    )
+    with bar, execution.parallel() as parallel:
+        for group, (group_thetas, group_iters, group_norms) in zip(
+            groups, parallel(jobs), strict=True
+        ):
+            for position, index in enumerate(group):
+                theta = group_thetas[position].to(trained.theta)
+                thetas[index] = theta
+                iterations[index] = int(group_iters[position])
+                grad_norms[index] = float(group_norms[position])
+                if cacheable is not None and not cacheable(grad_norms[index]):
+                    continue
+                execution.cache.save(
+                    stage,
+                    keys[index],
+                    {
+                        "theta": theta.cpu().numpy(),
+                        "iterations": np.int64(iterations[index]),
+                        "grad_norm": np.float64(grad_norms[index]),
+                    },
+                )
+            bar.update(len(group))
+    return Refits(thetas, iterations, grad_norms, len(missing))
+
+
+def _within(tolerance: float, norm: float) -> bool:
+    return norm <= tolerance
+
+
+def _run_group(
+    solver: GroupSolver, group: list[int], workers: int, parent_pid: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    if workers > 1 and os.getpid() != parent_pid:
+        # Worker processes share the cores; fewer BLAS threads each avoid oversubscription
+        # (never in the parent process, where the threading backend runs groups).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return solver(group)
 
 
 class ColdResponse(Response):
@@ -149,7 +288,7 @@ class ColdResponse(Response):
             "max_grad_norm": max(r.info["max_grad_norm"] for r in results),
             "mean_iterations": float(np.mean([r.info["mean_iterations"] for r in results])),
         }
-        return ResponseResult(per_seed.mean(0), info, per_seed)
+        return ResponseResult(per_seed.mean(0), info, per_seed, results[0].thetas)
 
     subtract_drift = False
 
@@ -177,28 +316,16 @@ class ColdResponse(Response):
     ) -> ResponseResult:
         problem = trained.problem
         start = time.perf_counter()
-        removed = torch.as_tensor(removed, dtype=torch.long).flatten()
-        if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= problem.n_train):
-            raise FidelityError(f"removed indices must lie in [0, {problem.n_train})")
+        removed = check_removed(removed, problem.n_train)
         fingerprint, digest = problem.fingerprint(), theta_digest(trained)
         plan = self._plan(problem)
         newton = isinstance(problem.recipe, NewtonRecipe)
         control = self.subtract_drift and not newton  # a Newton refit from theta_s has no drift
         unique = sorted(set(removed.tolist())) + ([-1] if control else [])
         keys = {index: self._key(fingerprint, digest, plan, index) for index in unique}
-        thetas: dict[int, Tensor] = {}
-        iterations: dict[int, int] = {}
-        grad_norms: dict[int, float] = {}
-        for index in unique:
-            stored = execution.cache.load(plan.stage, keys[index])
-            if stored is not None:
-                thetas[index] = torch.as_tensor(stored["theta"]).to(trained.theta)
-                iterations[index] = int(stored["iterations"])
-                grad_norms[index] = float(stored["grad_norm"])
-        missing = [index for index in unique if index not in thetas]
-        groups = [missing[i : i + self.group_size] for i in range(0, len(missing), self.group_size)]
         hessian_factor = None
-        if groups and newton and plan.start == "trained":
+        cached = execution.cache.has_all(plan.stage, keys.values())
+        if newton and plan.start == "trained" and not cached:
             hessian = objective_hessian(trained.model, problem, trained.theta)
             hessian.diagonal().add_(plan.proximity)
             hessian_factor, info = torch.linalg.cholesky_ex(hessian)
@@ -207,45 +334,18 @@ class ColdResponse(Response):
                     f"problem {problem.name!r}: the Hessian at theta_s is not positive definite, "
                     "so exact leave-one-out refits are ill-posed; add weight decay"
                 )
-        jobs = (
-            delayed(_refit_group)(
-                trained, hessian_factor, group, plan, execution.workers, os.getpid()
-            )
-            for group in groups
+        refits = retrain_indices(
+            trained,
+            unique,
+            keys,
+            plan.stage,
+            partial(_refit_group, trained, hessian_factor, plan=plan),
+            execution,
+            self.group_size,
+            # never cache a failed refit; the error below reports it
+            cacheable=partial(_within, problem.recipe.gtol) if newton else None,
         )
-        parallel = Parallel(
-            n_jobs=execution.workers,
-            backend=execution.backend if execution.workers > 1 else "sequential",
-            return_as="generator",
-        )
-        bar = tqdm(
-            total=len(missing),
-            desc=f"{plan.stage} {problem.name}",
-            unit="refit",
-            disable=not execution.progress or not missing,
-            leave=False,
-        )
-        with bar:
-            for group, (group_thetas, group_iters, group_norms) in zip(
-                groups, parallel(jobs), strict=True
-            ):
-                for position, index in enumerate(group):
-                    theta = group_thetas[position].to(trained.theta)
-                    thetas[index] = theta
-                    iterations[index] = int(group_iters[position])
-                    grad_norms[index] = float(group_norms[position])
-                    if newton and not grad_norms[index] <= problem.recipe.gtol:
-                        continue  # never cache a failed refit; the error below reports it
-                    execution.cache.save(
-                        plan.stage,
-                        keys[index],
-                        {
-                            "theta": theta.cpu().numpy(),
-                            "iterations": np.int64(iterations[index]),
-                            "grad_norm": np.float64(grad_norms[index]),
-                        },
-                    )
-                bar.update(len(group))
+        thetas, iterations, grad_norms = refits.thetas, refits.iterations, refits.grad_norms
         diverged = [index for index in unique if not bool(torch.isfinite(thetas[index]).all())]
         if diverged:
             raise FidelityError(
@@ -266,6 +366,7 @@ class ColdResponse(Response):
             stacked = torch.stack([thetas[index] for index in removed.tolist()])
             after = measure(trained, stacked, test)
         else:
+            stacked = trained.theta.new_zeros((0, trained.n_params))
             after = test.x.new_zeros((0, len(test)))
         before = measure(trained, trained.theta.unsqueeze(0), test)
         drift_info = {}
@@ -276,13 +377,13 @@ class ColdResponse(Response):
         deltas = (after - before).T.contiguous()
         info = {
             **drift_info,
-            "refits": len(missing),
-            "cached": len(unique) - len(missing),
+            "refits": refits.computed,
+            "cached": len(unique) - refits.computed,
             "seconds": time.perf_counter() - start,
             "max_grad_norm": max(grad_norms.values(), default=0.0),
             "mean_iterations": float(np.mean(list(iterations.values()))) if iterations else 0.0,
         }
-        return ResponseResult(deltas, info)
+        return ResponseResult(deltas, info, thetas=stacked)
 
 
 class WarmResponse(ColdResponse):
@@ -356,15 +457,10 @@ def _refit_group(
     trained: TrainedProblem,
     hessian_factor: Tensor | None,
     group: list[int],
+    *,
     plan: RetrainPlan,
-    workers: int,
-    parent_pid: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Retrain one group of removals (index -1: no removal, the drift control)."""
-    if workers > 1 and os.getpid() != parent_pid:
-        # Worker processes share the cores; fewer BLAS threads each avoid oversubscription
-        # (never in the parent process, where the threading backend runs groups).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     problem = trained.problem
     recipe = problem.recipe
     indices = torch.tensor(group, dtype=torch.long, device=trained.theta.device)

@@ -1,0 +1,119 @@
+"""Bae et al.'s (2022) decomposition of the gap between an influence estimator and leave-one-out
+retraining into the steps of the response ladder (DESIGN.md).
+
+Consecutive stages differ by one component; each gap is measured two ways: in output space (the
+root mean square difference of the network outputs over the training inputs between the two
+stages' parameters, averaged over the removed points: Bae et al.'s measure) and on the
+measurement itself (mean |delta_a - delta_b| over mean |delta_cold|, and 1 - Pearson).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fidelity.metrics import pearson
+from fidelity.problem import TrainedProblem
+
+LADDER = ("cold", "warm", "proximal", "pbrf", "linear")
+COMPONENTS = {
+    ("cold", "warm"): "warm vs cold start",
+    ("warm", "proximal"): "proximity",
+    ("proximal", "pbrf"): "non-convergence",
+    ("pbrf", "linear"): "linearisation",
+    ("linear", "estimator"): "solver error",
+}
+STEPS = ("cold", "warm", "proximal", "pbrf", "linear", "estimator")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One rung's outcome: its label in the suite, its kind, its deltas ``[n_test, n_removed]``
+    and the parameters it reached for each removal ``[n_removed, p]`` (None: not available)."""
+
+    label: str
+    kind: str
+    deltas: np.ndarray
+    thetas: Tensor | None
+
+
+def components_between(first: str, second: str) -> list[str]:
+    """The components a gap between two ladder steps spans (several when stages are skipped)."""
+    start, stop = STEPS.index(first), STEPS.index(second)
+    return [COMPONENTS[(STEPS[i], STEPS[i + 1])] for i in range(start, stop)]
+
+
+def output_distance(trained: TrainedProblem, thetas_a: Tensor, thetas_b: Tensor) -> float:
+    """Mean over removals of the RMS difference of the outputs over the training inputs."""
+    model, inputs = trained.model, trained.problem.x_train
+
+    def rms(theta_a: Tensor, theta_b: Tensor) -> Tensor:
+        return (model(theta_a, inputs) - model(theta_b, inputs)).pow(2).mean().sqrt()
+
+    if thetas_a.shape[0] == 0:
+        return float("nan")
+    distances = torch.func.vmap(rms)(thetas_a.to(trained.theta), thetas_b.to(trained.theta))
+    return float(distances.mean())
+
+
+def measurement_gap(first: np.ndarray, second: np.ndarray, scale: float) -> dict[str, float]:
+    """Mean |first - second| divided by ``scale`` (mean |delta_cold|), and 1 - Pearson."""
+    mae = float(np.mean(np.abs(first - second)))
+    return {
+        "relative_mae": mae / scale if scale > 0 else float("nan"),
+        "one_minus_pearson": 1.0 - pearson(first, second),
+    }
+
+
+def decompose(
+    trained: TrainedProblem,
+    stages: list[Stage],
+    estimators: dict[str, tuple[np.ndarray, Tensor | None]],
+) -> dict[str, Any] | None:
+    """The gaps between consecutive ladder stages present in ``stages`` (the first stage of each
+    kind, in ladder order) and, for each estimator (deltas, predicted parameter changes or
+    None), its gap to the last stage. None when fewer than two steps are present.
+
+    The measurement gaps are normalised by mean |delta| of `cold` (of the first stage present
+    when there is no `cold`, which the result names as ``reference``).
+    """
+    chosen: dict[str, Stage] = {}
+    for stage in stages:
+        if stage.kind in LADDER and stage.kind not in chosen:
+            chosen[stage.kind] = stage
+    ladder = [chosen[kind] for kind in LADDER if kind in chosen]
+    if not ladder or len(ladder) + bool(estimators) < 2:
+        return None
+    reference = ladder[0]
+    scale = float(np.mean(np.abs(reference.deltas)))
+
+    def gap(first: Stage, second: Stage) -> dict[str, Any]:
+        distance = None
+        if first.thetas is not None and second.thetas is not None:
+            distance = output_distance(trained, first.thetas, second.thetas)
+        return {
+            "from": first.label,
+            "to": second.label,
+            "components": components_between(first.kind, second.kind),
+            "output_rms": distance,
+            **measurement_gap(first.deltas, second.deltas, scale),
+        }
+
+    gaps = [gap(a, b) for a, b in itertools.pairwise(ladder)]
+    last = ladder[-1]
+    per_estimator = {}
+    theta_s = trained.theta.detach()
+    for label, (deltas, changes) in estimators.items():
+        thetas = None if changes is None else theta_s + changes.to(theta_s)
+        per_estimator[label] = gap(last, Stage(label, "estimator", deltas, thetas))
+    return {
+        "reference": reference.label,
+        "stages": [stage.label for stage in ladder],
+        "gaps": gaps,
+        "estimators": per_estimator,
+    }

@@ -1,0 +1,108 @@
+"""The five-component decomposition: closed-form pieces and the convex-model pattern."""
+
+import numpy as np
+import pytest
+import torch
+
+from estimators import ExactEstimator, GradCosEstimator
+from fidelity.decomposition import (
+    Stage,
+    components_between,
+    decompose,
+    measurement_gap,
+    output_distance,
+)
+from fidelity.metrics import pearson
+from retrain import (
+    ColdResponse,
+    LinearResponse,
+    PbrfResponse,
+    ProximalResponse,
+    WarmResponse,
+)
+
+
+def test_components_between_names_every_skipped_step():
+    assert components_between("cold", "warm") == ["warm vs cold start"]
+    assert components_between("warm", "pbrf") == ["proximity", "non-convergence"]
+    assert components_between("linear", "estimator") == ["solver error"]
+    assert len(components_between("cold", "estimator")) == 5
+
+
+def test_output_distance_is_the_mean_rms_output_difference(trained_problems):
+    trained = trained_problems("cancer-logreg")
+    generator = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(3, trained.n_params, generator=generator, dtype=torch.float64)
+    first = trained.theta + noise
+    second = trained.theta.expand(3, -1)
+    x = trained.problem.x_train
+    expected = np.mean(
+        [
+            float((trained.model(a, x) - trained.model(b, x)).pow(2).mean().sqrt())
+            for a, b in zip(first, second, strict=True)
+        ]
+    )
+    assert output_distance(trained, first, second) == pytest.approx(expected, rel=1e-12)
+
+
+def test_measurement_gap():
+    first, second = np.array([[1.0, 2.0, 3.0]]), np.array([[1.0, 2.5, 2.0]])
+    gap = measurement_gap(first, second, scale=2.0)
+    assert gap["relative_mae"] == pytest.approx(0.5 / 2.0)
+    assert gap["one_minus_pearson"] == pytest.approx(1 - pearson(first, second))
+
+
+def test_on_a_convex_model_only_the_linearisation_gap_remains(trained_problems):
+    """Logistic regression trained to convergence: cold = warm = proximal(0) = pbrf(0), and the
+    exact estimator is the linear stage, so every gap but linearisation vanishes."""
+    trained = trained_problems("cancer-logreg")
+    problem = trained.problem
+    test, removed = problem.test, torch.arange(0, 80, 4)
+    stages = []
+    for label, response in [
+        ("cold", ColdResponse()),
+        ("warm", WarmResponse()),
+        ("proximal", ProximalResponse(damping=0.0)),
+        ("pbrf", PbrfResponse()),
+        ("linear", LinearResponse()),
+    ]:
+        result = response.compute(trained, test, removed)
+        stages.append(Stage(label, label, result.deltas.numpy(), result.thetas))
+    train_removed = problem.train.subset(removed)
+    exact = ExactEstimator().fit(trained)
+    cosine = GradCosEstimator().fit(trained)
+    changes = exact.parameter_changes(train_removed)
+    estimators = {
+        "exact": (exact.scores(test, train_removed).numpy(), changes),
+        "grad-cos": (cosine.scores(test, train_removed).numpy(), None),
+    }
+    result = decompose(trained, stages, estimators)
+    assert result["stages"] == ["cold", "warm", "proximal", "pbrf", "linear"]
+    by_component = {tuple(gap["components"]): gap for gap in result["gaps"]}
+    for component in ("warm vs cold start", "proximity", "non-convergence"):
+        gap = by_component[(component,)]
+        assert gap["output_rms"] < 1e-8 and gap["relative_mae"] < 1e-6
+    linearisation = by_component[("linearisation",)]
+    assert linearisation["output_rms"] > 1e-6 and linearisation["relative_mae"] > 1e-3
+    solver = result["estimators"]["exact"]
+    assert solver["components"] == ["solver error"]
+    assert solver["output_rms"] < 1e-10 and solver["relative_mae"] < 1e-8
+    assert result["estimators"]["grad-cos"]["output_rms"] is None
+
+
+def test_skipped_stages_are_merged_and_a_lone_stage_gives_nothing(trained_problems):
+    trained = trained_problems("diabetes-ridge")
+    deltas = np.ones((2, 3))
+    cold = Stage("cold", "cold", deltas, None)
+    linear = Stage("lin", "linear", 2 * deltas, None)
+    result = decompose(trained, [linear, cold], {})
+    assert result["stages"] == ["cold", "lin"]
+    assert result["gaps"][0]["components"] == [
+        "warm vs cold start",
+        "proximity",
+        "non-convergence",
+        "linearisation",
+    ]
+    assert result["gaps"][0]["output_rms"] is None
+    assert result["gaps"][0]["relative_mae"] == pytest.approx(1.0)
+    assert decompose(trained, [cold], {}) is None
