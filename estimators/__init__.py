@@ -5,6 +5,7 @@ from estimators.base import Estimator, InverseCurvatureEstimator
 from estimators.baselines import GradCosEstimator, GradDotEstimator
 from estimators.exact import ExactEstimator, GaussNewtonEstimator
 from estimators.iterative import ConjugateGradientEstimator, LissaEstimator
+from estimators.kfac import EkfacEstimator, KfacEstimator
 from fidelity.registry import Registry
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
@@ -14,6 +15,8 @@ for _estimator in (
     ConjugateGradientEstimator,
     LissaEstimator,
     ArnoldiEstimator,
+    KfacEstimator,
+    EkfacEstimator,
     GradDotEstimator,
     GradCosEstimator,
 ):
@@ -23,11 +26,13 @@ __all__ = [
     "ESTIMATORS",
     "ArnoldiEstimator",
     "ConjugateGradientEstimator",
+    "EkfacEstimator",
     "Estimator",
     "ExactEstimator",
     "GaussNewtonEstimator",
     "GradCosEstimator",
     "GradDotEstimator",
     "InverseCurvatureEstimator",
+    "KfacEstimator",
     "LissaEstimator",
 ]

@@ -36,6 +36,7 @@ from retrain.responses import (
     check_removed,
     measure,
     retrain_indices,
+    stack_removed,
 )
 from retrain.train import theta_digest
 
@@ -139,10 +140,7 @@ class PbrfResponse(Response):
                 f"{unconverged[:10]} (gradient norm {worst:.3g} > gtol {self.gtol:g} after "
                 f"{self.max_iter} iterations); raise pbrf.max_iter or pbrf.damping"
             )
-        if removed.numel():
-            thetas = torch.stack([refits.thetas[index] for index in removed.tolist()])
-        else:
-            thetas = trained.theta.new_zeros((0, trained.n_params))
+        thetas = stack_removed(refits.thetas, removed, trained)
         after = measure(trained, thetas, test)
         before = measure(trained, trained.theta.unsqueeze(0), test)
         deltas = ((after - before) / self.removal_weight).T.contiguous()

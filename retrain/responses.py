@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,13 +96,15 @@ class Execution:
                 "the dask backend needs dask.distributed: pip install 'influence-fidelity[dask]'"
             ) from error
         try:
-            client = Client(self.scheduler, set_as_default=False, timeout=30)
+            client = Client(self.scheduler, set_as_default=False, timeout=10)
         except OSError as error:
             raise FidelityError(
                 f"cannot reach the dask scheduler at {self.scheduler!r}: {error}"
             ) from error
         try:
-            with parallel_config(backend="dask", client=client):
+            with parallel_config(backend="dask", client=client), warnings.catch_warnings():
+                # Each task carries the trained problem (and a curvature factor) by design.
+                warnings.filterwarnings("ignore", message="Sending large graph")
                 yield Parallel(n_jobs=self.workers, return_as="generator")
         finally:
             client.close()
@@ -133,6 +136,13 @@ def check_removed(removed: Tensor, n_train: int) -> Tensor:
     if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= n_train):
         raise FidelityError(f"removed indices must lie in [0, {n_train})")
     return removed
+
+
+def stack_removed(thetas: dict[int, Tensor], removed: Tensor, trained: TrainedProblem) -> Tensor:
+    """``[n_removed, p]``: the retrained parameters in the order of ``removed``."""
+    if not removed.numel():
+        return trained.theta.new_zeros((0, trained.n_params))
+    return torch.stack([thetas[index] for index in removed.tolist()])
 
 
 def measure(trained: TrainedProblem, thetas: Tensor, test: Examples) -> Tensor:
@@ -362,12 +372,8 @@ class ColdResponse(Response):
                     "damped Newton); raise the recipe's max_iter, or add weight decay if the "
                     "objective is not strictly convex"
                 )
-        if removed.numel():
-            stacked = torch.stack([thetas[index] for index in removed.tolist()])
-            after = measure(trained, stacked, test)
-        else:
-            stacked = trained.theta.new_zeros((0, trained.n_params))
-            after = test.x.new_zeros((0, len(test)))
+        stacked = stack_removed(thetas, removed, trained)
+        after = measure(trained, stacked, test)
         before = measure(trained, trained.theta.unsqueeze(0), test)
         drift_info = {}
         if control:

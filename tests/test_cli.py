@@ -40,6 +40,50 @@ def run_cli(*args):
     return main([str(a) for a in args])
 
 
+LADDER = """
+name = "small-ladder"
+problems = ["cancer-logreg"]
+[selection]
+test_points = 5
+random = 6
+top = 4
+[metrics]
+bootstrap = 50
+[[estimators]]
+kind = "exact"
+[[estimators]]
+kind = "grad-cos"
+[[responses]]
+kind = "cold"
+[[responses]]
+kind = "warm"
+[[responses]]
+kind = "pbrf"
+[[responses]]
+kind = "linear"
+"""
+
+
+def test_a_ladder_suite_reports_the_decomposition(tmp_path):
+    suite = tmp_path / "ladder.toml"
+    suite.write_text(LADDER)
+    out = tmp_path / "run"
+    assert run_cli("run", suite, "--out", out, "--no-cache") == 0
+    results = json.loads((out / "results.json").read_text())
+    decomposition = results["problems"]["cancer-logreg"]["decomposition"]
+    assert decomposition["stages"] == ["cold", "warm", "pbrf", "linear"]
+    assert [gap["components"] for gap in decomposition["gaps"]] == [
+        ["warm vs cold start"],
+        ["proximity", "non-convergence"],
+        ["linearisation"],
+    ]
+    assert decomposition["estimators"]["exact"]["output_rms"] < 1e-10
+    assert decomposition["estimators"]["grad-cos"]["output_rms"] is None
+    report = (out / "report.md").read_text()
+    assert "Gap decomposition" in report and "linearisation" in report
+    assert (out / "figures" / "cancer-logreg-decomposition.png").stat().st_size > 0
+
+
 def test_run_writes_a_complete_run_directory(small_suite, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli("run", small_suite, "--out", out, "--cache-dir", tmp_path / "cache") == 0
@@ -115,6 +159,8 @@ def test_list_shows_every_registry(capsys):
         (["run", "{bad_toml}"], "malformed TOML"),
         (["run", "{bad_key}"], "unknown key(s) tset_points"),
         (["run", "{suite}", "--backend", "mpi"], "unknown joblib backend 'mpi'"),
+        (["run", "{suite}", "--backend", "dask"], "dask backend needs a scheduler address"),
+        (["run", "{suite}", "--scheduler", "tcp://127.0.0.1:1"], "only used by the dask backend"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(

@@ -1,7 +1,7 @@
 import pytest
 
 from fidelity.errors import FidelityError
-from fidelity.suite import builtin_suites, load_suite
+from fidelity.suite import build_component, builtin_suites, load_suite
 
 VALID = """
 name = "mine"
@@ -88,7 +88,8 @@ def test_bad_files_name_the_problem(tmp_path, change, message):
 
 def test_unknown_suite_name_lists_bundled_ones():
     with pytest.raises(
-        FidelityError, match=r"unknown suite 'smok'; bundled suites: noise, smoke, solvers"
+        FidelityError,
+        match=r"unknown suite 'smok'; bundled suites: ladder, nightly, noise, smoke, solvers",
     ):
         load_suite("smok")
 
@@ -142,3 +143,32 @@ def test_overrides_apply_to_their_problem_only(tmp_path):
     spec = load_suite(write(tmp_path, text)).estimators[0]
     assert spec.settings_for("cancer-logreg") == {"damping": 0.5}
     assert spec.settings_for("diabetes-ridge") == {"damping": 0.01}
+
+
+@pytest.mark.parametrize("name", sorted(builtin_suites()))
+def test_every_bundled_component_builds_for_every_problem(name):
+    from estimators import ESTIMATORS
+    from retrain import RESPONSES
+
+    suite = load_suite(name)
+    for problem in suite.problems:
+        for registry, specs in ((ESTIMATORS, suite.estimators), (RESPONSES, suite.responses)):
+            for spec in specs:
+                build_component(registry, spec.kind, spec.settings_for(problem), where=spec.label)
+
+
+DAMPED = {"exact", "gnh", "cg", "lissa", "kfac", "ekfac", "proximal", "pbrf", "linear"}
+
+
+@pytest.mark.parametrize("name", ["ladder", "nightly"])
+def test_ladder_suites_share_one_damping_per_problem(name):
+    """The decomposition's last gap is solver error only if the damped stages and the
+    Hessian-based estimators use the same damping."""
+    suite = load_suite(name)
+    for problem in suite.problems:
+        dampings = {
+            spec.label: spec.settings_for(problem).get("damping", 0.0)
+            for spec in (*suite.estimators, *suite.responses)
+            if spec.kind in DAMPED
+        }
+        assert len(set(dampings.values())) == 1, (problem, dampings)

@@ -1,0 +1,55 @@
+"""Numbers do not depend on how retraining is spread out: group size, workers, backend."""
+
+import pytest
+import torch
+
+from fidelity.errors import FidelityError
+from retrain import Execution, PbrfResponse, WarmResponse
+
+
+def _network_stages(trained, execution, group_size):
+    test = trained.problem.test.subset(torch.arange(6))
+    removed = torch.tensor([3, 50, 400, 401, 1000])
+    warm = WarmResponse(epochs=1, group_size=group_size).compute(trained, test, removed, execution)
+    pbrf = PbrfResponse(damping=0.01, group_size=group_size).compute(
+        trained, test, removed, execution
+    )
+    return warm.deltas, pbrf.deltas
+
+
+@pytest.mark.slow
+def test_network_stages_do_not_depend_on_group_size_workers_or_backend(trained_problems):
+    distributed = pytest.importorskip("distributed")
+    trained = trained_problems("digits-mlp")
+    reference = _network_stages(trained, Execution(workers=1), group_size=64)
+    runs = {
+        "groups of 2": _network_stages(trained, Execution(workers=1), group_size=2),
+        "2 loky workers": _network_stages(
+            trained, Execution(workers=2, backend="loky"), group_size=2
+        ),
+    }
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        execution = Execution(workers=2, backend="dask", scheduler=cluster.scheduler_address)
+        runs["dask LocalCluster"] = _network_stages(trained, execution, group_size=2)
+    for name, (warm, pbrf) in runs.items():
+        torch.testing.assert_close(warm, reference[0], rtol=1e-10, atol=1e-15, msg=name)
+        torch.testing.assert_close(pbrf, reference[1], rtol=1e-10, atol=1e-15, msg=name)
+
+
+def test_dask_settings_are_checked():
+    with pytest.raises(FidelityError, match="dask backend needs a scheduler address"):
+        Execution(backend="dask")
+    with pytest.raises(FidelityError, match="only used by the dask backend"):
+        Execution(backend="loky", scheduler="tcp://127.0.0.1:8786")
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    pytest.importorskip("distributed")
+    execution = Execution(workers=2, backend="dask", scheduler="tcp://127.0.0.1:9")
+    with (
+        pytest.raises(FidelityError, match="cannot reach the dask scheduler"),
+        execution.parallel(),
+    ):
+        pass
