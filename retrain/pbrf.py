@@ -71,7 +71,7 @@ class PbrfResponse(Response):
         removal_weight: float = 1.0,
         gtol: float = 1e-10,
         max_iter: int = 200,
-        group_size: int = 64,
+        group_size: int = 128,
         batch_size: int = 512,
     ) -> None:
         self.damping = check_nonnegative(damping, "pbrf.damping")

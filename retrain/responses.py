@@ -264,7 +264,7 @@ class ColdResponse(Response):
 
     name = "cold"
 
-    def __init__(self, *, group_size: int = 64, seeds: int = 1) -> None:
+    def __init__(self, *, group_size: int = 128, seeds: int = 1) -> None:
         self.group_size = check_positive_int(group_size, "cold.group_size")
         self.seeds = check_positive_int(seeds, "cold.seeds")
 
@@ -405,7 +405,7 @@ class WarmResponse(ColdResponse):
     name = "warm"
 
     def __init__(
-        self, *, epochs: int | None = None, subtract_drift: bool = True, group_size: int = 64
+        self, *, epochs: int | None = None, subtract_drift: bool = True, group_size: int = 128
     ) -> None:
         super().__init__(group_size=group_size)
         if epochs is not None:
@@ -431,7 +431,7 @@ class ProximalResponse(WarmResponse):
         damping: float = 0.0,
         epochs: int | None = None,
         subtract_drift: bool = True,
-        group_size: int = 64,
+        group_size: int = 128,
     ) -> None:
         super().__init__(epochs=epochs, subtract_drift=subtract_drift, group_size=group_size)
         self.damping = check_nonnegative(damping, "proximal.damping")

@@ -54,7 +54,7 @@ def test_valid_file(tmp_path):
         (lambda t: t.replace("top = 2", "top = true"), "got a boolean"),
         (
             lambda t: t.replace('kind = "exact"', 'kind = "exakt"'),
-            "unknown estimator 'exakt'; valid names: arnoldi, cg, exact, gnh",
+            "unknown estimator 'exakt'; valid names: arnoldi, cg, ekfac, exact, gnh",
         ),
         (lambda t: t.replace('kind = "cold"', 'kind = "colt"'), "unknown response 'colt'"),
         (lambda t: t.replace("damping = 0.01", "dampng = 0.01"), "unknown key.*dampng"),
@@ -89,7 +89,7 @@ def test_bad_files_name_the_problem(tmp_path, change, message):
 def test_unknown_suite_name_lists_bundled_ones():
     with pytest.raises(
         FidelityError,
-        match=r"unknown suite 'smok'; bundled suites: ladder, nightly, noise, smoke, solvers",
+        match=r"unknown suite .smok.; bundled suites: kfac, ladder, nightly, noise, smoke, solvers",
     ):
         load_suite("smok")
 
