@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
+from estimators.kfac import check_layers, parameter_subset
 from fidelity.curvature import CurvatureOperator, check_curvature
 from fidelity.errors import FidelityError
 from fidelity.problem import TrainedProblem
@@ -23,19 +24,35 @@ class ExactEstimator(InverseCurvatureEstimator):
     raises the loss on t. The matrix is built with torch.func and factorised by Cholesky; a
     matrix that is not positive definite raises an error instead of returning a meaningless
     solve.
+
+    ``layers`` (fnmatch patterns of module names, as for ``kfac``/``ekfac``) restricts the
+    solve to the parameters of those nn.Linear/nn.Conv2d layers: the curvature block of that
+    subset and the gradients' entries in it, the like-for-like reference for an estimator that
+    covers only some layers. The other parameters contribute nothing and are listed in
+    diagnostics.
     """
 
     name = "exact"
 
     def __init__(
-        self, *, damping: float = 0.0, curvature: str = "hessian", batch_size: int = 512
+        self,
+        *,
+        damping: float = 0.0,
+        curvature: str = "hessian",
+        layers: str | list[str] | None = None,
+        batch_size: int = 512,
     ) -> None:
         super().__init__(batch_size=batch_size)
         self.damping = check_nonnegative(damping, f"{self.name}.damping")
         self.curvature = check_curvature(curvature, self.name)
+        self.layers = check_layers(layers, self.name)
 
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
         matrix = CurvatureOperator(trained, self.curvature, self.batch_size).dense()
+        self.subset_, uncovered = None, []
+        if self.layers is not None:
+            self.subset_, uncovered = parameter_subset(trained.model, self.layers)
+            matrix = matrix[self.subset_[:, None], self.subset_[None, :]]
         eigenvalues = torch.linalg.eigvalsh(matrix)
         damped = matrix + self.damping * torch.eye(
             matrix.shape[0], dtype=matrix.dtype, device=matrix.device
@@ -52,13 +69,19 @@ class ExactEstimator(InverseCurvatureEstimator):
         self.cholesky_ = factor
         return {
             "n_params": int(matrix.shape[0]),
+            "uncovered_parameters": uncovered,
             "min_eigenvalue": smallest,
             "max_eigenvalue": largest,
             "negative_eigenvalues": int((eigenvalues < 0).sum()),
         }
 
     def _inverse_curvature_product(self, vectors: Tensor) -> Tensor:
-        return torch.cholesky_solve(vectors.T, self.cholesky_).T
+        if self.subset_ is None:
+            return torch.cholesky_solve(vectors.T, self.cholesky_).T
+        result = torch.zeros_like(vectors)
+        subset = self.subset_.to(vectors.device)
+        result[:, subset] = torch.cholesky_solve(vectors[:, subset].T, self.cholesky_).T
+        return result
 
 
 class GaussNewtonEstimator(ExactEstimator):
@@ -67,6 +90,11 @@ class GaussNewtonEstimator(ExactEstimator):
     name = "gnh"
 
     def __init__(
-        self, *, damping: float = 0.0, curvature: str = "gnh", batch_size: int = 512
+        self,
+        *,
+        damping: float = 0.0,
+        curvature: str = "gnh",
+        layers: str | list[str] | None = None,
+        batch_size: int = 512,
     ) -> None:
-        super().__init__(damping=damping, curvature=curvature, batch_size=batch_size)
+        super().__init__(damping=damping, curvature=curvature, layers=layers, batch_size=batch_size)

@@ -113,6 +113,26 @@ def select_layers(
     return blocks, [name for name in model.spec.names if name not in covered]
 
 
+def check_layers(layers: object, owner: str) -> str | list[str] | None:
+    """Validate a ``layers`` setting: None, one fnmatch pattern, or a list of them."""
+    if layers is None or isinstance(layers, str):
+        return layers
+    if isinstance(layers, list | tuple) and all(isinstance(p, str) for p in layers):
+        return list(layers)
+    raise FidelityError(f"{owner}.layers must be a pattern or a list of patterns")
+
+
+def parameter_subset(
+    model: FunctionalModel, layers: str | Sequence[str]
+) -> tuple[Tensor, list[str]]:
+    """theta indices of the parameters of the layers ``layers`` selects, and the names of the
+    parameters left out."""
+    blocks, uncovered = select_layers(model, layers)
+    pieces = [torch.arange(b.weight.start, b.weight.stop) for b in blocks]
+    pieces += [torch.arange(b.bias.start, b.bias.stop) for b in blocks if b.bias is not None]
+    return torch.cat(pieces).sort().values, uncovered
+
+
 def layer_inputs(block: LayerBlock, inputs: Tensor) -> Tensor:
     """Activations ``[B, T, in (+1)]`` of one layer (unfolded patches for Conv2d)."""
     module = block.module
@@ -151,19 +171,26 @@ def backward_directions(
         factor = output_hessian_factor(loss, detached, targets)  # [B, k, k], R R^T = H_out
         return [factor[:, :, c] for c in range(factor.shape[-1])]
     if fisher == "sampled":
-        if loss == "cross_entropy":
-            probabilities = torch.softmax(detached, dim=-1)
-            targets = torch.multinomial(probabilities.cpu(), 1, generator=generator)
-            targets = targets.squeeze(1).to(detached.device)
-        elif loss == "bce":
-            probabilities = torch.sigmoid(detached).cpu()
-            targets = torch.bernoulli(probabilities, generator=generator).to(detached)
-        else:  # mse is the Gaussian negative log-likelihood with unit variance
-            noise = torch.randn(detached.shape, generator=generator, dtype=detached.dtype)
-            targets = detached + noise.to(detached.device)
+        targets = sampled_targets(loss, detached, generator)
     return [
         torch.func.grad(lambda o: loss_from_outputs(loss, o, targets).sum())(detached),
     ]
+
+
+def sampled_targets(loss: str, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Targets drawn from the model's predictive distribution at ``outputs`` (categorical for
+    cross-entropy, Bernoulli for bce, unit-variance Gaussian for mse), on the CPU generator."""
+    outputs = outputs.detach()
+    if loss == "cross_entropy":
+        probabilities = torch.softmax(outputs, dim=-1).cpu()
+        drawn = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        return drawn.to(outputs.device)
+    if loss == "bce":
+        probabilities = torch.sigmoid(outputs).cpu()
+        return torch.bernoulli(probabilities, generator=generator).to(outputs)
+    # mse is the Gaussian negative log-likelihood with unit variance
+    noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
+    return outputs + noise.to(outputs.device)
 
 
 class _Capture:
@@ -268,16 +295,11 @@ class KroneckerEstimator(InverseCurvatureEstimator):
             raise FidelityError(
                 f"{self.name}.fisher must be one of {', '.join(FISHERS)}, got {fisher!r}"
             )
-        if layers is not None and not (
-            isinstance(layers, str)
-            or (isinstance(layers, list | tuple) and all(isinstance(p, str) for p in layers))
-        ):
-            raise FidelityError(f"{self.name}.layers must be a pattern or a list of patterns")
         if factor_dtype not in ("float64", "float32"):
             raise FidelityError(f"{self.name}.factor_dtype must be float64 or float32")
         self.damping_mode = damping_mode
         self.fisher = fisher
-        self.layers = layers
+        self.layers = check_layers(layers, self.name)
         self.factor_dtype = factor_dtype
         self.seed = check_int(seed, f"{self.name}.seed")
 

@@ -197,3 +197,17 @@ def test_bad_settings():
         KfacEstimator(damping_mode="scaled")
     with pytest.raises(FidelityError, match=r"kfac\.layers"):
         KfacEstimator(layers=3)
+
+
+def test_dense_references_restrict_to_the_same_layers(mlp):
+    """gnh over the head's parameters only: the head block of G + wd I, gradients restricted."""
+    problem = mlp.problem
+    head = GaussNewtonEstimator(damping=0.05, layers=["2"]).fit(mlp)
+    assert head.diagnostics["uncovered_parameters"] == ["0.weight", "0.bias"]
+    matrix = CurvatureOperator(mlp, "gnh").dense()[20:, 20:]
+    matrix += 0.05 * torch.eye(matrix.shape[0], dtype=torch.float64)
+    grads_test = per_example_grads(mlp.model, problem.loss, mlp.theta, problem.test)[:, 20:]
+    grads_train = per_example_grads(mlp.model, problem.loss, mlp.theta, problem.train)[:, 20:]
+    expected = grads_test @ torch.linalg.solve(matrix, grads_train.T) / problem.n_train
+    actual = head.scores(problem.test, problem.train)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)

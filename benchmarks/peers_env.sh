@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .peers-venv: this project plus the peer influence libraries it is compared with, kept
+# out of the main environment (their pins conflict with each other and with ours).
+#
+#   bash benchmarks/peers_env.sh && .peers-venv/bin/python -m benchmarks.kronfluence_ekfac
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .peers-venv
+. .peers-venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e ".[dev]"
+# kronfluence lists torchvision, which has no CPU build here and which kronfluence never
+# imports: install its other requirements, then kronfluence itself without dependencies.
+python -m pip install --quiet "accelerate>=0.31" "einops>=0.8" "einconv>=0.1" "opt-einsum>=3.3" \
+    "safetensors>=0.4.2"
+python -m pip install --quiet --no-deps "kronfluence==1.0.1"
+python -c "import kronfluence, torch; print('kronfluence', kronfluence.__version__, 'torch', torch.__version__)"

@@ -1,0 +1,52 @@
+"""Cross-check of our EK-FAC with kronfluence's (runs where kronfluence is installed: the
+environment of benchmarks/peers_env.sh)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from estimators import EkfacEstimator, KfacEstimator
+from estimators.external.kronfluence import KronfluenceEstimator
+from fidelity.errors import FidelityError
+
+HAS_KRONFLUENCE = importlib.util.find_spec("kronfluence") is not None
+
+
+@pytest.mark.skipif(HAS_KRONFLUENCE, reason="kronfluence is installed")
+def test_missing_library_names_the_environment_to_create(trained_problems):
+    trained = trained_problems("cancer-logreg")
+    with pytest.raises(FidelityError, match=r"peers_env\.sh"):
+        KronfluenceEstimator().fit(trained)
+
+
+@pytest.mark.skipif(not HAS_KRONFLUENCE, reason="kronfluence is not installed")
+@pytest.mark.parametrize(
+    ("ours", "strategy", "fisher"),
+    [
+        (EkfacEstimator, "ekfac", "empirical"),
+        (KfacEstimator, "kfac", "empirical"),
+        (EkfacEstimator, "ekfac", "sampled"),
+    ],
+)
+def test_kronecker_scores_agree_with_kronfluence(trained_problems, ours, strategy, fisher):
+    """Same Fisher (for `sampled`, the same label draws), damping_factor = wd + damping: the
+    two implementations must give the same scores, not merely correlated ones."""
+    trained = trained_problems("digits-mlp")
+    problem = trained.problem
+    test = problem.test.subset(torch.arange(20))
+    ours_scores = (
+        ours(damping=0.01, damping_mode="absolute", fisher=fisher)
+        .fit(trained)
+        .scores(test, problem.train)
+    )
+    theirs = (
+        KronfluenceEstimator(strategy=strategy, fisher=fisher, damping=0.01)
+        .fit(trained)
+        .scores(test, problem.train)
+    )
+    assert theirs.shape == ours_scores.shape
+    r = np.corrcoef(ours_scores.flatten().numpy(), theirs.flatten().numpy())[0, 1]
+    assert r >= 0.99
+    torch.testing.assert_close(ours_scores, theirs, rtol=1e-8, atol=1e-14)
