@@ -211,3 +211,41 @@ def test_dense_references_restrict_to_the_same_layers(mlp):
     expected = grads_test @ torch.linalg.solve(matrix, grads_train.T) / problem.n_train
     actual = head.scores(problem.test, problem.train)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_kfac_on_digits_mlp_equals_factors_computed_densely(trained_problems):
+    """digits-mlp (64-32-10 tanh): A from the layer inputs, S from per-example Jacobians of
+    the outputs with respect to each layer's pre-activations and the output Hessians."""
+    trained = trained_problems("digits-mlp")
+    problem, n = trained.problem, trained.problem.n_train
+    estimator = KfacEstimator(damping=0.01, damping_mode="absolute").fit(trained)
+    params = trained.model.spec.unflatten(trained.theta)
+    w0, b0, w1, b1 = (params[k] for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
+    x = problem.x_train
+    hidden_pre = x @ w0.T + b0
+    hidden = torch.tanh(hidden_pre)
+    outputs = hidden @ w1.T + b1
+    output_hessians = output_hessian_factor(problem.loss, outputs, problem.y_train)
+    output_hessians = output_hessians @ output_hessians.transpose(1, 2)
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    # d outputs / d hidden_pre = W1 diag(1 - tanh^2): [n, 10, 32]
+    jacobian = w1.unsqueeze(0) * (1 - hidden.pow(2)).unsqueeze(1)
+    factors = [
+        (
+            torch.einsum("nkz,nkl,nlw->zw", jacobian, output_hessians, jacobian) / n,
+            torch.cat([x, ones], 1).T @ torch.cat([x, ones], 1) / n,
+        ),
+        (
+            output_hessians.sum(0) / n,
+            torch.cat([hidden, ones], 1).T @ torch.cat([hidden, ones], 1) / n,
+        ),
+    ]
+    p = trained.n_params
+    dense = (problem.weight_decay + 0.01) * torch.eye(p, dtype=torch.float64)
+    for block, (gradient, activation) in zip(estimator.blocks_, factors, strict=True):
+        order = block_order(block)
+        dense[order[:, None], order[None, :]] += torch.kron(gradient, activation)
+    vectors = torch.randn(3, p, generator=torch.Generator().manual_seed(5)).double()
+    expected = torch.linalg.solve(dense, vectors.T).T
+    actual = estimator._inverse_curvature_product(vectors)
+    torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-10)
