@@ -3,10 +3,15 @@
 Each estimator is timed for fit + scores and compared (pooled Pearson, relative error) with its
 dense reference at the same damping: `exact` for Hessian-based solvers, `gnh` for Gauss-Newton
 ones and the baselines. Settings are those of the bundled `solvers` suite for digits-mlp.
-Peer libraries (pydvl, torch-influence, captum) are reported as importable or not; scoring them
-needs the adapters of the peers work (`estimators` external adapters), so none is run here.
+Where pyDVL is importable (the environment of benchmarks/peers_env.sh) the same model and data
+are scored by its direct, CG, LiSSA and Arnoldi solvers through `estimators.external.pydvl`
+(same damping, LiSSA with our fitted scale and depth, Arnoldi with our rank), and the benchmark
+prints each peer's time, the ratio to ours, and its Pearson correlation with our estimator and
+with the dense reference. torch-influence (not on PyPI) and captum are reported as importable or
+not; they have no adapter yet.
 
     python -m benchmarks.estimators [--problem digits-mlp] [--test-points 50]
+    .peers-venv/bin/python -m benchmarks.estimators      # with the peer comparison
 """
 
 from __future__ import annotations
@@ -57,10 +62,45 @@ def main() -> None:
         r = np.corrcoef(scores.flatten(), expected.flatten())[0, 1]
         error = float((scores - expected).norm() / expected.norm())
         print(f"{label:<10} {seconds:>8.2f} {reference:>10} {r:>9.5f} {error:>9.2e}")
-    for peer in ("pydvl", "torch_influence", "captum"):
+    if importlib.util.find_spec("pydvl") is not None:
+        compare_pydvl(trained, test, results)
+    else:
+        print("peer pydvl: not installed (bash benchmarks/peers_env.sh)")
+    for peer in ("torch_influence", "captum"):
         found = importlib.util.find_spec(peer) is not None
+        print(f"peer {peer}: {'importable, no adapter yet' if found else 'not installed'}")
+
+
+def compare_pydvl(trained, test, results) -> None:
+    import warnings
+
+    from estimators.external.pydvl import PydvlEstimator
+
+    problem = trained.problem
+    print(f"{'pydvl':<10} {'seconds':>8} {'ours':>8} {'ratio':>7} {'r(ours)':>9} {'r(ref)':>9}")
+    pairs = {"direct": "exact", "cg": "cg", "lissa": "lissa", "arnoldi": "arnoldi"}
+    for solver, ours in pairs.items():
+        ours_seconds, ours_scores, settings = results[ours]
+        options = {"damping": settings.get("damping", 0.0)}
+        if solver == "lissa":
+            fitted_scale = ESTIMATORS.get("lissa")(**settings).fit(trained).diagnostics["scale"]
+            options.update(scale=fitted_scale, depth=settings["depth"])
+        if solver == "arnoldi":
+            options["rank"] = settings["rank"]
+        if solver == "cg":
+            options["tol"] = settings["tol"]
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = (
+                PydvlEstimator(solver=solver, **options).fit(trained).scores(test, problem.train)
+            )
+        seconds = time.perf_counter() - start
+        r_ours = np.corrcoef(scores.flatten(), ours_scores.flatten())[0, 1]
+        r_reference = np.corrcoef(scores.flatten(), results["exact"][1].flatten())[0, 1]
         print(
-            f"peer {peer}: {'importable (adapter not yet written)' if found else 'not installed'}"
+            f"{solver:<10} {seconds:>8.2f} {ours_seconds:>8.2f} {seconds / ours_seconds:>6.1f}x "
+            f"{r_ours:>9.5f} {r_reference:>9.5f}"
         )
 
 

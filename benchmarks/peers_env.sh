@@ -3,6 +3,7 @@
 # out of the main environment (their pins conflict with each other and with ours).
 #
 #   bash benchmarks/peers_env.sh && .peers-venv/bin/python -m benchmarks.kronfluence_ekfac
+#   .peers-venv/bin/python -m pytest tests/estimators/test_kronfluence.py tests/estimators/test_pydvl.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .peers-venv
@@ -15,4 +16,6 @@ python -m pip install --quiet -e ".[dev]"
 python -m pip install --quiet "accelerate>=0.31" "einops>=0.8" "einconv>=0.1" "opt-einsum>=3.3" \
     "safetensors>=0.4.2"
 python -m pip install --quiet --no-deps "kronfluence==1.0.1"
-python -c "import kronfluence, torch; print('kronfluence', kronfluence.__version__, 'torch', torch.__version__)"
+# pyDVL 0.10 pins numpy < 2 and needs zarr (2.x goes with numpy 1.x); captum for later adapters.
+python -m pip install --quiet "pydvl==0.10.0" "numpy<2" "zarr<3" "captum==0.9.0"
+python -c "import kronfluence, pydvl, torch; print('kronfluence', kronfluence.__version__, 'pydvl', pydvl.__version__, 'torch', torch.__version__)"
