@@ -6,3 +6,18 @@ convention. They are not in the ESTIMATORS registry, so that the main environmen
 these libraries; a suite names them by import path, e.g.
 ``kind = "estimators.external.kronfluence:KronfluenceEstimator"``.
 """
+
+from __future__ import annotations
+
+from torch import nn
+
+from fidelity.problem import TrainedProblem
+
+
+def trained_module(trained: TrainedProblem) -> nn.Module:
+    """A fresh module of the problem's architecture holding theta_s (for libraries that need an
+    nn.Module); the trained problem's own module is never touched."""
+    problem = trained.problem
+    module = problem.build_model().to(dtype=problem.dtype, device=problem.device)
+    module.load_state_dict(trained.model.spec.unflatten(trained.theta.detach().clone()))
+    return module.eval()

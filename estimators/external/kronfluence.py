@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
+from estimators.external import trained_module
 from estimators.kfac import sampled_targets
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
@@ -91,9 +92,7 @@ class KronfluenceEstimator(Estimator):
         analyzer_cls, prepare_model, factor_args_cls, _, task_cls = _import_kronfluence()
         start = time.perf_counter()
         problem = trained.problem
-        module = problem.build_model().to(dtype=problem.dtype, device=problem.device)
-        module.load_state_dict(trained.model.spec.unflatten(trained.theta.detach().clone()))
-        module.eval()
+        module = trained_module(trained)
         task = _make_task(task_cls, problem.loss)
         self.task_ = task
         self.module_ = prepare_model(module, task)
@@ -140,9 +139,7 @@ class KronfluenceEstimator(Estimator):
 
     def scores(self, test: Examples, train: Examples) -> Tensor:
         _, _, _, score_args_cls, _ = _import_kronfluence()
-        trained = getattr(self, "trained_", None)
-        if trained is None:
-            raise FidelityError("estimator 'kronfluence' must be fitted before scores()")
+        trained = self._check_fitted()
         start = time.perf_counter()
         float64 = torch.float64
         score_args = score_args_cls(

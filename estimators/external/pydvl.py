@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator
+from estimators.external import trained_module
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples, TrainedProblem
@@ -71,9 +72,7 @@ class PydvlEstimator(Estimator):
         except ImportError as error:
             raise FidelityError(INSTALL_HINT) from error
         problem = trained.problem
-        module = problem.build_model().to(dtype=problem.dtype, device=problem.device)
-        module.load_state_dict(trained.model.spec.unflatten(trained.theta.detach().clone()))
-        module.eval()
+        module = trained_module(trained)
 
         def loss(outputs: Tensor, targets: Tensor) -> Tensor:
             return loss_from_outputs(problem.loss, outputs, targets).mean()
@@ -116,9 +115,7 @@ class PydvlEstimator(Estimator):
         return self
 
     def scores(self, test: Examples, train: Examples) -> Tensor:
-        trained = getattr(self, "trained_", None)
-        if trained is None:
-            raise FidelityError("estimator 'pydvl' must be fitted before scores()")
+        trained = self._check_fitted()
         start = time.perf_counter()
         values = self.influence_model_.influences(test.x, test.y, train.x, train.y, mode="up")
         self.diagnostics_["scores_seconds"] = time.perf_counter() - start
