@@ -7,8 +7,9 @@ Where pyDVL is importable (the environment of benchmarks/peers_env.sh) the same 
 are scored by its direct, CG, LiSSA and Arnoldi solvers through `estimators.external.pydvl`
 (same damping, LiSSA with our fitted scale and depth, Arnoldi with our rank), and the benchmark
 prints each peer's time, the ratio to ours, and its Pearson correlation with our estimator and
-with the dense reference. torch-influence (not on PyPI) and captum are reported as importable or
-not; they have no adapter yet.
+with the dense reference. Likewise captum's naive (dense, full projection) and Arnoldi influence
+functions through `estimators.external.captum`. torch-influence is not on PyPI: it is reported
+as importable or not.
 
     python -m benchmarks.estimators [--problem digits-mlp] [--test-points 50]
     .peers-venv/bin/python -m benchmarks.estimators      # with the peer comparison
@@ -66,9 +67,43 @@ def main() -> None:
         compare_pydvl(trained, test, results)
     else:
         print("peer pydvl: not installed (bash benchmarks/peers_env.sh)")
-    for peer in ("torch_influence", "captum"):
-        found = importlib.util.find_spec(peer) is not None
-        print(f"peer {peer}: {'importable, no adapter yet' if found else 'not installed'}")
+    if importlib.util.find_spec("captum") is not None:
+        compare_captum(trained, test, results)
+    else:
+        print("peer captum: not installed (bash benchmarks/peers_env.sh)")
+    found = importlib.util.find_spec("torch_influence") is not None
+    print(f"peer torch_influence: {'importable, no adapter' if found else 'not installed'}")
+
+
+def compare_captum(trained, test, results) -> None:
+    import warnings
+
+    from estimators.external.captum import CaptumEstimator
+
+    print(f"{'captum':<10} {'seconds':>8} {'ours':>8} {'ratio':>7} {'r(ours)':>9} {'r(ref)':>9}")
+    for method, ours in (("naive", "exact"), ("arnoldi", "arnoldi")):
+        ours_seconds, ours_scores, settings = results[ours]
+        options = {"damping": settings.get("damping", 0.0)}
+        if method == "arnoldi":
+            options.update(rank=settings["rank"], iterations=2 * settings["rank"], tol=1e-10)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = (
+                CaptumEstimator(method=method, **options)
+                .fit(trained)
+                .scores(test, trained.problem.train)
+            )
+        report_peer(method, time.perf_counter() - start, scores, ours_seconds, ours_scores, results)
+
+
+def report_peer(name, seconds, scores, ours_seconds, ours_scores, results) -> None:
+    r_ours = np.corrcoef(scores.flatten(), ours_scores.flatten())[0, 1]
+    r_reference = np.corrcoef(scores.flatten(), results["exact"][1].flatten())[0, 1]
+    print(
+        f"{name:<10} {seconds:>8.2f} {ours_seconds:>8.2f} {seconds / ours_seconds:>6.1f}x "
+        f"{r_ours:>9.5f} {r_reference:>9.5f}"
+    )
 
 
 def compare_pydvl(trained, test, results) -> None:
@@ -95,13 +130,7 @@ def compare_pydvl(trained, test, results) -> None:
             scores = (
                 PydvlEstimator(solver=solver, **options).fit(trained).scores(test, problem.train)
             )
-        seconds = time.perf_counter() - start
-        r_ours = np.corrcoef(scores.flatten(), ours_scores.flatten())[0, 1]
-        r_reference = np.corrcoef(scores.flatten(), results["exact"][1].flatten())[0, 1]
-        print(
-            f"{solver:<10} {seconds:>8.2f} {ours_seconds:>8.2f} {seconds / ours_seconds:>6.1f}x "
-            f"{r_ours:>9.5f} {r_reference:>9.5f}"
-        )
+        report_peer(solver, time.perf_counter() - start, scores, ours_seconds, ours_scores, results)
 
 
 if __name__ == "__main__":
