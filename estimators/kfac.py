@@ -391,11 +391,17 @@ class KroneckerEstimator(InverseCurvatureEstimator):
 
 
 class KfacEstimator(KroneckerEstimator):
-    __doc__ = KroneckerEstimator.__doc__
+    __doc__ = (
+        "K-FAC: influence with each covered layer's curvature block replaced by S kron A.\n\n"
+        + (KroneckerEstimator.__doc__ or "")
+    )
     name = "kfac"
 
 
 class EkfacEstimator(KroneckerEstimator):
-    __doc__ = KroneckerEstimator.__doc__
+    __doc__ = (
+        "EK-FAC: K-FAC with eigenvalues corrected to the per-example gradients' moments.\n\n"
+        + (KroneckerEstimator.__doc__ or "")
+    )
     name = "ekfac"
     ekfac = True
