@@ -77,11 +77,9 @@ def decomposition_lines(decomposition: dict[str, Any] | None) -> list[str]:
     ]
     rows = list(decomposition["gaps"]) + list(decomposition["estimators"].values())
     for gap in rows:
-        distance = gap["output_rms"]
         lines.append(
             f"| {md_escape(gap['from'])} | {md_escape(gap['to'])} | "
-            f"{md_escape(', '.join(gap['components']))} | "
-            f"{'n/a' if distance is None else f'{distance:.3g}'} | "
+            f"{md_escape(', '.join(gap['components']))} | {_significant(gap['output_rms'])} | "
             f"{_significant(gap['relative_mae'])} | {_significant(gap['one_minus_pearson'])} |"
         )
     return lines

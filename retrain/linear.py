@@ -12,9 +12,22 @@ from fidelity.errors import FidelityError
 from fidelity.objective import per_example_grads
 from fidelity.problem import Examples, TrainedProblem
 from fidelity.validation import check_nonnegative, check_positive_int
-from retrain.responses import Execution, Response, ResponseResult
+from retrain.responses import Execution, Response, ResponseResult, check_removed
 
 DENSE_LIMIT = 6000  # parameters up to which G is formed densely; CG to 1e-10 beyond
+
+
+def gauss_newton_factor(
+    trained: TrainedProblem, damping: float, batch_size: int, owner: str
+) -> Tensor:
+    """Cholesky factor of the dense G + (wd + damping) I at theta_s (``owner`` names the stage
+    in the error when it is not positive definite)."""
+    matrix = CurvatureOperator(trained, "gnh", batch_size).dense()
+    matrix.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise FidelityError(f"{owner}: G + (wd + damping) I is not positive definite")
+    return factor
 
 
 class LinearResponse(Response):
@@ -43,7 +56,7 @@ class LinearResponse(Response):
     ) -> ResponseResult:
         start = time.perf_counter()
         problem = trained.problem
-        removed = torch.as_tensor(removed, dtype=torch.long, device=trained.theta.device)
+        removed = check_removed(removed, problem.n_train).to(trained.theta.device)
         train_grads = per_example_grads(
             trained.model,
             problem.loss,
@@ -51,15 +64,11 @@ class LinearResponse(Response):
             problem.train.subset(removed),
             self.batch_size,
         )
-        operator = CurvatureOperator(trained, "gnh", self.batch_size)
         if trained.n_params <= DENSE_LIMIT:
-            matrix = operator.dense()
-            matrix.diagonal().add_(self.damping)
-            factor, info = torch.linalg.cholesky_ex(matrix)
-            if int(info) != 0:
-                raise FidelityError("linear: G + (wd + damping) I is not positive definite")
+            factor = gauss_newton_factor(trained, self.damping, self.batch_size, self.name)
             solved, solver = torch.cholesky_solve(train_grads.T, factor).T, "dense"
         else:
+            operator = CurvatureOperator(trained, "gnh", self.batch_size)
             solved, solver = self._conjugate_gradient(operator, train_grads), "cg"
         steps = solved / problem.n_train  # theta_j - theta_s
         test_grads = per_example_grads(

@@ -125,9 +125,9 @@ def removal_preconditioner(
     solve: Callable[[Tensor], Tensor],
     *,
     removal_weight: float = 1.0,
-) -> Callable[[Tensor], Tensor]:
+) -> Callable[..., Tensor]:
     """P_j^{-1} for every removed j, as one function of stacked vectors ``[B, p]`` (row b is
-    multiplied by P_{removed[b]}^{-1}).
+    multiplied by P_{removed[b]}^{-1}), or of vectors for a subset ``rows`` of the removals.
 
     P_j = P - (removal_weight/N) J_j^T H_out,j J_j: a base matrix P, given through ``solve``
     (rows ``[m, p]`` -> rows of P^{-1} v), minus the removed point's Gauss-Newton term at
@@ -161,10 +161,14 @@ def removal_preconditioner(
             "weight decay or damping"
         )
 
-    def precondition(vectors: Tensor) -> Tensor:
-        base = solve(vectors)  # P^{-1} v, [B, p]
-        inner = torch.cholesky_solve(solved @ vectors.unsqueeze(-1), capacitance_factor)
-        return base + (solved.transpose(1, 2) @ inner).squeeze(-1)
+    def precondition(vectors: Tensor, rows: Tensor | None = None) -> Tensor:
+        # rows: which removals the vectors belong to (default: all, in order)
+        low, capacitance = solved, capacitance_factor
+        if rows is not None:
+            low, capacitance = solved[rows], capacitance_factor[rows]
+        base = solve(vectors)  # P^{-1} v
+        inner = torch.cholesky_solve(low @ vectors.unsqueeze(-1), capacitance)
+        return base + (low.transpose(1, 2) @ inner).squeeze(-1)
 
     return precondition
 

@@ -27,7 +27,7 @@ from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples, TrainedProblem
 from fidelity.validation import check_nonnegative, check_positive_int
-from retrain.linear import DENSE_LIMIT
+from retrain.linear import DENSE_LIMIT, gauss_newton_factor
 from retrain.newton import removal_preconditioner
 from retrain.responses import (
     Execution,
@@ -111,7 +111,7 @@ class PbrfResponse(Response):
         dense = trained.n_params <= DENSE_LIMIT
         factor = None
         if dense and not execution.cache.has_all(self.name, keys.values()):
-            factor = gauss_newton_factor(trained, self.damping, self.batch_size)
+            factor = gauss_newton_factor(trained, self.damping, self.batch_size, self.name)
         solver = partial(
             solve_pbrf,
             trained,
@@ -130,7 +130,7 @@ class PbrfResponse(Response):
             solver,
             execution,
             self.group_size,
-            cacheable=lambda norm: norm <= self.gtol,
+            cache_below=self.gtol,
         )
         unconverged = [index for index in unique if not refits.grad_norms[index] <= self.gtol]
         if unconverged:
@@ -153,16 +153,6 @@ class PbrfResponse(Response):
             "mean_iterations": (sum(refits.iterations.values()) / len(unique) if unique else 0.0),
         }
         return ResponseResult(deltas, info, thetas=thetas)
-
-
-def gauss_newton_factor(trained: TrainedProblem, damping: float, batch_size: int) -> Tensor:
-    """Cholesky factor of G + (wd + damping) I at theta_s."""
-    matrix = CurvatureOperator(trained, "gnh", batch_size).dense()
-    matrix.diagonal().add_(damping)
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        raise FidelityError("pbrf: G + (wd + damping) I is not positive definite")
-    return factor
 
 
 def pbrf_objective(trained: TrainedProblem, damping: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -250,11 +240,7 @@ def solve_pbrf(
             break
         rows = torch.nonzero(active).flatten().to(device)
 
-        def precondition_rows(vectors: Tensor, rows: Tensor = rows) -> Tensor:
-            full = torch.zeros_like(thetas)
-            full[rows] = vectors
-            return precondition(full)[rows]
-
+        precondition_rows = partial(precondition, rows=rows)
         directions = -precondition_rows(grads[rows])
         if iteration >= CHORD_ITERATIONS:
             # The fixed preconditioner converges slowly where the response moved far from

@@ -184,13 +184,13 @@ def retrain_indices(
     execution: Execution,
     group_size: int,
     *,
-    cacheable: Callable[[float], bool] | None = None,
+    cache_below: float | None = None,
 ) -> Refits:
     """Load what the cache holds, retrain the rest ``group_size`` indices per ``solver`` call
     (``solver(group) -> (thetas [B, p], iterations [B], grad_norms [B])``, picklable so that
-    joblib can ship it to a worker), and cache each result unless ``cacheable(grad_norm)`` says
-    it failed. Groups are formed before any worker is involved, so results do not depend on the
-    worker count or the backend.
+    joblib can ship it to a worker), and cache each result, except, when ``cache_below`` is
+    given, one whose gradient norm is above it (a failed solve). Groups are formed before any
+    worker is involved, so results do not depend on the worker count or the backend.
     """
     thetas: dict[int, Tensor] = {}
     iterations: dict[int, int] = {}
@@ -220,7 +220,7 @@ def retrain_indices(
                 thetas[index] = theta
                 iterations[index] = int(group_iters[position])
                 grad_norms[index] = float(group_norms[position])
-                if cacheable is not None and not cacheable(grad_norms[index]):
+                if cache_below is not None and not grad_norms[index] <= cache_below:
                     continue
                 execution.cache.save(
                     stage,
@@ -233,10 +233,6 @@ def retrain_indices(
                 )
             bar.update(len(group))
     return Refits(thetas, iterations, grad_norms, len(missing))
-
-
-def _within(tolerance: float, norm: float) -> bool:
-    return norm <= tolerance
 
 
 def _run_group(
@@ -353,7 +349,7 @@ class ColdResponse(Response):
             execution,
             self.group_size,
             # never cache a failed refit; the error below reports it
-            cacheable=partial(_within, problem.recipe.gtol) if newton else None,
+            cache_below=problem.recipe.gtol if newton else None,
         )
         thetas, iterations, grad_norms = refits.thetas, refits.iterations, refits.grad_norms
         diverged = [index for index in unique if not bool(torch.isfinite(thetas[index]).all())]
