@@ -43,6 +43,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def default_cache_dir() -> Path:
+    """``$FIDELITY_CACHE_DIR``, else ``$XDG_CACHE_HOME/fidelity`` or ``~/.cache/fidelity``."""
+    explicit = os.environ.get("FIDELITY_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fidelity"
+
+
 class ArtifactCache:
     """Arrays stored under ``root/<kind>/<key[:2]>/<key>.npz``; ``root=None`` disables caching."""
 

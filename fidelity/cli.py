@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
 
+from fidelity.cache import default_cache_dir
 from fidelity.errors import FidelityError
-
-
-def default_cache_dir() -> Path:
-    explicit = os.environ.get("FIDELITY_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fidelity"
 
 
 def _positive_int(text: str) -> int:

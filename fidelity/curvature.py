@@ -51,7 +51,8 @@ class CurvatureOperator:
     def n_params(self) -> int:
         return self.trained.n_params
 
-    def _batches(self, data: Examples | None = None):
+    def batches(self, data: Examples | None = None):
+        """``data`` (the training set by default) in consecutive batches of ``batch_size``."""
         data = data if data is not None else self.trained.problem.train
         for start in range(0, len(data), self.batch_size):
             yield Examples(
@@ -104,7 +105,7 @@ class CurvatureOperator:
         single = vectors.dim() == 1
         block = vectors.unsqueeze(0) if single else vectors
         total = torch.zeros_like(block)
-        for number, batch in enumerate(self._batches()):
+        for number, batch in enumerate(self.batches()):
             known = (
                 self._training_batch_output_hessians(number, batch)
                 if self.curvature == "gnh"
@@ -124,7 +125,7 @@ class CurvatureOperator:
         """The ``[p, p]`` matrix, accumulated over data batches (memory ~ p x batch x width)."""
         model, loss, theta = self.trained.model, self.trained.problem.loss, self.trained.theta
         total = torch.zeros(self.n_params, self.n_params, dtype=theta.dtype, device=theta.device)
-        for batch in self._batches():
+        for batch in self.batches():
             if self.curvature == "hessian":
 
                 def batch_loss(t: Tensor, batch: Examples = batch) -> Tensor:
@@ -158,7 +159,7 @@ class CurvatureOperator:
     def gauss_newton_diagonal(self) -> Tensor:
         """diag(G) from per-example Gauss-Newton factors; nothing of size p x p is formed."""
         total = torch.zeros_like(self.trained.theta)
-        for batch in self._batches():
+        for batch in self.batches():
             total = total + self.gauss_newton_factors(batch).pow(2).sum(dim=(0, 1))
         problem = self.trained.problem
         return total / problem.n_train + problem.weight_decay
@@ -214,3 +215,59 @@ def conjugate_gradient(
         active = active & ((r.norm(dim=1) / b_norm) > tol)
     converged = ((r.norm(dim=1) / b_norm) <= tol).cpu() & ~negative
     return ConjugateGradientResult(x, iterations, negative, converged)
+
+
+@dataclass(frozen=True)
+class GaussNewtonWoodbury:
+    """(G + shift I)^{-1} by the Woodbury identity, for models with more parameters than
+    training outputs (N k < p): with R the ``[N k, p]`` stack of per-example factors R_i^T J_i
+    (G = R^T R / N + wd I), (R^T R / N + shift I)^{-1} = (I - R^T (N shift I + R R^T)^{-1} R)
+    / shift, shift = wd + damping. Exact, and it costs N k per-example Jacobians and one
+    Cholesky of an ``[N k, N k]`` matrix instead of anything of size p x p.
+
+    ``subset`` restricts G to those parameter indices (the block of G for some layers)."""
+
+    factors: Tensor  # [N k, p_s]
+    cholesky: Tensor  # [N k, N k], of N shift I + R R^T
+    shift: float
+    subset: Tensor | None
+    eigenvalues: Tensor  # of R R^T / N: G's eigenvalues above wd (the rest equal wd)
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        """(G_s + damping I)^{-1} v for each row of ``vectors`` ``[m, p_s]``."""
+        projected = vectors @ self.factors.T  # [m, N k]
+        inner = torch.cholesky_solve(projected.T, self.cholesky).T
+        return (vectors - inner @ self.factors) / self.shift
+
+
+def gauss_newton_woodbury(
+    trained: TrainedProblem, damping: float, batch_size: int, subset: Tensor | None = None
+) -> GaussNewtonWoodbury:
+    """Build the Woodbury form of (G + (wd + damping) I)^{-1} at theta_s (see the class)."""
+    problem = trained.problem
+    shift = problem.weight_decay + damping
+    if shift <= 0:
+        raise FidelityError(
+            "the Woodbury Gauss-Newton solve needs weight decay + damping > 0 (G itself is "
+            "singular when the model has more parameters than training outputs)"
+        )
+    operator = CurvatureOperator(trained, "gnh", batch_size)
+    pieces = []
+    for batch in operator.batches():
+        factors = operator.gauss_newton_factors(batch)
+        factors = factors.reshape(-1, trained.n_params)
+        pieces.append(factors if subset is None else factors[:, subset])
+    factors = torch.cat(pieces)
+    gram = factors @ factors.T
+    eigenvalues = torch.linalg.eigvalsh(gram) / problem.n_train
+    gram.diagonal().add_(problem.n_train * shift)
+    cholesky, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        raise FidelityError("the Woodbury Gauss-Newton system is not positive definite")
+    return GaussNewtonWoodbury(factors, cholesky, shift, subset, eigenvalues)
+
+
+def woodbury_pays(trained: TrainedProblem, n_params: int | None = None) -> bool:
+    """Whether N k (training outputs) is below the number of parameters solved for."""
+    outputs = trained.model(trained.theta, trained.problem.x_train[:1]).shape[-1]
+    return trained.problem.n_train * outputs < (n_params or trained.n_params)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import itertools
 from collections.abc import Callable
 from functools import partial
@@ -199,13 +202,49 @@ def digits_cnn(seed: int = 0, device: str = "cpu") -> Problem:
     )
 
 
-def load_problem(name: str) -> Problem:
-    """Build the problem registered as ``name`` or returned by the callable at ``pkg.mod:fn``."""
+def parse_problem_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """Split ``"name[key=value,...]"`` into the name and keyword options for its factory.
+
+    Values are Python literals where they parse as one (``size=400``, ``scale=0.5``) and
+    strings otherwise (``device=cpu``).
+    """
+    spec = spec.strip()
+    if not spec.endswith("]") or "[" not in spec:
+        if "[" in spec or "]" in spec:
+            raise FidelityError(f"problem {spec!r}: options must be written name[key=value,...]")
+        return spec, {}
+    name, _, body = spec[:-1].partition("[")
+    options: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip().isidentifier():
+            raise FidelityError(f"problem {spec!r}: option {item!r} is not key=value")
+        try:
+            value: object = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        options[key.strip()] = value
+    return name.strip(), options
+
+
+def load_problem(spec: str) -> Problem:
+    """Build the problem registered as ``name`` or returned by the callable at ``pkg.mod:fn``,
+    with keyword options given as ``name[key=value,...]`` (e.g. ``movies-minilm-logreg[size=500]``).
+    A problem built with options is named by its spec with the options sorted, so results of
+    two configurations never share a name."""
+    name, options = parse_problem_spec(spec)
     factory = PROBLEMS.get(name)
     if not callable(factory):
         raise FidelityError(f"problem {name!r} is not callable; it must return a Problem")
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        raise FidelityError(
+            f"problem {name!r} has no option(s) {', '.join(unknown)}; "
+            f"options: {', '.join(accepted) or 'none'}"
+        )
     try:
-        problem = factory()
+        problem = factory(**options)
     except FidelityError:
         raise
     except Exception as exc:
@@ -216,4 +255,11 @@ def load_problem(name: str) -> Problem:
         raise FidelityError(
             f"problem {name!r} returned {type(problem).__name__}, expected fidelity.Problem"
         )
+    if options:
+        shown = ",".join(f"{key}={options[key]!r}" for key in sorted(options))
+        problem = dataclasses.replace(problem, name=f"{problem.name}[{shown}]")
     return problem
+
+
+# Text problems register themselves on import; their heavy dependencies load only when built.
+import fidelity.text.problems  # noqa: E402, F401

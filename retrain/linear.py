@@ -7,7 +7,12 @@ import time
 import torch
 from torch import Tensor
 
-from fidelity.curvature import CurvatureOperator, conjugate_gradient
+from fidelity.curvature import (
+    CurvatureOperator,
+    conjugate_gradient,
+    gauss_newton_woodbury,
+    woodbury_pays,
+)
 from fidelity.errors import FidelityError
 from fidelity.objective import per_example_grads
 from fidelity.problem import Examples, TrainedProblem
@@ -37,8 +42,9 @@ class LinearResponse(Response):
 
     delta[t, j] = g_t^T (theta_j - theta_s): the measurement is linearised too, so that the next
     gap on the ladder (this stage vs an estimator at the same damping) is the estimator's solver
-    error alone. Solved exactly: dense Cholesky up to 6,000 parameters, conjugate gradient to a
-    relative residual of 1e-10 beyond.
+    error alone. Solved exactly: dense Cholesky up to 6,000 parameters; beyond, the Woodbury
+    form when the model has more parameters than training outputs, else conjugate gradient to a
+    relative residual of 1e-10.
     """
 
     name = "linear"
@@ -67,6 +73,9 @@ class LinearResponse(Response):
         if trained.n_params <= DENSE_LIMIT:
             factor = gauss_newton_factor(trained, self.damping, self.batch_size, self.name)
             solved, solver = torch.cholesky_solve(train_grads.T, factor).T, "dense"
+        elif woodbury_pays(trained):
+            woodbury = gauss_newton_woodbury(trained, self.damping, self.batch_size)
+            solved, solver = woodbury.solve(train_grads), "woodbury"
         else:
             operator = CurvatureOperator(trained, "gnh", self.batch_size)
             solved, solver = self._conjugate_gradient(operator, train_grads), "cg"

@@ -1,8 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from estimators import ExactEstimator
+from estimators import ExactEstimator, GaussNewtonEstimator
 from fidelity.errors import FidelityError
 from fidelity.objective import objective, per_example_loss
 from fidelity.problem import FunctionalModel, NewtonRecipe, Problem, TrainedProblem
@@ -109,3 +111,66 @@ def test_bad_damping_is_rejected_at_construction(damping):
 def test_scores_before_fit_is_an_error():
     with pytest.raises(FidelityError, match=r"must be fitted"):
         ExactEstimator().scores(None, None)
+
+
+def wide_problem(outputs: int) -> TrainedProblem:
+    """An MLP with more parameters (4-16-k) than training outputs (12 k), at a seeded theta."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 4, generator=generator, dtype=torch.float64)
+    if outputs == 1:
+        y, loss = (torch.rand(12, 1, generator=generator) > 0.5).double(), "bce"
+    else:
+        y, loss = torch.randint(0, outputs, (12,), generator=generator), "cross_entropy"
+    problem = Problem(
+        name="wide",
+        x_train=x,
+        y_train=y,
+        x_test=x[:5],
+        y_test=y[:5],
+        model_factory=lambda: nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, outputs)),
+        loss=loss,
+        weight_decay=1e-2,
+    )
+    model = FunctionalModel.of(problem.build_model())
+    theta = model.initial_theta() + 0.3 * torch.randn(
+        model.spec.numel, generator=generator, dtype=torch.float64
+    )
+    return TrainedProblem(problem, model, theta)
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+@pytest.mark.parametrize("layers", [None, "2"])
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_woodbury_gauss_newton_equals_the_dense_solve(outputs, layers, damping):
+    trained = wide_problem(outputs)
+    problem = trained.problem
+    settings = {"damping": damping, "layers": layers}
+    dense = GaussNewtonEstimator(solver="dense", **settings).fit(trained)
+    woodbury = GaussNewtonEstimator(solver="woodbury", **settings).fit(trained)
+    assert woodbury.diagnostics["solver"] == "woodbury"
+    expected = dense.scores(problem.test, problem.train)
+    torch.testing.assert_close(
+        woodbury.scores(problem.test, problem.train), expected, rtol=1e-10, atol=1e-14
+    )
+    for key in ("min_eigenvalue", "max_eigenvalue"):
+        assert woodbury.diagnostics[key] == pytest.approx(dense.diagnostics[key], rel=1e-9)
+
+
+def test_auto_solver_picks_woodbury_only_when_outputs_are_fewer_than_parameters():
+    trained = wide_problem(1)  # 12 outputs, 97 parameters
+    assert GaussNewtonEstimator().fit(trained).diagnostics["solver"] == "woodbury"
+    assert GaussNewtonEstimator(layers="2").fit(trained).diagnostics["solver"] == "woodbury"
+    assert ExactEstimator(damping=1.0).fit(trained).diagnostics["solver"] == "dense"
+
+
+def test_woodbury_needs_gauss_newton_and_a_positive_shift():
+    with pytest.raises(FidelityError, match="woodbury"):
+        ExactEstimator(solver="woodbury")
+    with pytest.raises(FidelityError, match="solver"):
+        GaussNewtonEstimator(solver="qr")
+    trained = wide_problem(1)
+    flat = TrainedProblem(
+        dataclasses.replace(trained.problem, weight_decay=0.0), trained.model, trained.theta
+    )
+    with pytest.raises(FidelityError, match="weight decay"):
+        GaussNewtonEstimator(solver="woodbury").fit(flat)

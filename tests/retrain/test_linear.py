@@ -39,6 +39,18 @@ def test_cg_path_equals_dense_path(mlp, monkeypatch):
     torch.testing.assert_close(iterative.deltas, dense.deltas, rtol=1e-8, atol=1e-14)
 
 
+def test_woodbury_path_equals_dense_path(monkeypatch):
+    """12 binary examples, 26 parameters: beyond the dense limit the Woodbury form applies."""
+    trained = train(make_tiny_mlp_problem("bce", n_train=12))
+    problem, removed = trained.problem, torch.tensor([0, 5, 11])
+    dense = LinearResponse(damping=0.01).compute(trained, problem.test, removed)
+    monkeypatch.setattr(linear_module, "DENSE_LIMIT", 0)
+    woodbury = LinearResponse(damping=0.01).compute(trained, problem.test, removed)
+    assert woodbury.info["solver"] == "woodbury"
+    torch.testing.assert_close(woodbury.deltas, dense.deltas, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(woodbury.thetas, dense.thetas, rtol=1e-9, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", ["diabetes-ridge", "cancer-logreg"])
 def test_linear_equals_exact_on_models_linear_in_their_parameters(trained_problems, name):
     """There G = H, so the linearised PBRF is the exact influence."""

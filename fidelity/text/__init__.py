@@ -1,0 +1,1 @@
+"""Text problems: the movie-review snippets and the pretrained MiniLM encoder."""
