@@ -128,6 +128,8 @@ class Problem:
     description: str = ""
     train_texts: tuple[str, ...] | None = None
     test_texts: tuple[str, ...] | None = None
+    # Text problems: maps new sentences to model inputs like x_test's (fidelity explain --text).
+    featurize: Callable[[tuple[str, ...]], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import itertools
@@ -15,7 +14,7 @@ from torch import nn
 
 from fidelity.errors import FidelityError
 from fidelity.problem import MinibatchRecipe, NewtonRecipe, Problem
-from fidelity.registry import Registry
+from fidelity.registry import Registry, parse_spec
 
 PROBLEMS: Registry[Callable[..., Problem]] = Registry("problem")
 
@@ -202,37 +201,12 @@ def digits_cnn(seed: int = 0, device: str = "cpu") -> Problem:
     )
 
 
-def parse_problem_spec(spec: str) -> tuple[str, dict[str, object]]:
-    """Split ``"name[key=value,...]"`` into the name and keyword options for its factory.
-
-    Values are Python literals where they parse as one (``size=400``, ``scale=0.5``) and
-    strings otherwise (``device=cpu``).
-    """
-    spec = spec.strip()
-    if not spec.endswith("]") or "[" not in spec:
-        if "[" in spec or "]" in spec:
-            raise FidelityError(f"problem {spec!r}: options must be written name[key=value,...]")
-        return spec, {}
-    name, _, body = spec[:-1].partition("[")
-    options: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, equals, text = item.partition("=")
-        if not equals or not key.strip().isidentifier():
-            raise FidelityError(f"problem {spec!r}: option {item!r} is not key=value")
-        try:
-            value: object = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            value = text.strip()
-        options[key.strip()] = value
-    return name.strip(), options
-
-
 def load_problem(spec: str) -> Problem:
     """Build the problem registered as ``name`` or returned by the callable at ``pkg.mod:fn``,
     with keyword options given as ``name[key=value,...]`` (e.g. ``movies-minilm-logreg[size=500]``).
     A problem built with options is named by its spec with the options sorted, so results of
     two configurations never share a name."""
-    name, options = parse_problem_spec(spec)
+    name, options = parse_spec(spec, kind="problem")
     factory = PROBLEMS.get(name)
     if not callable(factory):
         raise FidelityError(f"problem {name!r} is not callable; it must return a Problem")

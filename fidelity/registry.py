@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 from collections.abc import Callable, Iterator
@@ -80,3 +81,35 @@ class Registry(Generic[T]):
             f"unknown {self.kind} {name!r}; valid names: {valid} "
             "(or an import path 'package.module:name')"
         )
+
+
+def parse_spec(spec: str, *, kind: str) -> tuple[str, dict[str, object]]:
+    """Split ``"name[key=value,...]"`` into the name and keyword options.
+
+    Values are Python literals where they parse as one (``size=400``, ``damping=0.01``) and
+    strings otherwise (``device=cpu``).
+    """
+    spec = spec.strip()
+    if not spec.endswith("]") or "[" not in spec:
+        if "[" in spec or "]" in spec:
+            raise FidelityError(f"{kind} {spec!r}: options must be written name[key=value,...]")
+        return spec, {}
+    name, _, body = spec[:-1].partition("[")
+    try:
+        call = ast.parse(f"options({body})", mode="eval").body
+    except SyntaxError as exc:
+        raise FidelityError(f"{kind} {spec!r}: options are not key=value, ...: {exc.msg}") from exc
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        raise FidelityError(f"{kind} {spec!r}: options must all be key=value")
+    options: dict[str, object] = {}
+    for keyword in call.keywords:
+        if isinstance(keyword.value, ast.Name):  # a bare word: device=cpu
+            options[str(keyword.arg)] = keyword.value.id
+            continue
+        try:
+            options[str(keyword.arg)] = ast.literal_eval(keyword.value)
+        except ValueError as exc:
+            raise FidelityError(
+                f"{kind} {spec!r}: option {keyword.arg!r} is not a literal value"
+            ) from exc
+    return name.strip(), options

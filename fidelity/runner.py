@@ -68,13 +68,14 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
     problem = load_problem(problem_name)
     trained = train(problem, cache=execution.cache)
     timings["train_seconds"] = time.perf_counter() - start
+    names = (problem_name, problem.name)
+    selection = suite.selection_for(*names)
     rng = problem_seed(suite.seed, problem.name)
-    test_index = choose_test_points(problem.n_test, suite.selection.test_points, rng)
+    test_index = choose_test_points(problem.n_test, selection.test_points, rng)
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
 
-    names = (problem_name, problem.name)
     fitted, estimator_info = {}, {}
-    for spec in suite.estimators:
+    for spec in (spec for spec in suite.estimators if spec.runs_on(*names)):
         estimator = build_component(
             ESTIMATORS, spec.kind, spec.settings_for(*names), where=spec.label
         )
@@ -82,12 +83,12 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         fitted[spec.label] = estimator.fit(trained)
         estimator_info[spec.label] = {"kind": spec.kind, "fit_seconds": time.perf_counter() - tick}
 
-    selector = suite.selection.top_by or suite.estimators[0].label
+    selector = selection.top_by or next(iter(fitted))
     ranking = None
-    if suite.selection.top:
+    if selection.top:
         ranking = fitted[selector].scores(test, problem.train).detach().cpu().numpy()
     removed_index, reasons = choose_removals(
-        ranking, problem.n_train, top=suite.selection.top, random=suite.selection.random, rng=rng
+        ranking, problem.n_train, top=selection.top, random=selection.random, rng=rng
     )
     removed = torch.as_tensor(removed_index, device=problem.device)
     removed_train = problem.train.subset(removed)
@@ -111,7 +112,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
 
     response_info = {}
     stages: list[Stage] = []
-    for spec in suite.responses:
+    for spec in (spec for spec in suite.responses if spec.runs_on(*names)):
         response = build_component(
             RESPONSES, spec.kind, spec.settings_for(*names), where=spec.label
         )
@@ -182,7 +183,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
             "top": int((reasons == "top").sum()),
             "random": int((reasons == "random").sum()),
         },
-        "top_by": selector if suite.selection.top else None,
+        "top_by": selector if selection.top else None,
         "estimators": estimator_info,
         "responses": response_info,
         "metrics": metrics,

@@ -51,6 +51,10 @@ class ComponentSpec:
     label: str
     settings: Mapping[str, Any]
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    problems: tuple[str, ...] | None = None  # None: every problem of the suite
+
+    def runs_on(self, *problem_names: str) -> bool:
+        return self.problems is None or any(name in self.problems for name in problem_names)
 
     def settings_for(self, *problem_names: str) -> dict[str, Any]:
         """Settings for a problem known by any of ``problem_names`` (registry name, own name)."""
@@ -85,6 +89,14 @@ class Suite:
     description: str = ""
     seed: int = 0
     source: str = ""
+    selection_overrides: Mapping[str, SelectionSpec] = field(default_factory=dict)
+
+    def selection_for(self, *problem_names: str) -> SelectionSpec:
+        """The selection for a problem known by any of ``problem_names``."""
+        for name in problem_names:
+            if name in self.selection_overrides:
+                return self.selection_overrides[name]
+        return self.selection
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -154,15 +166,22 @@ def _components(entries: Any, kind: str, registry: Any, where: str) -> tuple[Com
         if label in labels:
             raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
         labels.add(label)
-        settings = {k: v for k, v in entry.items() if k not in ("kind", "label", "overrides")}
+        reserved = ("kind", "label", "overrides", "problems")
+        settings = {k: v for k, v in entry.items() if k not in reserved}
         overrides = _expect(entry.get("overrides", {}), dict, f"{at}.overrides")
+        only = entry.get("problems")
+        if only is not None:
+            _expect(only, list, f"{at}.problems")
+            for position_, problem in enumerate(only):
+                _expect(problem, str, f"{at}.problems[{position_}]")
+            only = tuple(only)
         build_component(registry, name, settings, where=at)  # validates; does no work
         for problem, changes in overrides.items():
             _expect(changes, dict, f"{at}.overrides.{problem}")
             build_component(
                 registry, name, {**settings, **changes}, where=f"{at}.overrides.{problem}"
             )
-        specs.append(ComponentSpec(name, label, settings, overrides))
+        specs.append(ComponentSpec(name, label, settings, overrides, only))
     return tuple(specs)
 
 
@@ -213,29 +232,41 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         raise FidelityError(f"{where}: problems lists {', '.join(repeated)} more than once")
     estimators = _components(data["estimators"], "estimator", ESTIMATORS, f"{where}: estimators")
     responses = _components(data["responses"], "response", RESPONSES, f"{where}: responses")
-    selection = _dataclass_from_table(
-        SelectionSpec, data.get("selection", {}), f"{where}: selection"
+    selection_table = dict(_expect(data.get("selection", {}), dict, f"{where}: selection"))
+    selection_changes = _expect(
+        selection_table.pop("overrides", {}), dict, f"{where}: selection.overrides"
     )
+    selection = _selection(selection_table, f"{where}: selection")
+    selection_overrides = {
+        problem: _selection(
+            {**selection_table, **_expect(changes, dict, f"{where}: selection.overrides")},
+            f"{where}: selection.overrides.{problem}",
+        )
+        for problem, changes in selection_changes.items()
+    }
     metrics = _dataclass_from_table(MetricsSpec, data.get("metrics", {}), f"{where}: metrics")
-    for field_name in ("test_points", "random", "top"):
-        if getattr(selection, field_name) < 0:
-            raise FidelityError(f"{where}: selection.{field_name} must be >= 0")
-    if selection.test_points < 1 or selection.random + selection.top < 2:
-        raise FidelityError(
-            f"{where}: selection needs test_points >= 1 and at least two removed points"
-        )
-    labels = [spec.label for spec in estimators]
-    if selection.top_by is not None and selection.top_by not in labels:
-        raise FidelityError(
-            f"{where}: selection.top_by {selection.top_by!r} is not an estimator label "
-            f"({', '.join(labels)})"
-        )
     for spec in (*estimators, *responses):
-        unknown = sorted(set(spec.overrides) - set(problems))
-        if unknown:
+        for what, named in (("overrides", spec.overrides), ("problems", spec.problems or ())):
+            unknown = sorted(set(named) - set(problems))
+            if unknown:
+                raise FidelityError(
+                    f"{where}: {spec.label} has {what} for {', '.join(unknown)}, which the "
+                    f"suite does not run (problems: {', '.join(problems)})"
+                )
+    unknown = sorted(set(selection_overrides) - set(problems))
+    if unknown:
+        raise FidelityError(f"{where}: selection.overrides names {', '.join(unknown)}, not run")
+    for problem in problems:
+        running = [spec.label for spec in estimators if spec.runs_on(problem)]
+        if not running:
+            raise FidelityError(f"{where}: no estimator runs on problem {problem!r}")
+        if not any(spec.runs_on(problem) for spec in responses):
+            raise FidelityError(f"{where}: no response runs on problem {problem!r}")
+        top_by = selection_overrides.get(problem, selection).top_by
+        if top_by is not None and top_by not in running:
             raise FidelityError(
-                f"{where}: {spec.label} has overrides for {', '.join(unknown)}, which the suite "
-                f"does not run (problems: {', '.join(problems)})"
+                f"{where}: selection.top_by {top_by!r} is not an estimator label that runs on "
+                f"{problem!r} ({', '.join(running)})"
             )
     seed = _expect(data.get("seed", 0), int, f"{where}: seed")
     if seed < 0:
@@ -252,7 +283,18 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         description=_expect(data.get("description", ""), str, f"{where}: description"),
         seed=seed,
         source=source,
+        selection_overrides=selection_overrides,
     )
+
+
+def _selection(table: Mapping[str, Any], where: str) -> SelectionSpec:
+    selection = _dataclass_from_table(SelectionSpec, dict(table), where)
+    for field_name in ("test_points", "random", "top"):
+        if getattr(selection, field_name) < 0:
+            raise FidelityError(f"{where}.{field_name} must be >= 0")
+    if selection.test_points < 1 or selection.random + selection.top < 2:
+        raise FidelityError(f"{where} needs test_points >= 1 and at least two removed points")
+    return selection
 
 
 def builtin_suites() -> list[str]:

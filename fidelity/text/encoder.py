@@ -57,7 +57,9 @@ def _load(directory: Path):
 
     transformers_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    model = AutoModel.from_pretrained(str(directory), local_files_only=True).eval()
+    model = AutoModel.from_pretrained(
+        str(directory), local_files_only=True, dtype=torch.float32
+    ).eval()
     return tokenizer, model
 
 
@@ -110,7 +112,7 @@ def sentence_embeddings(
     if stored is not None:
         return torch.from_numpy(stored["embeddings"])
     tokenizer, model = _load(directory)
-    embeddings = torch.zeros(len(texts), model.config.hidden_size)
+    embeddings = torch.zeros(len(texts), model.config.hidden_size, dtype=torch.float32)
     for index, batch in _batches(texts, tokenizer, _show(progress), "sentences"):
         tokens = tokenizer(
             batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
@@ -154,8 +156,8 @@ def block_inputs(
     tokenizer, model = _load(directory)
     lengths = [min(len(tokenizer.tokenize(t)) + 2, max_length) for t in texts]
     width = max(lengths)
-    hidden = torch.zeros(len(texts), width, model.config.hidden_size)
-    mask = torch.zeros(len(texts), width)
+    hidden = torch.zeros(len(texts), width, model.config.hidden_size, dtype=torch.float32)
+    mask = torch.zeros(len(texts), width, dtype=torch.float32)
     for index, batch in _batches(texts, tokenizer, _show(progress), "block inputs"):
         tokens = tokenizer(
             batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"

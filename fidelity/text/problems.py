@@ -57,7 +57,20 @@ def movies_minilm_logreg(
         description=movies_minilm_logreg.__doc__ or "",
         train_texts=train.texts,
         test_texts=test.texts,
+        featurize=partial(_standardised_embeddings, mean=mean, std=std, device=device),
     )
+
+
+def _standardised_embeddings(
+    texts: tuple[str, ...], *, mean: torch.Tensor, std: torch.Tensor, device: str
+) -> torch.Tensor:
+    embeddings = torch.nn.functional.normalize(sentence_embeddings(texts).double(), dim=1)
+    return ((embeddings - mean) / std).to(device)
+
+
+def _block_features(texts: tuple[str, ...], *, max_length: int, device: str) -> torch.Tensor:
+    inputs = block_inputs(texts, max_length=max_length)
+    return torch.cat([inputs.hidden, inputs.mask.unsqueeze(-1)], dim=-1).to(device)
 
 
 @PROBLEMS.register(
@@ -96,4 +109,5 @@ def movies_minilm_finetune(
         description=movies_minilm_finetune.__doc__ or "",
         train_texts=train.texts,
         test_texts=test.texts,
+        featurize=partial(_block_features, max_length=max_length, device=device),
     )

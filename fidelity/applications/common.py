@@ -1,0 +1,111 @@
+"""Helpers shared by the applications: estimators from specs, label flips, accuracy, intervals."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fidelity.errors import FidelityError
+from fidelity.problem import Examples, Problem, TrainedProblem
+from fidelity.registry import parse_spec
+
+DEFAULT_ESTIMATORS = ("gnh", "ekfac", "grad-dot")
+
+
+def build_estimators(specs: Sequence[str]) -> dict[str, object]:
+    """Unfitted estimators keyed by their spec, ``kind`` or ``kind[key=value,...]``."""
+    from estimators import ESTIMATORS
+    from fidelity.suite import build_component
+
+    if not specs:
+        raise FidelityError("name at least one estimator")
+    built = {}
+    for spec in specs:
+        kind, settings = parse_spec(spec, kind="estimator")
+        built[spec] = build_component(ESTIMATORS, kind, settings, where=f"estimator {spec!r}")
+    return built
+
+
+def check_classification(problem: Problem, what: str) -> None:
+    if problem.loss not in ("bce", "cross_entropy"):
+        raise FidelityError(
+            f"{what} needs a classification problem; {problem.name!r} is {problem.loss}"
+        )
+
+
+def predictions(trained: TrainedProblem, data: Examples, batch_size: int = 256) -> Tensor:
+    """Predicted class of every example (0/1 for bce, argmax for cross_entropy)."""
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            outputs.append(trained.model(trained.theta, data.x[start : start + batch_size]))
+    logits = torch.cat(outputs)
+    if trained.problem.loss == "bce":
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
+
+
+def labels(problem: Problem, data: Examples) -> Tensor:
+    return data.y[:, 0].long() if problem.loss == "bce" else data.y
+
+
+def accuracy(trained: TrainedProblem, data: Examples) -> float:
+    return float((predictions(trained, data) == labels(trained.problem, data)).double().mean())
+
+
+def flip_labels(problem: Problem, index: Tensor, generator: torch.Generator) -> Problem:
+    """The problem with the training labels at ``index`` flipped: 0 <-> 1 for bce, a uniformly
+    drawn other class for cross_entropy."""
+    check_classification(problem, "flipping labels")
+    y = problem.y_train.clone()
+    index = index.to(y.device)
+    if problem.loss == "bce":
+        y[index] = 1.0 - y[index]
+    else:
+        classes = int(problem.y_train.max()) + 1
+        shift = torch.randint(1, classes, (len(index),), generator=generator).to(y.device)
+        y[index] = (y[index] + shift) % classes
+    return dataclasses.replace(problem, y_train=y)
+
+
+def with_labels(problem: Problem, y_train: Tensor) -> Problem:
+    return dataclasses.replace(problem, y_train=y_train)
+
+
+def self_influence(estimator, train: Examples, chunk: int = 256) -> Tensor:
+    """delta_hat[j, j] for every training point: the predicted rise of j's own loss when j is
+    removed (Koh & Liang's self-influence), in chunks so nothing of size n x n is formed."""
+    values = []
+    for start in range(0, len(train), chunk):
+        part = Examples(train.x[start : start + chunk], train.y[start : start + chunk])
+        values.append(estimator.scores(part, part).diagonal())
+    return torch.cat(values)
+
+
+def summary(values: Sequence[float], confidence: float = 0.95) -> dict[str, object]:
+    """Mean, standard deviation and a Student-t interval over seeds (none for one value)."""
+    array = np.asarray(values, dtype=float)
+    entry: dict[str, object] = {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "values": [float(v) for v in array],
+        "low": None,
+        "high": None,
+    }
+    if len(array) > 1:
+        from scipy import stats
+
+        half = (
+            stats.t.ppf(0.5 + confidence / 2, len(array) - 1) * entry["std"] / math.sqrt(len(array))
+        )
+        entry["low"], entry["high"] = entry["mean"] - half, entry["mean"] + half
+    return entry
+
+
+def text_of(texts: tuple[str, ...] | None, index: int) -> str | None:
+    return None if texts is None else texts[index]

@@ -1,0 +1,183 @@
+"""Markdown sections and figures for the applications (explain, poison, mislabel, prefilter).
+
+Every string that comes from data (training and test sentences, problem and estimator names)
+goes through ``md_escape``: a review can hold markup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from reports.markdown import md_escape
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    if entry["low"] is None:
+        return f"{entry['mean']:.3f}"
+    return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def render_explain(result: dict[str, Any]) -> str:
+    test = result["test"]
+    lines = [
+        f"## Explanation on {md_escape(result['problem'])}",
+        "",
+        f"Test point: {md_escape(test.get('text') or test.get('index'))} "
+        f"(label {test['label']}, predicted {test['predicted']}). "
+        f"Helpful: removing the training point would raise this test loss (delta > 0); "
+        f"harmful: removing it would lower the loss. Actual: leave-one-out retraining "
+        f"({md_escape(result['loo'])}).",
+    ]
+    for name, lists in result["estimators"].items():
+        for kind in ("helpful", "harmful"):
+            lines += [
+                "",
+                f"### {md_escape(name)}: {result['top']} most {kind}",
+                "",
+                "| rank | index | label | predicted | actual | sentence |",
+                "|---:|---:|---:|---:|---:|---|",
+            ]
+            for rank, row in enumerate(lists[kind], 1):
+                lines.append(
+                    f"| {rank} | {row['index']} | {row['label']} | {_number(row['predicted'])} "
+                    f"| {_number(row['actual'])} | {md_escape(row['text'] or '')} |"
+                )
+    for kind, table in result["overlap"].items():
+        names = list(table)
+        lines += [
+            "",
+            f"Overlap of the top-{result['top']} {kind} lists (fraction shared):",
+            "",
+            "| | " + " | ".join(md_escape(n) for n in names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for a in names:
+            lines.append(
+                f"| {md_escape(a)} | " + " | ".join(f"{table[a][b]:.2f}" for b in names) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_poison(result: dict[str, Any]) -> str:
+    lines = [
+        f"## Label-flip poisoning on {md_escape(result['problem'])}",
+        "",
+        f"{result['budget']} labels flipped ({100 * result['fraction']:.1f}% of the training "
+        f"set), model retrained; test accuracy (mean [95% interval] over seeds "
+        f"{', '.join(map(str, result['seeds']))}).",
+        "",
+        f"Before: {_interval(result['accuracy_before'])}",
+    ]
+    if result["deterministic_training"]:
+        lines.append(
+            "Training is convex and converged, so only the random choice varies with the seed."
+        )
+    lines += ["", "| points chosen by | accuracy after | change |", "|---|---:|---:|"]
+    before = result["accuracy_before"]["mean"]
+    for name, entry in result["accuracy_after"].items():
+        lines.append(f"| {md_escape(name)} | {_interval(entry)} | {entry['mean'] - before:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_mislabel(result: dict[str, Any], figure: str | None = None) -> str:
+    fractions = result["check_fractions"]
+    lines = [
+        f"## Mislabel detection on {md_escape(result['problem'])}",
+        "",
+        f"{result['flipped_count']} training labels flipped ({100 * result['flip']:.0f}%), "
+        f"seeds {', '.join(map(str, result['seeds']))}. Test accuracy: clean "
+        f"{result['accuracy_clean']:.3f}, corrupted {_interval(result['accuracy_corrupted'])}.",
+        "",
+        "| ranking | AUC | "
+        + " | ".join(f"found @{100 * f:.0f}%" for f in fractions)
+        + " | "
+        + " | ".join(f"accuracy fixed @{100 * f:.0f}%" for f in fractions)
+        + " |",
+        "|---|---:|" + "---:|" * (2 * len(fractions)),
+    ]
+    for name, entry in result["rankings"].items():
+        found = [f"{entry['found_at'][str(f)]:.3f}" for f in fractions]
+        fixed = [_interval(entry["accuracy_after_fixing"][str(f)]) for f in fractions]
+        lines.append(
+            f"| {md_escape(name)} | {_interval(entry['auc'])} | "
+            + " | ".join(found)
+            + " | "
+            + " | ".join(fixed)
+            + " |"
+        )
+    if figure:
+        lines += ["", f"![fraction of flipped labels found]({md_escape(figure)})"]
+    return "\n".join(lines) + "\n"
+
+
+def render_prefilter(result: dict[str, Any], figure: str | None = None) -> str:
+    ks = result["candidates"]
+    lines = [
+        f"## Retrieval prefiltering on {md_escape(result['problem'])}",
+        "",
+        f"Recall of the top {result['top']} training sentences by |delta| under "
+        f"{md_escape(result['reference'])} among the K sentences retrieved for each of "
+        f"{len(result['test_points'])} test sentences.",
+        "",
+        "| retriever | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|" + "---:|" * len(ks),
+    ]
+    for method, recall in result["recall"].items():
+        lines.append(
+            f"| {md_escape(method)} | " + " | ".join(f"{recall[str(k)]:.3f}" for k in ks) + " |"
+        )
+    if figure:
+        lines += ["", f"![recall against candidates]({md_escape(figure)})"]
+    return "\n".join(lines) + "\n"
+
+
+def mislabel_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
+    """Fraction of flipped labels found against fraction of training data checked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 3.6), constrained_layout=True)
+    for name, entry in result["rankings"].items():
+        curve = entry["curve"]
+        style = "--" if name == "random" else "-"
+        axis.plot(curve["checked"], curve["found"], style, label=name)
+    axis.set_xlabel("fraction of training data checked")
+    axis.set_ylabel("fraction of flipped labels found")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_title(f"{result['problem']}: {100 * result['flip']:.0f}% labels flipped", fontsize=9)
+    axis.legend(fontsize=7, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
+def prefilter_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
+    """Recall of the influential sentences against the number of retrieved candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 3.6), constrained_layout=True)
+    ks = result["candidates"]
+    for method, recall in result["recall"].items():
+        style = "--" if method == "random" else "-o"
+        axis.plot(ks, [recall[str(k)] for k in ks], style, label=method, markersize=3)
+    axis.set_xscale("log")
+    axis.set_xlabel("candidates retrieved K")
+    axis.set_ylabel(f"recall of top-{result['top']} influential")
+    axis.set_ylim(0, 1.02)
+    axis.set_title(f"{result['problem']} (reference {result['reference']})", fontsize=9)
+    axis.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
