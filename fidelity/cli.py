@@ -124,10 +124,18 @@ def _add_applications(commands) -> None:
     prefilter.add_argument("--top", type=_positive_int, default=10)
 
 
+def _use_cache_dir(args: argparse.Namespace) -> None:
+    # Problem factories (the text encodings) find the cache through the environment, so that
+    # --cache-dir holds everything a run computes.
+    if args.cache_dir and not args.no_cache:
+        os.environ["FIDELITY_CACHE_DIR"] = str(args.cache_dir)
+
+
 def command_run(args: argparse.Namespace) -> int:
     from fidelity.runner import RunOptions, run_suite
     from fidelity.suite import load_suite
 
+    _use_cache_dir(args)
     suite = load_suite(args.suite)
     if args.problem:
         suite = suite.with_problems(tuple(args.problem))
@@ -192,9 +200,7 @@ def command_application(args: argparse.Namespace) -> int:
     from reports import applications as render
     from retrain import train
 
-    if args.cache_dir and not args.no_cache:
-        # Problem factories (text encodings) read the cache location from the environment.
-        os.environ["FIDELITY_CACHE_DIR"] = str(args.cache_dir)
+    _use_cache_dir(args)
     cache = ArtifactCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     out = args.out or Path("runs") / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}"
     problem = load_problem(args.problem)

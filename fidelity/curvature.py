@@ -234,10 +234,13 @@ class GaussNewtonWoodbury:
     eigenvalues: Tensor  # of R R^T / N: G's eigenvalues above wd (the rest equal wd)
 
     def solve(self, vectors: Tensor) -> Tensor:
-        """(G_s + damping I)^{-1} v for each row of ``vectors`` ``[m, p_s]``."""
-        projected = vectors @ self.factors.T  # [m, N k]
+        """(G_s + damping I)^{-1} v for each row of ``vectors`` ``[m, p_s]``, computed in
+        float64 whatever the model's dtype: the subtraction v - R^T (...) cancels most of v
+        along the data directions, which float32 cannot afford."""
+        wide = vectors.to(self.factors.dtype)
+        projected = wide @ self.factors.T  # [m, N k]
         inner = torch.cholesky_solve(projected.T, self.cholesky).T
-        return (vectors - inner @ self.factors) / self.shift
+        return ((wide - inner @ self.factors) / self.shift).to(vectors.dtype)
 
 
 def gauss_newton_woodbury(
@@ -256,7 +259,7 @@ def gauss_newton_woodbury(
     for batch in operator.batches():
         factors = operator.gauss_newton_factors(batch)
         factors = factors.reshape(-1, trained.n_params)
-        pieces.append(factors if subset is None else factors[:, subset])
+        pieces.append((factors if subset is None else factors[:, subset]).double())
     factors = torch.cat(pieces)
     gram = factors @ factors.T
     eigenvalues = torch.linalg.eigvalsh(gram) / problem.n_train

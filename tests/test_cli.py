@@ -263,3 +263,44 @@ def test_unusable_output_or_cache_path_fails_before_any_work(small_suite, tmp_pa
     assert "is a file" in capsys.readouterr().err
     assert run_cli("run", small_suite, "--out", tmp_path / "r", "--cache-dir", blocker) == 2
     assert "cache directory" in capsys.readouterr().err
+
+
+def test_explain_command_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "explain"
+    code = main(
+        [
+            "explain",
+            "cancer-logreg",
+            "--test",
+            "2",
+            "--top",
+            "3",
+            "--estimator",
+            "exact",
+            "--estimator",
+            "cg[tol=1e-10]",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "explain.json").read_text())
+    assert set(result["estimators"]) == {"exact", "cg[tol=1e-10]"}
+    assert result["loo"] == "shown"  # convex problem: actual deltas of the points shown
+    assert all(row["actual"] is not None for row in result["estimators"]["exact"]["helpful"])
+    assert result["overlap"]["helpful"]["exact"]["cg[tol=1e-10]"] == 1.0
+    assert "## Explanation on cancer-logreg" in (out / "explain.md").read_text()
+    assert "most helpful" in capsys.readouterr().out
+
+
+def test_application_input_errors_are_one_line(tmp_path, capsys):
+    code = main(
+        ["poison", "diabetes-ridge", "--budget", "3", "--no-cache", "--out", str(tmp_path / "p")]
+    )
+    assert code == 2
+    assert "classification" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(SystemExit):
+        main(["mislabel", "cancer-logreg", "--flip", "1.5"])

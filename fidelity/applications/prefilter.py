@@ -11,13 +11,15 @@ from fidelity.errors import FidelityError
 from fidelity.problem import TrainedProblem
 
 METHODS = ("tfidf", "bm25")
+# Every run of word characters is a term, one letter long included ("a", "I").
+TOKEN_PATTERN = r"(?u)\b\w+\b"
 
 
 def tfidf_similarity(queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
     """Cosine similarity of TF-IDF vectors (fitted on ``documents``), ``[queries, documents]``."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vectorizer = TfidfVectorizer(sublinear_tf=True).fit(documents)
+    vectorizer = TfidfVectorizer(sublinear_tf=True, token_pattern=TOKEN_PATTERN).fit(documents)
     return (vectorizer.transform(queries) @ vectorizer.transform(documents).T).toarray()
 
 
@@ -29,7 +31,7 @@ def bm25_similarity(
     idf(t) = log(1 + (N - df + 0.5) / (df + 0.5))."""
     from sklearn.feature_extraction.text import CountVectorizer
 
-    vectorizer = CountVectorizer().fit(documents)
+    vectorizer = CountVectorizer(token_pattern=TOKEN_PATTERN).fit(documents)
     counts = vectorizer.transform(documents).tocsc().astype(float)  # [docs, terms]
     n_docs = counts.shape[0]
     lengths = np.asarray(counts.sum(axis=1)).ravel()

@@ -157,3 +157,39 @@ def test_failing_model_factory_is_an_input_error():
 
     with pytest.raises(FidelityError, match="model_factory failed: ValueError: bad width"):
         replace(load_problem("diabetes-ridge"), model_factory=broken).build_model()
+
+
+def test_problem_options_reach_the_factory_and_name_the_problem():
+    problem = load_problem("digits-logreg[seed=1]")
+    assert problem.name == "digits-logreg[seed=1]"
+    assert not torch.equal(problem.x_train, load_problem("digits-logreg").x_train)
+    torch.testing.assert_close(problem.x_train, load_problem("digits-logreg[ seed = 1 ]").x_train)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("digits-logreg[sed=1]", "no option"),
+        ("digits-logreg[1]", "key=value"),
+        ("digits-logreg[seed=1", "name\\[key=value"),
+        ("digits-logreg[seed=a+b]", "not a literal"),
+    ],
+)
+def test_bad_problem_options(spec, message):
+    with pytest.raises(FidelityError, match=message):
+        load_problem(spec)
+
+
+def test_spec_values_are_literals_or_bare_words():
+    from fidelity.registry import parse_spec
+
+    name, options = parse_spec(
+        "ekfac[layers=['a.b', 'c'], damping=1e-3, fisher=empirical]", kind="x"
+    )
+    assert name == "ekfac"
+    assert options == {"layers": ["a.b", "c"], "damping": 1e-3, "fisher": "empirical"}
+    assert parse_spec("plain", kind="x") == ("plain", {})
+
+
+def test_text_problems_are_registered():
+    assert {"movies-minilm-logreg", "movies-minilm-finetune"} <= set(PROBLEMS.names())

@@ -145,6 +145,58 @@ def test_overrides_apply_to_their_problem_only(tmp_path):
     assert spec.settings_for("diabetes-ridge") == {"damping": 0.01}
 
 
+TWO_PROBLEMS = VALID.replace(
+    'problems = ["diabetes-ridge"]', 'problems = ["diabetes-ridge", "cancer-logreg"]'
+)
+
+
+def test_components_can_be_restricted_to_problems(tmp_path):
+    text = TWO_PROBLEMS + '[[estimators]]\nkind = "cg"\nproblems = ["cancer-logreg"]\n'
+    suite = load_suite(write(tmp_path, text))
+    restricted = suite.estimators[1]
+    assert restricted.problems == ("cancer-logreg",) and "problems" not in restricted.settings
+    assert restricted.runs_on("cancer-logreg") and not restricted.runs_on("diabetes-ridge")
+    assert suite.estimators[0].runs_on("diabetes-ridge")
+
+
+def test_selection_overrides_per_problem(tmp_path):
+    text = TWO_PROBLEMS.replace(
+        "top = 2", "top = 2\noverrides = { cancer-logreg = { random = 7, top = 0 } }"
+    )
+    suite = load_suite(write(tmp_path, text))
+    assert (
+        suite.selection_for("cancer-logreg").random,
+        suite.selection_for("cancer-logreg").top,
+    ) == (7, 0)
+    assert suite.selection_for("cancer-logreg").test_points == 5  # inherited
+    assert suite.selection_for("diabetes-ridge") == suite.selection
+
+
+@pytest.mark.parametrize(
+    ("addition", "message"),
+    [
+        ('[[estimators]]\nkind = "cg"\nproblems = ["digits-mlp"]\n', "does not run"),
+        ('[[estimators]]\nkind = "cg"\nproblems = "cancer-logreg"\n', "must be a list"),
+    ],
+)
+def test_bad_problem_restrictions(tmp_path, addition, message):
+    with pytest.raises(FidelityError, match=message):
+        load_suite(write(tmp_path, TWO_PROBLEMS + addition))
+
+
+def test_every_problem_needs_an_estimator_and_a_ranking_estimator(tmp_path):
+    only_cancer = TWO_PROBLEMS.replace(
+        "damping = 0.01", 'damping = 0.01\nproblems = ["cancer-logreg"]'
+    )
+    with pytest.raises(FidelityError, match="no estimator runs on problem 'diabetes-ridge'"):
+        load_suite(write(tmp_path, only_cancer))
+    text = TWO_PROBLEMS.replace("top = 2", 'top = 2\ntop_by = "cg"') + (
+        '[[estimators]]\nkind = "cg"\nproblems = ["cancer-logreg"]\n'
+    )
+    with pytest.raises(FidelityError, match=r"top_by 'cg'.*diabetes-ridge"):
+        load_suite(write(tmp_path, text))
+
+
 @pytest.mark.parametrize("name", sorted(builtin_suites()))
 def test_every_bundled_component_builds_for_every_problem(name):
     from estimators import ESTIMATORS
@@ -153,7 +205,7 @@ def test_every_bundled_component_builds_for_every_problem(name):
     suite = load_suite(name)
     for problem in suite.problems:
         for registry, specs in ((ESTIMATORS, suite.estimators), (RESPONSES, suite.responses)):
-            for spec in specs:
+            for spec in (spec for spec in specs if spec.runs_on(problem)):
                 build_component(registry, spec.kind, spec.settings_for(problem), where=spec.label)
 
 
@@ -169,6 +221,6 @@ def test_ladder_suites_share_one_damping_per_problem(name):
         dampings = {
             spec.label: spec.settings_for(problem).get("damping", 0.0)
             for spec in (*suite.estimators, *suite.responses)
-            if spec.kind in DAMPED
+            if spec.kind in DAMPED and spec.runs_on(problem)
         }
         assert len(set(dampings.values())) == 1, (problem, dampings)

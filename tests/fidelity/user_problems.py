@@ -32,3 +32,41 @@ def tiny_network() -> object:
     problem = make_tiny_mlp_problem("cross_entropy", n_train=30)
     recipe = MinibatchRecipe(optimizer="sgd", learning_rate=0.1, epochs=20, batch_size=8)
     return type(problem)(**{**vars(problem), "recipe": recipe})
+
+
+def tiny_text_problem() -> object:
+    """40 short seeded 'reviews' (bag of words over a small vocabulary), logistic regression,
+    with their texts: a text problem that needs no encoder."""
+    import numpy as np
+    import torch
+
+    from fidelity.problem import Problem
+    from fidelity.problems import linear_model
+
+    rng = np.random.default_rng(0)
+    positive = ["great", "moving", "funny", "smart", "<b>bold</b>"]
+    negative = ["dull", "flat", "tedious", "messy", "<script>alert(1)</script>"]
+    neutral = ["film", "plot", "cast", "story", "ending"]
+    vocabulary = positive + negative + neutral
+    texts, labels = [], []
+    for _ in range(48):
+        label = int(rng.integers(2))
+        pool = positive if label else negative
+        words = list(rng.choice(pool, 2)) + list(rng.choice(neutral, 2)) + [rng.choice(vocabulary)]
+        texts.append(" ".join(rng.permutation(words)))
+        labels.append(label)
+    counts = np.array([[text.split().count(word) for word in vocabulary] for text in texts])
+    x = torch.tensor(counts, dtype=torch.float64)
+    y = torch.tensor(labels, dtype=torch.float64).reshape(-1, 1)
+    return Problem(
+        name="tiny-text",
+        x_train=x[:40],
+        y_train=y[:40],
+        x_test=x[40:],
+        y_test=y[40:],
+        model_factory=lambda: linear_model(len(vocabulary), 1),
+        loss="bce",
+        weight_decay=1e-2,
+        train_texts=tuple(texts[:40]),
+        test_texts=tuple(texts[40:]),
+    )

@@ -1,0 +1,152 @@
+"""The applications on small convex problems, where leave-one-out and retraining are exact."""
+
+import numpy as np
+import pytest
+import torch
+
+from estimators import ExactEstimator
+from fidelity.applications import build_estimators, explain, mislabel, poison, prefilter
+from fidelity.applications.common import flip_labels, self_influence
+from fidelity.applications.prefilter import bm25_similarity, tfidf_similarity
+from fidelity.errors import FidelityError
+from fidelity.problems import load_problem
+from retrain import ColdResponse, train
+from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    return train(load_problem("cancer-logreg"))
+
+
+def test_explain_lists_follow_the_scores_and_leave_one_out(cancer):
+    problem = cancer.problem
+    estimators = {"exact": ExactEstimator().fit(cancer)}
+    result = explain(cancer, estimators, test_index=4, top=5, loo="all")
+    scores = estimators["exact"].scores(problem.test.subset(torch.tensor([4])), problem.train)[0]
+    helpful = [row["index"] for row in result["estimators"]["exact"]["helpful"]]
+    assert helpful == torch.topk(scores, 5).indices.tolist()
+    harmful = [row["predicted"] for row in result["estimators"]["exact"]["harmful"]]
+    assert harmful == sorted(harmful) and harmful[0] < 0
+    loo = ColdResponse().compute(
+        cancer, problem.test.subset(torch.tensor([4])), torch.tensor(helpful)
+    )
+    actual = [row["actual"] for row in result["estimators"]["exact"]["helpful"]]
+    np.testing.assert_allclose(actual, loo.deltas[0].numpy(), rtol=1e-10)
+    # Exact influence on a convex problem finds most of leave-one-out's own top lists.
+    assert result["overlap"]["helpful"]["exact"]["leave-one-out"] >= 0.6
+    assert result["overlap"]["helpful"]["exact"]["exact"] == 1.0
+    assert result["test"]["text"] is None and result["test"]["index"] == 4
+
+
+def test_explain_input_errors(cancer):
+    estimators = {"exact": ExactEstimator().fit(cancer)}
+    with pytest.raises(FidelityError, match="exactly one"):
+        explain(cancer, estimators, test_index=1, text="hello")
+    with pytest.raises(FidelityError, match="cannot encode"):
+        explain(cancer, estimators, text="hello")
+    with pytest.raises(FidelityError, match="test index"):
+        explain(cancer, estimators, test_index=10**6)
+    with pytest.raises(FidelityError, match="loo"):
+        explain(cancer, estimators, test_index=1, loo="some")
+
+
+def test_self_influence_is_the_diagonal_of_the_scores(cancer):
+    estimator = ExactEstimator().fit(cancer)
+    train_set = cancer.problem.train
+    expected = estimator.scores(train_set, train_set).diagonal()
+    torch.testing.assert_close(self_influence(estimator, train_set, chunk=37), expected)
+    assert bool((expected > 0).all())  # g^T H^-1 g with H positive definite
+
+
+def test_flipping_labels():
+    generator = torch.Generator().manual_seed(0)
+    binary = make_tiny_mlp_problem("bce")
+    index = torch.tensor([0, 3, 5])
+    flipped = flip_labels(binary, index, generator)
+    torch.testing.assert_close(flipped.y_train[index], 1 - binary.y_train[index])
+    torch.testing.assert_close(flipped.y_train[6:], binary.y_train[6:])
+    multiclass = make_tiny_logreg(classes=3)
+    changed = flip_labels(multiclass, torch.arange(20), generator)
+    assert bool((changed.y_train[:20] != multiclass.y_train[:20]).all())
+    assert int(changed.y_train.max()) <= 2
+    with pytest.raises(FidelityError, match="classification"):
+        flip_labels(make_tiny_mlp_problem("mse"), index, generator)
+
+
+def test_poison_by_influence_lowers_accuracy_more_than_random(cancer):
+    estimators = {"exact": ExactEstimator().fit(cancer)}
+    result = poison(cancer, estimators, budget=30, seeds=(0, 1, 2))
+    before = result["accuracy_before"]["mean"]
+    after = result["accuracy_after"]
+    assert result["deterministic_training"]
+    # Convex: the same flips give the same model whatever the seed.
+    assert len(set(after["exact"]["values"])) == 1
+    assert after["exact"]["mean"] < before
+    assert after["exact"]["mean"] < after["random"]["mean"]
+    assert len(result["flipped"]["exact"]) == 30
+    with pytest.raises(FidelityError, match="budget"):
+        poison(cancer, estimators, budget=0)
+
+
+def test_mislabel_detection_and_fixing_everything_restores_the_clean_model(cancer):
+    estimators = {"exact": ExactEstimator()}
+    result = mislabel(cancer, estimators, flip=0.1, seeds=(0,), check_fractions=(0.2, 1.0))
+    rankings = result["rankings"]
+    assert set(rankings) == {"exact", "training loss", "random"}
+    for entry in rankings.values():
+        found = entry["curve"]["found"]
+        assert found[-1] == pytest.approx(1.0) and np.all(np.diff(found) >= 0)
+        # Checking every point fixes every label: exactly the clean model's accuracy.
+        assert entry["accuracy_after_fixing"]["1.0"]["mean"] == pytest.approx(
+            result["accuracy_clean"], abs=1e-12
+        )
+    assert rankings["exact"]["auc"]["mean"] > rankings["random"]["auc"]["mean"] + 0.1
+    assert result["flipped_count"] == round(0.1 * cancer.problem.n_train)
+
+
+def test_bm25_equals_its_definition_on_a_tiny_corpus():
+    documents = ["the cat sat", "the cat sat on the cat mat", "dogs bark", "a mat"]
+    queries = ["cat mat", "dogs and cats"]
+    k1, b = 1.5, 0.75
+    tokens = [d.split() for d in documents]
+    average = np.mean([len(t) for t in tokens])
+    expected = np.zeros((2, 4))
+    for q, query in enumerate(queries):
+        for term in set(query.split()):
+            df = sum(term in t for t in tokens)
+            idf = np.log(1 + (4 - df + 0.5) / (df + 0.5))
+            for d, words in enumerate(tokens):
+                tf = words.count(term)
+                expected[q, d] += (
+                    idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(words) / average))
+                )
+    np.testing.assert_allclose(bm25_similarity(queries, documents), expected, rtol=1e-12)
+    similarity = tfidf_similarity(queries, documents)
+    assert similarity.shape == (2, 4) and np.all(similarity[0, [1, 3]] > 0)
+
+
+def test_prefilter_recall_reaches_one_and_beats_random_on_text():
+    from tests.fidelity.user_problems import tiny_text_problem
+
+    trained = train(tiny_text_problem())
+    estimator = ExactEstimator().fit(trained)
+    result = prefilter(
+        trained, estimator, reference="exact", test_points=range(4), candidates=(2, 5, 40), top=3
+    )
+    n = trained.problem.n_train
+    assert result["candidates"] == [2, 5, n]
+    for method in ("tfidf", "bm25"):
+        assert result["recall"][method][str(n)] == 1.0
+    assert result["recall"]["random"]["2"] == pytest.approx(2 / n)
+    with pytest.raises(FidelityError, match="text"):
+        prefilter(train(make_tiny_logreg()), estimator, reference="exact", test_points=[0])
+
+
+def test_build_estimators_from_specs():
+    built = build_estimators(["exact", "cg[damping=0.01,tol=1e-6]"])
+    assert built["cg[damping=0.01,tol=1e-6]"].damping == 0.01
+    with pytest.raises(FidelityError, match="unknown estimator"):
+        build_estimators(["nope"])
+    with pytest.raises(FidelityError):
+        build_estimators(["cg[dampin=0.1]"])
