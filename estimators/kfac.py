@@ -17,7 +17,6 @@ Lambda[o, i] = (1/N) sum_i sum_c ((Q_S^T D_ic Q_A)[o, i])^2. Nothing of size p x
 from __future__ import annotations
 
 import fnmatch
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -304,7 +303,6 @@ class KroneckerEstimator(InverseCurvatureEstimator):
         self.seed = check_int(seed, f"{self.name}.seed")
 
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
-        start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         blocks, uncovered = select_layers(trained.model, self.layers)
         if not blocks:
             raise FidelityError(
@@ -367,14 +365,12 @@ class KroneckerEstimator(InverseCurvatureEstimator):
             (s.numel() + a.numel()) * s.element_size() + d.numel() * d.element_size()
             for (s, a), d in zip(self.bases_, self.denominators_, strict=True)
         )
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {
             "layers": [block.name for block in blocks],
             "uncovered_parameters": uncovered,
             "covered_params": sum(b.out_features * b.columns for b in blocks),
             "layer_dampings": self.dampings_,
             "factor_bytes": int(factor_bytes),
-            "peak_rss_increase_bytes": int(max(0, peak_rss - start_rss) * 1024),
             "factor_seconds": factor_seconds,
         }
 

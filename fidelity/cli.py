@@ -1,8 +1,10 @@
-"""The ``fidelity`` command line: ``run`` and ``list``."""
+"""The ``fidelity`` command line: ``run``, ``list``, ``report``, ``history``, ``check``,
+``figures`` and the applications (``explain``, ``poison``, ``mislabel``, ``prefilter``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from datetime import datetime
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from fidelity.cache import default_cache_dir
 from fidelity.errors import FidelityError
+from fidelity.history import default_history_path
 
 
 def _positive_int(text: str) -> int:
@@ -54,10 +57,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-cache", action="store_true", help="recompute everything, store nothing")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_history_option(run)
+    run.add_argument(
+        "--no-history", action="store_true", help="do not record this run in the run history"
+    )
 
     commands.add_parser("list", help="list problems, estimators, responses and bundled suites")
+
+    report = commands.add_parser(
+        "report", help="re-render report.md, report.html and figures of a run, without computing"
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    _add_history_option(report)
+    report.add_argument("--trend-runs", type=_positive_int, default=20, metavar="N")
+
+    history = commands.add_parser("history", help="trends of recorded runs")
+    history.add_argument("--suite", help="only runs of this suite")
+    history.add_argument(
+        "--metric", default="pearson", help="metric to show (pearson, spearman, kendall, ...)"
+    )
+    history.add_argument("--problem", help="only this problem")
+    history.add_argument("--estimator", help="only this estimator label")
+    history.add_argument("--response", help="only this response label")
+    history.add_argument("--last", type=_positive_int, default=10, metavar="N", help="runs shown")
+    _add_history_option(history)
+
+    check = commands.add_parser(
+        "check", help="fail (exit 1) when a run's fidelity dropped against a baseline"
+    )
+    check.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="run directory or results.json"
+    )
+    baseline = check.add_mutually_exclusive_group(required=True)
+    baseline.add_argument(
+        "--baseline", type=Path, metavar="RUN_DIR|results.json", help="the run to compare with"
+    )
+    baseline.add_argument(
+        "--against-last",
+        action="store_true",
+        help="compare with the newest earlier run of the same suite in the run history",
+    )
+    check.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="largest drop accepted (default 0.02); a larger drop fails only when it also "
+        "falls below the baseline's confidence interval",
+    )
+    check.add_argument(
+        "--metric",
+        action="append",
+        help="metrics compared, repeatable (default: pearson, spearman)",
+    )
+    _add_history_option(check)
+
+    from fidelity.paper import PAPER_FIGURES
+
+    figures = commands.add_parser("figures", help="write a paper figure (PNG, PDF and CSV data)")
+    figures.add_argument(
+        "name",
+        choices=PAPER_FIGURES.names(),
+        metavar="NAME",
+        help=f"one of {', '.join(PAPER_FIGURES.names())}",
+    )
+    figures.add_argument("--out", type=Path, default=Path("figures"), help="output directory")
+    figures.add_argument(
+        "--run",
+        type=Path,
+        action="append",
+        metavar="RUN_DIR",
+        help="take the data from these run directories instead of computing it "
+        "(bae2022-decomposition, estimator-ladder); repeatable",
+    )
+    figures.add_argument("--cache-dir", type=Path, help="artefact cache")
+    figures.add_argument("--no-cache", action="store_true", help="recompute everything")
+    figures.add_argument("--workers", type=_positive_int, default=1, help="retraining processes")
     _add_applications(commands)
     return parser
+
+
+def _add_history_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--history",
+        type=Path,
+        metavar="PATH",
+        help="run history database (default $FIDELITY_HISTORY or ./fidelity.db)",
+    )
 
 
 APPLICATIONS = ("explain", "poison", "mislabel", "prefilter")
@@ -124,18 +209,27 @@ def _add_applications(commands) -> None:
     prefilter.add_argument("--top", type=_positive_int, default=10)
 
 
-def _use_cache_dir(args: argparse.Namespace) -> None:
-    # Problem factories (the text encodings) find the cache through the environment, so that
-    # --cache-dir holds everything a run computes.
-    if args.cache_dir and not args.no_cache:
-        os.environ["FIDELITY_CACHE_DIR"] = str(args.cache_dir)
+@contextlib.contextmanager
+def _cache_dir_in_environment(args: argparse.Namespace):
+    """Problem factories (the text encodings) find the cache through $FIDELITY_CACHE_DIR, so
+    that --cache-dir holds everything a command computes; restored afterwards."""
+    before = os.environ.get("FIDELITY_CACHE_DIR")
+    cache_dir = getattr(args, "cache_dir", None)
+    if cache_dir and not getattr(args, "no_cache", False):
+        os.environ["FIDELITY_CACHE_DIR"] = str(cache_dir)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FIDELITY_CACHE_DIR", None)
+        else:
+            os.environ["FIDELITY_CACHE_DIR"] = before
 
 
 def command_run(args: argparse.Namespace) -> int:
     from fidelity.runner import RunOptions, run_suite
     from fidelity.suite import load_suite
 
-    _use_cache_dir(args)
     suite = load_suite(args.suite)
     if args.problem:
         suite = suite.with_problems(tuple(args.problem))
@@ -147,6 +241,7 @@ def command_run(args: argparse.Namespace) -> int:
         backend=args.backend,
         scheduler=args.scheduler,
         progress=not args.no_progress and sys.stderr.isatty(),
+        history=None if args.no_history else (args.history or default_history_path()),
     )
     results = run_suite(suite, options)
     for name, problem in results["problems"].items():
@@ -189,6 +284,114 @@ def command_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def command_report(args: argparse.Namespace) -> int:
+    from fidelity.gating import load_results
+    from fidelity.history import recent_runs
+    from reports import write_reports
+
+    if not args.run_dir.is_dir():
+        raise FidelityError(f"run directory {str(args.run_dir)!r} does not exist")
+    results = load_results(args.run_dir)
+    history = recent_runs(
+        args.history or default_history_path(),
+        suite=results["suite"]["name"],
+        before=results["created"],
+        exclude=results.get("run_id"),
+        last=args.trend_runs - 1,
+    )
+    written = write_reports(args.run_dir, results, history=history)
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def command_history(args: argparse.Namespace) -> int:
+    from fidelity.history import recent_runs
+
+    path = args.history or default_history_path()
+    if not path.is_file():
+        raise FidelityError(f"no run history at {str(path)!r} (runs record there by default)")
+    runs = recent_runs(path, suite=args.suite, last=args.last)
+    if not runs:
+        print(f"no runs recorded{f' for suite {args.suite!r}' if args.suite else ''} in {path}")
+        return 0
+    wanted = {"problem": args.problem, "estimator": args.estimator, "response": args.response}
+    series: dict[tuple[str, str, str, str], list[float | None]] = {}
+    for position, run in enumerate(runs):
+        for key, entry in run.metrics.items():
+            problem, estimator, response, metric = key
+            named = {"problem": problem, "estimator": estimator, "response": response}
+            if metric != args.metric or any(v and named[k] != v for k, v in wanted.items()):
+                continue
+            series.setdefault((run.suite, *key[:3]), [None] * len(runs))[position] = entry["value"]
+    print(f"{len(runs)} run(s), oldest first, metric {args.metric}:")
+    for position, run in enumerate(runs, 1):
+        revision = run.git_revision or "-"
+        print(f"  [{position}] {run.created} {run.suite} {revision} {run.run_dir or ''}")
+    if not series:
+        print(f"no {args.metric!r} recorded for the selection")
+        return 0
+    for (suite, problem, estimator, response), values in sorted(series.items()):
+        cells = " ".join("   -  " if v is None else f"{v:.4f}" for v in values)
+        known = [v for v in values if v is not None]
+        change = f"  change {known[-1] - known[0]:+.4f}" if len(known) > 1 else ""
+        print(f"{suite} {problem} {estimator} vs {response}: {cells}{change}")
+    return 0
+
+
+def command_check(args: argparse.Namespace) -> int:
+    from fidelity.gating import DEFAULT_METRICS, compare, load_results
+    from fidelity.history import as_results_metrics, recent_runs
+
+    results = load_results(args.run_dir)
+    if args.against_last:
+        path = args.history or default_history_path()
+        earlier = recent_runs(
+            path,
+            suite=results["suite"]["name"],
+            before=results["created"],
+            exclude=results.get("run_id"),
+            last=1,
+        )
+        if not earlier:
+            raise FidelityError(
+                f"no earlier run of suite {results['suite']['name']!r} in history {str(path)!r}"
+            )
+        baseline = as_results_metrics(earlier[0])
+        source = f"run {earlier[0].run_id} of {earlier[0].created} (history {path})"
+    else:
+        baseline = load_results(args.baseline)["problems"]
+        source = str(args.baseline)
+    metrics = tuple(args.metric or DEFAULT_METRICS)
+    findings = compare(results["problems"], baseline, tolerance=args.tolerance, metrics=metrics)
+    failed = [finding for finding in findings if finding.status != "ok"]
+    print(
+        f"checked {len(findings)} metric(s) of {args.run_dir} against {source} "
+        f"(tolerance {args.tolerance:g}, metrics {', '.join(metrics)})"
+    )
+    for finding in failed:
+        print(f"FAIL {finding.status}: {finding.describe()}")
+    if not findings:
+        print("FAIL: the baseline holds none of these metrics")
+        return 1
+    print("fidelity check failed" if failed else "fidelity check passed")
+    return 1 if failed else 0
+
+
+def command_figures(args: argparse.Namespace) -> int:
+    from fidelity.paper import PAPER_FIGURES, FigureContext
+
+    context = FigureContext(
+        out=args.out,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        runs=tuple(args.run or ()),
+        workers=args.workers,
+    )
+    for path in PAPER_FIGURES.get(args.name)(context):
+        print(f"wrote {path}")
+    return 0
+
+
 def command_application(args: argparse.Namespace) -> int:
     import json
 
@@ -200,7 +403,6 @@ def command_application(args: argparse.Namespace) -> int:
     from reports import applications as render
     from retrain import train
 
-    _use_cache_dir(args)
     cache = ArtifactCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     out = args.out or Path("runs") / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}"
     problem = load_problem(args.problem)
@@ -261,12 +463,20 @@ def command_application(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": command_run, "list": command_list}
+    handlers = {
+        "run": command_run,
+        "list": command_list,
+        "report": command_report,
+        "history": command_history,
+        "check": command_check,
+        "figures": command_figures,
+    }
     handlers.update(
         dict.fromkeys(("explain", "poison", "mislabel", "prefilter"), command_application)
     )
     try:
-        return handlers[args.command](args)
+        with _cache_dir_in_environment(args):
+            return handlers[args.command](args)
     except FidelityError as exc:
         message = " ".join(str(exc).split())
         print(f"fidelity: error: {message}", file=sys.stderr)

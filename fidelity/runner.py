@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from fidelity.environment import environment, git_revision
 from fidelity.errors import FidelityError
 from fidelity.metrics import pearson, score, split_half_reliability
 from fidelity.problems import load_problem
+from fidelity.resources import PeakMemory
 from fidelity.selection import choose_removals, choose_test_points
 from fidelity.suite import Suite, build_component
 
@@ -41,6 +43,8 @@ class RunOptions:
     backend: str = "loky"
     scheduler: str | None = None
     progress: bool = True
+    history: Path | None = None
+    trend_runs: int = 20
 
 
 @dataclass
@@ -80,8 +84,15 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
             ESTIMATORS, spec.kind, spec.settings_for(*names), where=spec.label
         )
         tick = time.perf_counter()
-        fitted[spec.label] = estimator.fit(trained)
-        estimator_info[spec.label] = {"kind": spec.kind, "fit_seconds": time.perf_counter() - tick}
+        with PeakMemory() as memory:
+            fitted[spec.label] = estimator.fit(trained)
+        estimator_info[spec.label] = {
+            "kind": spec.kind,
+            "fit_seconds": time.perf_counter() - tick,
+            "fit_peak_memory_bytes": memory.peak_increase,
+        }
+        if memory.cuda_peak_bytes is not None:
+            estimator_info[spec.label]["fit_cuda_peak_bytes"] = memory.cuda_peak_bytes
 
     selector = selection.top_by or next(iter(fitted))
     ranking = None
@@ -100,13 +111,17 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
     }
     for label, estimator in fitted.items():
         tick = time.perf_counter()
-        if ranking is not None and label == selector:
-            predicted = ranking[:, removed_index]
-        else:
-            predicted = estimator.scores(test, removed_train).detach().cpu().numpy()
+        with PeakMemory() as memory:
+            if ranking is not None and label == selector:
+                predicted = ranking[:, removed_index]
+            else:
+                predicted = estimator.scores(test, removed_train).detach().cpu().numpy()
         _check_finite(predicted, f"estimator {label!r} on {problem.name!r}")
         arrays[f"estimator/{label}"] = predicted
         estimator_info[label]["scores_seconds"] = time.perf_counter() - tick
+        estimator_info[label]["scores_peak_memory_bytes"] = memory.peak_increase
+        if memory.cuda_peak_bytes is not None:
+            estimator_info[label]["scores_cuda_peak_bytes"] = memory.cuda_peak_bytes
         estimator_info[label]["settings"] = estimator.get_params()
         estimator_info[label]["diagnostics"] = estimator.diagnostics
 
@@ -189,9 +204,38 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         "metrics": metrics,
         "agreement": agreement,
         "decomposition": decomposition,
+        "most_influential": most_influential(problem, arrays, next(iter(response_info))),
         "timings": timings,
     }
     return ProblemOutcome(summary, arrays)
+
+
+def most_influential(
+    problem: Any, arrays: dict[str, np.ndarray], response: str, *, count: int = 10
+) -> list[dict[str, Any]]:
+    """The removed training points with the largest mean |actual delta| (under ``response``)
+    over the test points, with label, text (text problems) and every estimator's mean delta."""
+    actual = arrays[f"response/{response}"]
+    order = np.argsort(-np.abs(actual).mean(axis=0), kind="stable")[:count]
+    estimators = [key for key in arrays if key.startswith("estimator/")]
+    found = []
+    for column in order:
+        index = int(arrays["removed_index"][column])
+        label = problem.y_train[index]
+        found.append(
+            {
+                "train_index": index,
+                "reason": str(arrays["removed_reason"][column]),
+                "label": label.tolist() if label.numel() > 1 else label.item(),
+                "text": None if problem.train_texts is None else problem.train_texts[index],
+                "response": response,
+                "mean_actual": float(actual[:, column].mean()),
+                "mean_predicted": {
+                    key.split("/", 1)[1]: float(arrays[key][:, column].mean()) for key in estimators
+                },
+            }
+        )
+    return found
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
@@ -218,8 +262,11 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
     """Evaluate every problem of ``suite`` and write the run directory ``options.out``.
 
     The directory is assembled under a temporary name and renamed when complete, so a failed or
-    interrupted run never leaves a directory that looks finished.
+    interrupted run never leaves a directory that looks finished. With ``options.history`` the
+    run is then appended to that run history (one transaction), and the HTML report shows the
+    trend of the suite's last ``options.trend_runs`` runs.
     """
+    from fidelity.history import recent_runs
     from reports import write_reports
     from retrain import Execution
 
@@ -261,6 +308,7 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
     results = _json_ready(
         {
             "schema_version": SCHEMA_VERSION,
+            "run_id": uuid.uuid4().hex,
             "fidelity_version": __version__,
             "created": started.isoformat(timespec="seconds"),
             "suite": suite.to_dict(),
@@ -282,8 +330,13 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
         (staging / "arrays").mkdir(parents=True)
         for outcome in outcomes.values():
             np.savez(staging / outcome.summary["arrays_file"], **outcome.arrays)
-        write_reports(staging, results)
         atomic_write_bytes(staging / "results.json", json.dumps(results, indent=2).encode())
+        history = []
+        if options.history is not None:
+            history = recent_runs(
+                options.history, suite=suite.name, last=max(options.trend_runs - 1, 0)
+            )
+        write_reports(staging, results, history=history)
         if out.exists():
             out.rmdir()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,4 +344,18 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if options.history is not None:
+        _record(options.history, results, out)
     return results
+
+
+def _record(history: Path, results: dict[str, Any], out: Path) -> None:
+    from fidelity.history import append_run
+
+    try:
+        append_run(history, results, out)
+    except FidelityError as exc:
+        raise FidelityError(
+            f"the run directory {str(out)!r} is complete, but it was not recorded in the run "
+            f"history: {exc}"
+        ) from exc

@@ -1,4 +1,5 @@
-"""Figures: predicted vs actual deltas (Koh & Liang 2017, Fig. 2 style)."""
+"""Report figures: predicted vs actual deltas (Koh & Liang 2017, Fig. 2 style), the gap
+decomposition, correlation heatmaps, per-test-point distributions and trends."""
 
 from __future__ import annotations
 
@@ -56,11 +57,7 @@ def scatter_grid(
             axis.ticklabel_format(style="sci", scilimits=(-3, 3))
     if axes[0, 0].get_legend() is not None:
         axes[0, 0].legend(title="removed point", loc="upper left", fontsize=7, title_fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    plt.close(figure)
-    return path
+    return _save(figure, path, dpi=dpi)
 
 
 def decomposition_bars(problem: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
@@ -86,6 +83,103 @@ def decomposition_bars(problem: dict[str, Any], path: Path, *, dpi: int = 150) -
         axis.set_title(f"{problem['name']}: {title}")
         axis.set_xlabel(title)
         axis.set_ylabel("")
+    return _save(figure, path, dpi=dpi)
+
+
+def correlation_heatmap(problem: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> Path:
+    """Pooled Pearson between every pair of estimators and response stages of one problem."""
+    from fidelity.metrics import pearson
+
+    labels = [f"estimator/{label}" for label in problem["metrics"]]
+    labels += [f"response/{label}" for label in problem["responses"]]
+    matrix = np.array([[pearson(arrays[a], arrays[b]) for b in labels] for a in labels])
+    names = [
+        label.split("/", 1)[1] + (" (response)" if "response/" in label else "") for label in labels
+    ]
+    size = 1.2 + 0.55 * len(labels)
+    sns.set_theme(style="white", context="paper")
+    figure, axis = plt.subplots(figsize=(size + 1.2, size))
+    sns.heatmap(
+        matrix,
+        xticklabels=names,
+        yticklabels=names,
+        vmin=-1,
+        vmax=1,
+        cmap="vlag",
+        annot=len(labels) <= 14,
+        fmt=".2f",
+        annot_kws={"fontsize": 7},
+        square=True,
+        cbar_kws={"label": "pooled Pearson r"},
+        ax=axis,
+    )
+    axis.set_title(f"{problem['name']}: correlation between estimators and stages")
+    axis.tick_params(axis="x", rotation=45)
+    plt.setp(axis.get_xticklabels(), ha="right")
+    return _save(figure, path)
+
+
+def per_test_distributions(
+    problem: dict[str, Any],
+    per_test: dict[tuple[str, str], dict[str, np.ndarray]],
+    path: Path,
+) -> Path:
+    """Box and strip plots of the per-test-point Pearson and Spearman correlations (one point
+    per test point, computed over the removed points), one row per estimator x response."""
+    names, pearsons, spearmans = [], [], []
+    for (estimator, response), values in per_test.items():
+        names.append(f"{estimator} vs {response}")
+        pearsons.append(values["pearson"])
+        spearmans.append(values["spearman"])
+    sns.set_theme(style="whitegrid", context="paper")
+    figure, axes = plt.subplots(
+        1, 2, figsize=(9.0, 0.32 * len(names) + 1.4), squeeze=False, sharey=True
+    )
+    for axis, values, title in zip(
+        axes[0], (pearsons, spearmans), ("Pearson", "Spearman"), strict=True
+    ):
+        x = np.concatenate(values)
+        y = np.repeat(names, [len(v) for v in values])
+        keep = np.isfinite(x)
+        sns.boxplot(x=x[keep], y=y[keep], order=names, color="#c6d3e6", fliersize=0, ax=axis)
+        sns.stripplot(x=x[keep], y=y[keep], order=names, size=2.5, color="#2f4b7c", ax=axis)
+        axis.set_xlim(-1.05, 1.05)
+        axis.set_xlabel(f"per-test-point {title} r (over removed points)")
+        axis.set_title(f"{problem['name']}: per-test-point {title}")
+    return _save(figure, path)
+
+
+def trend_lines(
+    results: dict[str, Any], history: list[Any], path: Path, *, metric: str = "pearson"
+) -> Path:
+    """Pooled ``metric`` of every estimator x response over the suite's recorded runs (oldest
+    left) and this run (rightmost), one panel per problem."""
+    problems = list(results["problems"])
+    runs = [*history, None]
+    sns.set_theme(style="whitegrid", context="paper")
+    figure, axes = plt.subplots(len(problems), 1, figsize=(7.0, 2.6 * len(problems)), squeeze=False)
+    positions = np.arange(len(runs))
+    labels = [(run.created if run else results["created"])[5:16].replace("T", " ") for run in runs]
+    for axis, name in zip(axes[:, 0], problems, strict=True):
+        for estimator, by_response in results["problems"][name]["metrics"].items():
+            for response, metrics in by_response.items():
+                values = []
+                for run in history:
+                    entry = run.metrics.get((name, estimator, response, metric))
+                    values.append(np.nan if not entry or entry["value"] is None else entry["value"])
+                current = metrics.get(metric, {}).get("value")
+                values.append(np.nan if current is None else current)
+                axis.plot(
+                    positions, values, marker="o", markersize=3, label=f"{estimator} vs {response}"
+                )
+        axis.set_xticks(positions, labels, rotation=30, ha="right")
+        axis.set_ylabel(f"pooled {metric} r")
+        axis.set_title(f"{name}: last {len(runs)} runs of suite {results['suite']['name']}")
+        axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(figure, path)
+
+
+def _save(figure: Any, path: Path, *, dpi: int = 150) -> Path:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)

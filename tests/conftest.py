@@ -14,6 +14,18 @@ from retrain import train
 torch.set_default_dtype(torch.float64)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Text problems cache their encodings under $FIDELITY_CACHE_DIR: keep the tests' out of
+    the user's cache (and the user's out of the tests)."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("fidelity-cache")
+        patch.setenv("FIDELITY_CACHE_DIR", str(path))
+        # Runs record into the run history by default: never into the working directory's.
+        patch.setenv("FIDELITY_HISTORY", str(tmp_path_factory.mktemp("history") / "fidelity.db"))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def trained_problems():
     cache = {}

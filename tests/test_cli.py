@@ -103,7 +103,11 @@ def test_run_writes_a_complete_run_directory(small_suite, tmp_path, capsys):
         assert arrays["response/cold"].shape == (6, 14)
         assert len(set(arrays["removed_index"].tolist())) == 14
         assert list(arrays["removed_reason"][:6]) == ["top"] * 6
-    assert (out / "report.md").read_text().count("| exact | cold |") == 2
+    report = (out / "report.md").read_text()
+    interval = f"{pearson['value']:.4f} [{pearson['low']:.4f}, {pearson['high']:.4f}]"
+    assert f"| diabetes-ridge | exact | cold | {interval} |" in report  # the summary
+    assert report.count(f"| exact | cold | {interval} |") == 2  # and the problem's own table
+    assert (out / "report.html").read_text().count(f'<td>cold</td><td class="num">{interval}') == 2
     assert (out / "figures" / "cancer-logreg.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".run.partial-*"))
 
@@ -304,3 +308,148 @@ def test_application_input_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "p").exists()
     with pytest.raises(SystemExit):
         main(["mislabel", "cancer-logreg", "--flip", "1.5"])
+
+
+def test_cache_dir_reaches_problem_factories_for_the_command_only(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(args):
+        seen.append(os.environ.get("FIDELITY_CACHE_DIR"))
+        return 0
+
+    monkeypatch.setenv("FIDELITY_CACHE_DIR", "/before")
+    monkeypatch.setattr("fidelity.cli.command_application", spy)
+    assert main(["prefilter", "tiny", "--cache-dir", str(tmp_path)]) == 0
+    assert seen == [str(tmp_path)]
+    assert os.environ["FIDELITY_CACHE_DIR"] == "/before"
+
+
+@pytest.fixture(scope="module")
+def recorded_runs(tmp_path_factory):
+    """Two runs of the small suite recorded in one history (the second reuses the cache)."""
+    root = tmp_path_factory.mktemp("recorded")
+    suite = root / "small.toml"
+    suite.write_text(SMALL)
+    history = root / "fidelity.db"
+    runs = []
+    for name in ("first", "second"):
+        out = root / name
+        code = run_cli(
+            "run", suite, "--out", out, "--cache-dir", root / "cache", "--history", history
+        )
+        assert code == 0
+        runs.append(out)
+    return runs, history
+
+
+def test_runs_are_recorded_and_history_prints_the_trend(recorded_runs, capsys):
+    (_, second), history = recorded_runs
+    capsys.readouterr()
+    assert run_cli("history", "--history", history, "--suite", "small", "--metric", "spearman") == 0
+    printed = capsys.readouterr().out
+    assert "2 run(s), oldest first, metric spearman" in printed
+    value = json.loads((second / "results.json").read_text())["problems"]["cancer-logreg"][
+        "metrics"
+    ]["exact"]["cold"]["spearman"]["value"]
+    assert f"small cancer-logreg exact vs cold: {value:.4f} {value:.4f}  change +0.0000" in printed
+    assert run_cli("history", "--history", history, "--problem", "nope") == 0
+    assert "no 'pearson' recorded" in capsys.readouterr().out
+
+
+def test_the_second_run_s_html_shows_the_trend(recorded_runs):
+    (first, second), _ = recorded_runs
+    assert "Trend of pooled pearson" not in (first / "report.html").read_text()
+    page = (second / "report.html").read_text()
+    assert "<h2>Trends</h2>" in page and "this run" in page
+    assert (second / "figures" / "trends.png").is_file()
+
+
+def test_check_passes_on_an_identical_baseline_and_fails_on_a_doctored_one(
+    recorded_runs, tmp_path, capsys
+):
+    (first, second), history = recorded_runs
+    assert run_cli("check", second, "--baseline", first) == 0
+    assert "fidelity check passed" in capsys.readouterr().out
+    doctored = json.loads((first / "results.json").read_text())
+    entry = doctored["problems"]["diabetes-ridge"]["metrics"]["exact"]["cold"]["pearson"]
+    entry.update(value=entry["value"] + 0.5, low=entry["value"] + 0.4, high=entry["value"] + 0.6)
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    assert run_cli("check", second, "--baseline", tmp_path / "doctored.json") == 1
+    printed = capsys.readouterr().out
+    assert "FAIL regressed: diabetes-ridge exact vs cold pearson" in printed
+    assert printed.count("FAIL") == 1 and "fidelity check failed" in printed
+    assert run_cli("check", second, "--against-last", "--history", history) == 0
+    assert "against run" in capsys.readouterr().out
+    assert run_cli("check", first, "--against-last", "--history", history) == 2
+    assert "no earlier run" in capsys.readouterr().err
+
+
+def test_report_rerenders_a_run_directory(recorded_runs, tmp_path, capsys):
+    (first, _), history = recorded_runs
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(first, copy)
+    for name in ("report.md", "report.html"):
+        (copy / name).unlink()
+    assert run_cli("report", copy, "--history", history) == 0
+    assert (copy / "report.md").read_text() == (first / "report.md").read_text()
+    assert (copy / "report.html").is_file()
+    assert run_cli("report", tmp_path / "missing") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_figures_from_given_runs_and_computed_koh_panels(recorded_runs, tmp_path):
+    from fidelity.paper import PAPER_FIGURES, FigureContext
+
+    suite = tmp_path / "ladder.toml"
+    suite.write_text(LADDER)
+    ladder_run = tmp_path / "ladder"
+    assert run_cli("run", suite, "--out", ladder_run, "--no-cache", "--no-history") == 0
+    out = tmp_path / "figures"
+    assert run_cli("figures", "bae2022-decomposition", "--out", out, "--run", ladder_run) == 0
+    assert run_cli("figures", "estimator-ladder", "--out", out, "--run", ladder_run) == 0
+    results = json.loads((ladder_run / "results.json").read_text())
+    problem = results["problems"]["cancer-logreg"]
+    import csv
+
+    with (out / "estimator-ladder.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["stage"] for r in rows if r["estimator"] == "exact"] == [
+        "cold",
+        "warm",
+        "pbrf",
+        "linear",
+    ]
+    for row in rows:
+        expected = problem["metrics"][row["estimator"]][row["stage"]]["pearson"]["value"]
+        assert float(row["pearson"]) == pytest.approx(expected)
+    with (out / "bae2022-decomposition.csv").open() as handle:
+        gaps = list(csv.DictReader(handle))
+    assert [g["gap"] for g in gaps[:3]] == [
+        "warm vs cold start",
+        "proximity + non-convergence",
+        "linearisation",
+    ]
+    assert len(gaps) == 3 + len(problem["decomposition"]["estimators"])
+    first_run = recorded_runs[0][0]
+    assert run_cli("figures", "estimator-ladder", "--out", out, "--run", first_run) == 2
+
+    context = FigureContext(
+        out=out,
+        cache_dir=tmp_path / "cache",
+        problems=("tests.fidelity.user_problems:tiny",),
+        settings={"top": 8},
+    )
+    written = PAPER_FIGURES.get("koh2017-fig2")(context)
+    assert sorted(p.name for p in written) == [
+        "koh2017-fig2.csv",
+        "koh2017-fig2.pdf",
+        "koh2017-fig2.png",
+    ]
+    with (out / "koh2017-fig2.csv").open() as handle:
+        points = list(csv.DictReader(handle))
+    assert len(points) == 8 and len({p["train_index"] for p in points}) == 8
+    assert (out / "koh2017-fig2.pdf").read_bytes()[:4] == b"%PDF"
+    for name in ("bae2022-decomposition", "estimator-ladder", "koh2017-fig2"):
+        assert (out / f"{name}.png").stat().st_size > 10_000

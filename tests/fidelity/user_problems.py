@@ -70,3 +70,13 @@ def tiny_text_problem() -> object:
         train_texts=tuple(texts[:40]),
         test_texts=tuple(texts[40:]),
     )
+
+
+def markup_text_problem() -> object:
+    """``tiny_text_problem`` whose training texts carry markup that a report must not run."""
+    problem = tiny_text_problem()
+    texts = tuple(
+        f'{text} <script>alert(1)</script> <img src=x onerror="alert(2)">'
+        for text in problem.train_texts
+    )
+    return type(problem)(**{**vars(problem), "name": "markup-text", "train_texts": texts})

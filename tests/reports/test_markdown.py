@@ -1,6 +1,7 @@
 import json
 
-from reports.markdown import format_interval, md_escape, render_markdown
+from reports.markdown import md_escape, render_markdown
+from reports.tables import estimator_warnings, format_interval
 
 
 def test_markup_from_data_is_escaped():
@@ -62,8 +63,6 @@ def test_report_escapes_names_from_configuration():
 
 
 def test_solver_warnings_are_listed():
-    from reports.markdown import estimator_warnings
-
     problem = {
         "estimators": {
             "cg": {

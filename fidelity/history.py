@@ -1,0 +1,235 @@
+"""Run history: an embedded SQLite database that every run appends to.
+
+One run is one transaction (the run row, every metric with its interval, every timing), so a
+reader never sees half a run and concurrent writers never lose one: writers take SQLite's
+write lock up front (``BEGIN IMMEDIATE``) and wait for each other up to ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fidelity.errors import FidelityError
+
+DEFAULT_HISTORY = "fidelity.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    created TEXT NOT NULL,
+    git_revision TEXT,
+    fidelity_version TEXT,
+    run_dir TEXT,
+    total_seconds REAL,
+    results TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_suite ON runs (suite, created);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    problem TEXT NOT NULL,
+    estimator TEXT NOT NULL,
+    response TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    value REAL,
+    low REAL,
+    high REAL,
+    PRIMARY KEY (run_id, problem, estimator, response, metric)
+);
+CREATE TABLE IF NOT EXISTS timings (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    problem TEXT NOT NULL,
+    step TEXT NOT NULL,
+    seconds REAL,
+    PRIMARY KEY (run_id, problem, step)
+);
+"""
+
+
+def default_history_path() -> Path:
+    """``$FIDELITY_HISTORY`` if set, else ``fidelity.db`` in the working directory."""
+    return Path(os.environ.get("FIDELITY_HISTORY") or DEFAULT_HISTORY)
+
+
+@contextmanager
+def connect(path: Path, *, timeout: float = 60.0) -> Iterator[sqlite3.Connection]:
+    """An open connection to the history at ``path`` with the schema in place."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise FidelityError(f"history database {str(path)!r} is not a file")
+    if path.parent != Path() and not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        connection = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise FidelityError(f"cannot open history database {str(path)!r}: {exc}") from exc
+    with closing(connection):
+        try:
+            connection.execute("PRAGMA foreign_keys = ON")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise FidelityError(
+                    f"history database {str(path)!r} has schema version {version}; this "
+                    f"fidelity writes version {SCHEMA_VERSION}: use another --history path"
+                )
+            if version == 0:
+                with _transaction(connection):
+                    connection.executescript(
+                        "BEGIN IMMEDIATE;"
+                        + _SCHEMA
+                        + f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
+                    )
+        except sqlite3.DatabaseError as exc:
+            raise FidelityError(f"{str(path)!r} is not a fidelity history database: {exc}") from exc
+        yield connection
+
+
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def metric_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str, dict]]:
+    """(problem, estimator, response, metric, {value, low, high}) for every metric of a run."""
+    for problem_name, problem in results["problems"].items():
+        for estimator, by_response in problem["metrics"].items():
+            for response, metrics in by_response.items():
+                for metric, entry in metrics.items():
+                    yield problem_name, estimator, response, metric, entry
+
+
+def timing_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
+    """(problem, step, seconds) for the training, each estimator and each response of a run."""
+    for problem_name, problem in results["problems"].items():
+        for step, seconds in problem["timings"].items():
+            yield problem_name, step, seconds
+        for label, info in problem["estimators"].items():
+            yield problem_name, f"estimator/{label}", info["fit_seconds"] + info["scores_seconds"]
+        for label, info in problem["responses"].items():
+            yield problem_name, f"response/{label}", info["seconds"]
+
+
+def append_run(path: Path, results: dict[str, Any], run_dir: Path | None = None) -> None:
+    """Record one run (``results.json`` content) in a single transaction.
+
+    A run already recorded (same ``run_id``) is refused rather than duplicated.
+    """
+    run_id = results.get("run_id")
+    if not run_id:
+        raise FidelityError("results have no run_id; they predate the run history")
+    with connect(path) as connection, _transaction(connection):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    results["suite"]["name"],
+                    results["created"],
+                    results.get("git_revision"),
+                    results.get("fidelity_version"),
+                    None if run_dir is None else str(Path(run_dir).resolve()),
+                    results["timings"]["total_seconds"],
+                    json.dumps(results),
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise FidelityError(f"run {run_id} is already in history {str(path)!r}") from exc
+        connection.executemany(
+            "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (run_id, p, e, r, m, entry.get("value"), entry.get("low"), entry.get("high"))
+                for p, e, r, m, entry in metric_rows(results)
+            ],
+        )
+        connection.executemany(
+            "INSERT INTO timings VALUES (?, ?, ?, ?)",
+            [(run_id, p, step, seconds) for p, step, seconds in timing_rows(results)],
+        )
+        connection.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class HistoryRun:
+    """One recorded run: its identity and the metrics it stored."""
+
+    run_id: str
+    suite: str
+    created: str
+    git_revision: str | None
+    run_dir: str | None
+    metrics: dict[tuple[str, str, str, str], dict[str, float | None]]
+
+
+def recent_runs(
+    path: Path,
+    *,
+    suite: str | None = None,
+    last: int | None = None,
+    before: str | None = None,
+    exclude: str | None = None,
+) -> list[HistoryRun]:
+    """Recorded runs, oldest first: of ``suite`` (all suites if None), created at or before
+    ``before`` (an ISO time), without run ``exclude``, the newest ``last`` of them."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    clauses, parameters = [], []
+    for clause, value in (
+        ("suite = ?", suite),
+        ("created <= ?", before),
+        ("run_id != ?", exclude),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            parameters.append(value)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    limit = "" if last is None else f"LIMIT {int(last)}"
+    with connect(path) as connection:
+        runs = connection.execute(
+            "SELECT run_id, suite, created, git_revision, run_dir FROM runs "
+            f"{where} ORDER BY created DESC, rowid DESC {limit}",
+            parameters,
+        ).fetchall()
+        found = []
+        for run_id, run_suite, created, revision, run_dir in reversed(runs):
+            rows = connection.execute(
+                "SELECT problem, estimator, response, metric, value, low, high FROM metrics "
+                "WHERE run_id = ?",
+                (run_id,),
+            ).fetchall()
+            metrics = {
+                tuple(row[:4]): {"value": row[4], "low": row[5], "high": row[6]} for row in rows
+            }
+            found.append(HistoryRun(run_id, run_suite, created, revision, run_dir, metrics))
+    return found
+
+
+def count_runs(path: Path) -> tuple[int, int]:
+    """(runs, metric rows) recorded in the history at ``path``."""
+    with connect(path) as connection:
+        runs = connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        metrics = connection.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+    return runs, metrics
+
+
+def as_results_metrics(run: HistoryRun) -> dict[str, Any]:
+    """A recorded run's metrics in the shape of ``results["problems"]`` (for ``check``)."""
+    problems: dict[str, Any] = {}
+    for (problem, estimator, response, metric), entry in run.metrics.items():
+        by_estimator = problems.setdefault(problem, {"metrics": {}})["metrics"]
+        by_estimator.setdefault(estimator, {}).setdefault(response, {})[metric] = entry
+    return problems

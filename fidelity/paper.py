@@ -1,0 +1,204 @@
+"""Paper figures: gather each figure's data (running the suites it needs through the cached
+runner, or reading given run directories) and hand it to ``reports.paper`` to draw.
+
+``fidelity figures NAME --out DIR`` calls the function registered as NAME with a
+``FigureContext``; each returns the paths it wrote (PNG, PDF, CSV).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fidelity.errors import FidelityError
+from fidelity.registry import Registry
+
+PAPER_FIGURES: Registry[Callable[[FigureContext], list[Path]]] = Registry("paper figure")
+
+
+@dataclass(frozen=True)
+class FigureContext:
+    """Where a figure goes and where its data comes from.
+
+    ``runs``: run directories to read instead of computing (for the figures drawn from ladder
+    runs). ``problems``/``settings``: override the figure's default problems and per-figure
+    settings (tests use small ones).
+    """
+
+    out: Path
+    cache_dir: Path | None = None
+    runs: tuple[Path, ...] = ()
+    workers: int = 1
+    problems: tuple[str, ...] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _run(suite: Any, context: FigureContext) -> tuple[dict[str, Any], Path, Any]:
+    """Run ``suite`` into a temporary directory (never into the run history); returns
+    (results, run_dir, the TemporaryDirectory that holds it)."""
+    from fidelity.runner import RunOptions, run_suite
+
+    holder = tempfile.TemporaryDirectory(prefix="fidelity-figure-")
+    run_dir = Path(holder.name) / "run"
+    options = RunOptions(
+        out=run_dir, cache_dir=context.cache_dir, workers=context.workers, progress=False
+    )
+    return run_suite(suite, options), run_dir, holder
+
+
+KOH_PANELS = (
+    # (problem, estimator settings, title)
+    ("digits-logreg", {"kind": "exact", "damping": 0.0}, "Logistic regression (digits)"),
+    (
+        "digits-cnn",
+        {"kind": "cg", "damping": 0.01, "tol": 1e-8, "max_iter": 1000},
+        "Small CNN (digits)",
+    ),
+)
+
+
+@PAPER_FIGURES.register(
+    "koh2017-fig2",
+    description="predicted vs actual change in test loss for the top-|influence| removals of "
+    "one test point: logistic regression and a small CNN (Koh & Liang 2017, Fig. 2)",
+)
+def koh2017_fig2(context: FigureContext) -> list[Path]:
+    """For each panel's problem: one test point (drawn by the suite seed), its ``top`` (default
+    100) training points by |predicted delta|, each removed and retrained (``cold``)."""
+    from fidelity.suite import parse_suite
+    from reports import load_problem_arrays
+    from reports.paper import koh2017_fig2 as draw
+
+    top = int(context.settings.get("top", 100))
+    panels_spec = KOH_PANELS
+    if context.problems is not None:
+        panels_spec = tuple(
+            (name, dict(context.settings.get("estimator", {"kind": "exact"})), name)
+            for name in context.problems
+        )
+    panels = []
+    for problem_name, estimator, title in panels_spec:
+        suite = {
+            "name": "koh2017-fig2",
+            "problems": [problem_name],
+            "seed": int(context.settings.get("seed", 0)),
+            "selection": {"test_points": 1, "top": top, "random": 0},
+            "metrics": {"bootstrap": 200},
+            "estimators": [{**estimator, "label": "influence"}],
+            "responses": [{"kind": "cold"}],
+        }
+        results, run_dir, holder = _run(parse_suite(suite, source="koh2017-fig2"), context)
+        with holder:
+            problem = next(iter(results["problems"].values()))
+            arrays = load_problem_arrays(run_dir, problem)
+        panels.append(
+            {
+                "title": title,
+                "problem": problem["name"],
+                "test_index": int(arrays["test_index"][0]),
+                "train_index": arrays["removed_index"],
+                "estimator": f"{estimator['kind']}, damping {estimator.get('damping', 0):g}",
+                "response": "leave-one-out retraining",
+                "predicted": arrays["estimator/influence"][0],
+                "actual": arrays["response/cold"][0],
+                "pearson": problem["metrics"]["influence"]["cold"]["pearson"]["value"],
+            }
+        )
+    return draw(panels, Path(context.out), "koh2017-fig2")
+
+
+#: Problems of the default ladder data: a convex model (where all stages agree) and two
+#: networks, from the bundled nightly suite (10 test points x 60 removals).
+LADDER_PROBLEMS = ("digits-logreg", "digits-mlp", "diabetes-mlp")
+
+
+def ladder_results(context: FigureContext) -> list[dict[str, Any]]:
+    """results.json of the given runs, or of the nightly suite run on ``LADDER_PROBLEMS``."""
+    from fidelity.gating import load_results
+    from fidelity.suite import load_suite
+
+    if context.runs:
+        found = [load_results(run) for run in context.runs]
+    else:
+        suite = load_suite("nightly").with_problems(context.problems or LADDER_PROBLEMS)
+        results, _, holder = _run(suite, context)
+        holder.cleanup()
+        found = [results]
+    for results, source in zip(found, context.runs or ("nightly",), strict=True):
+        if not any(_is_ladder(problem) for problem in results["problems"].values()):
+            raise FidelityError(
+                f"run {str(source)!r} has no problem with two or more ladder stages (cold, warm, "
+                "proximal, pbrf, linear); run the ladder or nightly suite, or leave out --run"
+            )
+    return found
+
+
+def _is_ladder(problem: dict[str, Any]) -> bool:
+    decomposition = problem.get("decomposition")
+    return bool(decomposition) and len(decomposition["stages"]) >= 2
+
+
+@PAPER_FIGURES.register(
+    "bae2022-decomposition",
+    description="the five gaps between leave-one-out and influence per model, in output space "
+    "and on the measurement (Bae et al. 2022)",
+)
+def bae2022_decomposition(context: FigureContext) -> list[Path]:
+    from reports.paper import bae2022_decomposition as draw
+
+    rows = []
+    for results in ladder_results(context):
+        for name, problem in results["problems"].items():
+            if not _is_ladder(problem):
+                continue
+            decomposition = problem["decomposition"]
+            for gap in decomposition["gaps"]:
+                rows.append(_gap_row(name, gap, " + ".join(gap["components"])))
+            for label, gap in decomposition["estimators"].items():
+                rows.append(_gap_row(name, gap, f"{' + '.join(gap['components'])} ({label})"))
+    return draw(rows, Path(context.out), "bae2022-decomposition")
+
+
+def _gap_row(problem: str, gap: dict[str, Any], name: str) -> dict[str, Any]:
+    return {
+        "problem": problem,
+        "gap": name,
+        "from": gap["from"],
+        "to": gap["to"],
+        "output_rms": gap["output_rms"],
+        "relative_mae": gap["relative_mae"],
+        "one_minus_pearson": gap["one_minus_pearson"],
+    }
+
+
+@PAPER_FIGURES.register(
+    "estimator-ladder",
+    description="pooled Pearson of each estimator against each response stage, per model",
+)
+def estimator_ladder(context: FigureContext) -> list[Path]:
+    from reports.paper import estimator_ladder as draw
+    from reports.paper import ladder_order
+
+    rows = []
+    for results in ladder_results(context):
+        for name, problem in results["problems"].items():
+            if not _is_ladder(problem):
+                continue
+            kinds = {label: info["kind"] for label, info in problem["responses"].items()}
+            for estimator, by_response in problem["metrics"].items():
+                for stage in ladder_order(kinds):
+                    entry = by_response[stage]["pearson"]
+                    rows.append(
+                        {
+                            "problem": name,
+                            "estimator": estimator,
+                            "stage": stage,
+                            "pearson": entry["value"],
+                            "low": entry["low"],
+                            "high": entry["high"],
+                        }
+                    )
+    return draw(rows, Path(context.out), "estimator-ladder")

@@ -1,0 +1,125 @@
+"""Fidelity assertions for a solver's own test suite.
+
+    from fidelity.testing import assert_fidelity
+
+    def test_my_solver_tracks_leave_one_out():
+        assert_fidelity("mypackage.solvers:MySolver", problem="digits-logreg",
+                        response="cold", at_least=0.97, settings={"damping": 0.0})
+
+The estimator (a registered name or an import path ``package.module:Class`` honouring the
+estimator contract) is scored on the named problem against the named response stage, exactly as
+``fidelity run`` would score it. Ground truth (trained model and every retrain) comes from the
+artefact cache (``cache_dir``, default ``$FIDELITY_CACHE_DIR`` or ``~/.cache/fidelity``), so only
+the first test run retrains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fidelity.errors import FidelityError
+
+CANDIDATE = "candidate"
+
+
+@dataclass(frozen=True)
+class FidelityScore:
+    """One estimator's agreement with one response on one problem: every metric as
+    ``{value, low, high}``, and the run's summary of the problem."""
+
+    metric: str
+    value: float | None
+    low: float | None
+    high: float | None
+    metrics: dict[str, dict[str, float | None]]
+    summary: dict[str, Any]
+
+
+def measure_fidelity(
+    estimator: str,
+    *,
+    problem: str,
+    response: str = "cold",
+    metric: str = "pearson",
+    settings: dict[str, Any] | None = None,
+    response_settings: dict[str, Any] | None = None,
+    test_points: int = 10,
+    top: int = 20,
+    random: int = 20,
+    seed: int = 0,
+    bootstrap: int = 200,
+    cache_dir: Path | str | None = None,
+) -> FidelityScore:
+    """Score ``estimator`` against ``response`` on ``problem`` (see the module docstring).
+
+    Removed points: the ``top`` training points with the largest mean |predicted delta| under
+    the estimator itself, plus ``random`` drawn uniformly, against ``test_points`` test points.
+    """
+    from fidelity.cache import ArtifactCache, default_cache_dir
+    from fidelity.runner import evaluate_problem
+    from fidelity.suite import parse_suite
+    from retrain import Execution
+
+    suite = parse_suite(
+        {
+            "name": "fidelity.testing",
+            "problems": [problem],
+            "seed": seed,
+            "selection": {"test_points": test_points, "top": top, "random": random},
+            "metrics": {"bootstrap": bootstrap},
+            "estimators": [{**(settings or {}), "kind": estimator, "label": CANDIDATE}],
+            "responses": [{**(response_settings or {}), "kind": response, "label": response}],
+        },
+        source="fidelity.testing",
+    )
+    cache = ArtifactCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    outcome = evaluate_problem(problem, suite, Execution(cache=cache))
+    metrics = outcome.summary["metrics"][CANDIDATE][response]
+    if metric not in metrics:
+        raise FidelityError(f"unknown metric {metric!r}; valid: {', '.join(metrics)}")
+    entry = metrics[metric]
+    return FidelityScore(
+        metric, entry["value"], entry["low"], entry["high"], metrics, outcome.summary
+    )
+
+
+def assert_fidelity(
+    estimator: str,
+    *,
+    problem: str,
+    at_least: float,
+    response: str = "cold",
+    metric: str = "pearson",
+    bound: str = "value",
+    **options: Any,
+) -> FidelityScore:
+    """Fail (AssertionError) unless ``metric`` of ``estimator`` against ``response`` on
+    ``problem`` is at least ``at_least``.
+
+    ``bound = "value"`` tests the point estimate; ``"low"`` the lower end of its bootstrap
+    interval (stricter: the estimate must clear the bar beyond sampling noise). Other keyword
+    arguments go to ``measure_fidelity``. Returns the score.
+    """
+    if bound not in ("value", "low"):
+        raise FidelityError(f"bound must be 'value' or 'low', got {bound!r}")
+    found = measure_fidelity(
+        estimator, problem=problem, response=response, metric=metric, **options
+    )
+    tested = getattr(found, bound)
+    if tested is None or not tested >= at_least:
+        interval = (
+            "n/a"
+            if found.value is None
+            else (
+                f"{found.value:.4f} [{found.low:.4f}, {found.high:.4f}]"
+                if found.low is not None
+                else f"{found.value:.4f}"
+            )
+        )
+        raise AssertionError(
+            f"fidelity of {estimator!r} on {problem!r} against {response!r}: {metric} "
+            f"{interval}; its {bound} is below the required {at_least}"
+        )
+    return found

@@ -1,0 +1,132 @@
+"""The run history: one transaction per run, concurrent writers lose nothing."""
+
+import multiprocessing
+import sqlite3
+import uuid
+
+import pytest
+
+from fidelity.errors import FidelityError
+from fidelity.history import (
+    append_run,
+    as_results_metrics,
+    connect,
+    count_runs,
+    metric_rows,
+    recent_runs,
+)
+
+
+def fake_results(suite="nightly", created="2026-12-01T00:00:00+00:00", pearson=0.9, run_id=None):
+    interval = {"value": pearson, "low": pearson - 0.05, "high": pearson + 0.02}
+    metrics = {"pearson": interval, "spearman": {"value": 0.8, "low": None, "high": None}}
+    problem = {
+        "metrics": {"exact": {"cold": metrics, "pbrf": metrics}, "cg": {"cold": metrics}},
+        "timings": {"train_seconds": 1.5, "total_seconds": 4.0},
+        "estimators": {
+            "exact": {"fit_seconds": 0.5, "scores_seconds": 0.25},
+            "cg": {"fit_seconds": 0.1, "scores_seconds": 0.1},
+        },
+        "responses": {"cold": {"seconds": 2.0}, "pbrf": {"seconds": 1.0}},
+    }
+    return {
+        "run_id": run_id or uuid.uuid4().hex,
+        "suite": {"name": suite},
+        "created": created,
+        "git_revision": "abc123",
+        "fidelity_version": "0.1.0",
+        "timings": {"total_seconds": 5.0},
+        "problems": {"digits-logreg": problem, "cancer-logreg": problem},
+    }
+
+
+def test_a_run_round_trips_with_intervals_and_timings(tmp_path):
+    path = tmp_path / "h.db"
+    results = fake_results(pearson=0.93)
+    append_run(path, results, tmp_path / "run")
+    (run,) = recent_runs(path)
+    assert run.run_id == results["run_id"] and run.suite == "nightly"
+    assert run.run_dir == str((tmp_path / "run").resolve())
+    assert run.metrics["digits-logreg", "exact", "pbrf", "pearson"] == pytest.approx(
+        {"value": 0.93, "low": 0.88, "high": 0.95}
+    )
+    assert run.metrics["cancer-logreg", "cg", "cold", "spearman"]["low"] is None
+    assert len(run.metrics) == len(list(metric_rows(results))) == 12
+    with connect(path) as connection:
+        timings = dict(
+            connection.execute(
+                "SELECT step, seconds FROM timings WHERE problem = 'digits-logreg'"
+            ).fetchall()
+        )
+    assert timings == {
+        "train_seconds": 1.5,
+        "total_seconds": 4.0,
+        "estimator/exact": 0.75,
+        "estimator/cg": 0.2,
+        "response/cold": 2.0,
+        "response/pbrf": 1.0,
+    }
+    assert as_results_metrics(run)["digits-logreg"]["metrics"]["exact"]["cold"]["pearson"][
+        "value"
+    ] == pytest.approx(0.93)
+
+
+def test_selection_by_suite_time_exclusion_and_count(tmp_path):
+    path = tmp_path / "h.db"
+    for day, suite in ((1, "a"), (2, "b"), (3, "a"), (4, "a")):
+        append_run(path, fake_results(suite, f"2026-12-0{day}T00:00:00+00:00", run_id=f"r{day}"))
+    assert [r.run_id for r in recent_runs(path, suite="a")] == ["r1", "r3", "r4"]
+    assert [r.run_id for r in recent_runs(path, suite="a", last=2)] == ["r3", "r4"]
+    before = recent_runs(path, suite="a", before="2026-12-04T00:00:00+00:00", exclude="r4")
+    assert [r.run_id for r in before] == ["r1", "r3"]
+    assert recent_runs(tmp_path / "missing.db") == []
+
+
+def test_a_run_is_recorded_once(tmp_path):
+    path = tmp_path / "h.db"
+    results = fake_results()
+    append_run(path, results)
+    with pytest.raises(FidelityError, match="already in history"):
+        append_run(path, results)
+    assert count_runs(path) == (1, 12)
+
+
+def test_a_failing_run_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "h.db"
+    results = fake_results()
+    results["problems"]["digits-logreg"]["estimators"]["exact"] = {"fit_seconds": 1.0}
+    with pytest.raises(KeyError):
+        append_run(path, results)
+    assert count_runs(path) == (0, 0)
+
+
+def test_foreign_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(FidelityError, match="not a fidelity history"):
+        append_run(junk, fake_results())
+    newer = tmp_path / "newer.db"
+    connection = sqlite3.connect(newer)
+    connection.execute("PRAGMA user_version = 99")
+    connection.close()
+    with pytest.raises(FidelityError, match="schema version 99"):
+        append_run(newer, fake_results())
+
+
+def _append_many(path: str, writer: int, runs: int) -> None:
+    for number in range(runs):
+        append_run(path, fake_results(run_id=f"w{writer}-r{number}", pearson=0.5 + number / 100))
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path):
+    path = tmp_path / "h.db"
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_append_many, args=(str(path), w, 20)) for w in range(8)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=300)
+    assert [process.exitcode for process in writers] == [0] * 8
+    assert count_runs(path) == (160, 160 * 12)
+    ids = {run.run_id for run in recent_runs(path)}
+    assert ids == {f"w{w}-r{n}" for w in range(8) for n in range(20)}
