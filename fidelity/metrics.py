@@ -166,3 +166,37 @@ def split_half_reliability(
     result["seeds"] = n_seeds
     result["splits"] = len(splits)
     return result
+
+
+#: Pearson below which an estimator is flagged as not computing the estimand it claims.
+CONFORMANCE_THRESHOLD = 0.999
+
+
+def conformance(
+    candidate: np.ndarray, reference: np.ndarray, *, threshold: float = CONFORMANCE_THRESHOLD
+) -> dict[str, object]:
+    """Agreement of an estimator with the reference whose estimand it claims to compute: pooled
+    Pearson, max |candidate - reference| / max |reference|, whether every value is finite, and
+    ``flagged`` (Pearson below ``threshold`` or a non-finite value: a probable defect)."""
+    candidate, reference = np.asarray(candidate, float), np.asarray(reference, float)
+    finite = bool(np.isfinite(candidate).all())
+    scale = float(np.abs(reference).max()) if reference.size else 0.0
+    if finite:
+        r = pearson(candidate, reference)
+        difference = float(np.abs(candidate - reference).max() / scale) if scale > 0 else None
+    else:
+        r, difference = float("nan"), None
+    flagged = not finite or not r >= threshold
+    reason = None
+    if not finite:
+        reason = f"{int((~np.isfinite(candidate)).sum())} NaN or infinite value(s)"
+    elif flagged:
+        reason = f"Pearson {r:.6f} < {threshold}"
+    return {
+        "pearson": r,
+        "max_relative_difference": difference,
+        "finite": finite,
+        "flagged": flagged,
+        "reason": reason,
+        "threshold": threshold,
+    }

@@ -44,7 +44,11 @@ def _run(suite: Any, context: FigureContext) -> tuple[dict[str, Any], Path, Any]
     holder = tempfile.TemporaryDirectory(prefix="fidelity-figure-")
     run_dir = Path(holder.name) / "run"
     options = RunOptions(
-        out=run_dir, cache_dir=context.cache_dir, workers=context.workers, progress=False
+        out=run_dir,
+        cache_dir=context.cache_dir,
+        workers=context.workers,
+        progress=False,
+        reports=False,
     )
     return run_suite(suite, options), run_dir, holder
 

@@ -24,7 +24,7 @@ from fidelity.cache import ArtifactCache, atomic_write_bytes
 from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
 from fidelity.errors import FidelityError
-from fidelity.metrics import pearson, score, split_half_reliability
+from fidelity.metrics import conformance, pearson, score, split_half_reliability
 from fidelity.problems import load_problem
 from fidelity.resources import PeakMemory
 from fidelity.selection import choose_removals, choose_test_points
@@ -45,6 +45,7 @@ class RunOptions:
     progress: bool = True
     history: Path | None = None
     trend_runs: int = 20
+    reports: bool = True  # render report.md, report.html and figures/ (a data-only run: False)
 
 
 @dataclass
@@ -78,8 +79,10 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
     test_index = choose_test_points(problem.n_test, selection.test_points, rng)
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
 
-    fitted, estimator_info = {}, {}
+    fitted, estimator_info, references = {}, {}, {}
     for spec in (spec for spec in suite.estimators if spec.runs_on(*names)):
+        if spec.reference is not None:
+            references[spec.label] = spec.reference
         estimator = build_component(
             ESTIMATORS, spec.kind, spec.settings_for(*names), where=spec.label
         )
@@ -116,7 +119,10 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
                 predicted = ranking[:, removed_index]
             else:
                 predicted = estimator.scores(test, removed_train).detach().cpu().numpy()
-        _check_finite(predicted, f"estimator {label!r} on {problem.name!r}")
+        if label not in references:
+            # An estimator checked against a reference reports non-finite values as a
+            # conformance finding (with the numbers) instead of ending the run.
+            _check_finite(predicted, f"estimator {label!r} on {problem.name!r}")
         arrays[f"estimator/{label}"] = predicted
         estimator_info[label]["scores_seconds"] = time.perf_counter() - tick
         estimator_info[label]["scores_peak_memory_bytes"] = memory.peak_increase
@@ -151,6 +157,13 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
                 per_seed, seed=suite.seed
             )
 
+    conformance_found = {
+        label: {
+            "reference": reference,
+            **conformance(arrays[f"estimator/{label}"], arrays[f"estimator/{reference}"]),
+        }
+        for label, reference in references.items()
+    }
     labels = list(fitted)
     agreement = {
         a: {b: pearson(arrays[f"estimator/{a}"], arrays[f"estimator/{b}"]) for b in labels}
@@ -204,6 +217,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         "metrics": metrics,
         "agreement": agreement,
         "decomposition": decomposition,
+        "conformance": conformance_found,
         "most_influential": most_influential(problem, arrays, next(iter(response_info))),
         "timings": timings,
     }
@@ -331,12 +345,13 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
         for outcome in outcomes.values():
             np.savez(staging / outcome.summary["arrays_file"], **outcome.arrays)
         atomic_write_bytes(staging / "results.json", json.dumps(results, indent=2).encode())
-        history = []
-        if options.history is not None:
-            history = recent_runs(
-                options.history, suite=suite.name, last=max(options.trend_runs - 1, 0)
-            )
-        write_reports(staging, results, history=history)
+        if options.reports:
+            history = []
+            if options.history is not None:
+                history = recent_runs(
+                    options.history, suite=suite.name, last=max(options.trend_runs - 1, 0)
+                )
+            write_reports(staging, results, history=history)
         if out.exists():
             out.rmdir()
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,9 @@ class ComponentSpec:
     settings: Mapping[str, Any]
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     problems: tuple[str, ...] | None = None  # None: every problem of the suite
+    # Estimators only: the label of the suite's estimator whose estimand this one claims to
+    # compute (a library's direct solver -> our exact at the same damping), for conformance.
+    reference: str | None = None
 
     def runs_on(self, *problem_names: str) -> bool:
         return self.problems is None or any(name in self.problems for name in problem_names)
@@ -102,7 +105,11 @@ class Suite:
         data = asdict(self)
         for group in ("estimators", "responses"):
             data[group] = [
-                {**dict(c["settings"]), **{k: c[k] for k in ("kind", "label")}} for c in data[group]
+                {
+                    **dict(c["settings"]),
+                    **{k: c[k] for k in ("kind", "label", "reference") if c[k] is not None},
+                }
+                for c in data[group]
             ]
         return data
 
@@ -151,7 +158,9 @@ def _dataclass_from_table(cls: type, table: Any, where: str) -> Any:
     return cls(**values)
 
 
-def _components(entries: Any, kind: str, registry: Any, where: str) -> tuple[ComponentSpec, ...]:
+def _components(
+    entries: Any, kind: str, registry: Any, where: str, *, references: bool = False
+) -> tuple[ComponentSpec, ...]:
     _expect(entries, list, where)
     if not entries:
         raise FidelityError(f"{where}: name at least one {kind}")
@@ -166,8 +175,11 @@ def _components(entries: Any, kind: str, registry: Any, where: str) -> tuple[Com
         if label in labels:
             raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
         labels.add(label)
-        reserved = ("kind", "label", "overrides", "problems")
+        reserved = ("kind", "label", "overrides", "problems", *(("reference",) * references))
         settings = {k: v for k, v in entry.items() if k not in reserved}
+        reference = entry.get("reference")
+        if reference is not None:
+            _expect(reference, str, f"{at}.reference")
         overrides = _expect(entry.get("overrides", {}), dict, f"{at}.overrides")
         only = entry.get("problems")
         if only is not None:
@@ -181,7 +193,22 @@ def _components(entries: Any, kind: str, registry: Any, where: str) -> tuple[Com
             build_component(
                 registry, name, {**settings, **changes}, where=f"{at}.overrides.{problem}"
             )
-        specs.append(ComponentSpec(name, label, settings, overrides, only))
+        specs.append(ComponentSpec(name, label, settings, overrides, only, reference))
+    for spec in specs:
+        if spec.reference is None:
+            continue
+        target = next((other for other in specs if other.label == spec.reference), None)
+        if target is None or target is spec:
+            raise FidelityError(
+                f"{where}: {spec.label}.reference {spec.reference!r} must be the label of "
+                f"another {kind} ({', '.join(s.label for s in specs if s is not spec)})"
+            )
+        if target.problems is not None and (
+            spec.problems is None or set(spec.problems) - set(target.problems)
+        ):
+            raise FidelityError(
+                f"{where}: {spec.label} runs on problems its reference {target.label!r} does not"
+            )
     return tuple(specs)
 
 
@@ -230,7 +257,9 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
     repeated = sorted({p for p in problems if problems.count(p) > 1})
     if repeated:
         raise FidelityError(f"{where}: problems lists {', '.join(repeated)} more than once")
-    estimators = _components(data["estimators"], "estimator", ESTIMATORS, f"{where}: estimators")
+    estimators = _components(
+        data["estimators"], "estimator", ESTIMATORS, f"{where}: estimators", references=True
+    )
     responses = _components(data["responses"], "response", RESPONSES, f"{where}: responses")
     selection_table = dict(_expect(data.get("selection", {}), dict, f"{where}: selection"))
     selection_changes = _expect(

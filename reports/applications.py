@@ -74,7 +74,8 @@ def render_poison(result: dict[str, Any]) -> str:
     ]
     if result["deterministic_training"]:
         lines.append(
-            "Training is convex and converged, so only the random choice varies with the seed."
+            "Training is convex and converged, so only the random choice varies with the seed; "
+            "a choice that does not is retrained once (no interval)."
         )
     lines += ["", "| points chosen by | accuracy after | change |", "|---|---:|---:|"]
     before = result["accuracy_before"]["mean"]

@@ -51,12 +51,13 @@ def scatter_grid(
             axis.plot([low, high], [low, high], color="0.3", linewidth=0.8, linestyle="--")
             r = problem["metrics"][estimator][response]["pearson"]["value"]
             r_text = "n/a" if r is None else f"{r:.3f}"
-            axis.set_title(f"{problem['name']}: {estimator} vs {response}, r = {r_text}")
+            axis.set_title(f"{estimator} vs {response}\nPearson r = {r_text}")
             axis.set_xlabel(f"actual change in test loss ({response})")
             axis.set_ylabel(f"predicted change in test loss ({estimator})")
             axis.ticklabel_format(style="sci", scilimits=(-3, 3))
     if axes[0, 0].get_legend() is not None:
         axes[0, 0].legend(title="removed point", loc="upper left", fontsize=7, title_fontsize=7)
+    figure.suptitle(f"{problem['name']}: predicted vs actual change in test loss")
     return _save(figure, path, dpi=dpi)
 
 
@@ -157,7 +158,7 @@ def trend_lines(
     problems = list(results["problems"])
     runs = [*history, None]
     sns.set_theme(style="whitegrid", context="paper")
-    figure, axes = plt.subplots(len(problems), 1, figsize=(7.0, 2.6 * len(problems)), squeeze=False)
+    figure, axes = plt.subplots(len(problems), 1, figsize=(7.0, 2.1 * len(problems)), squeeze=False)
     positions = np.arange(len(runs))
     labels = [(run.created if run else results["created"])[5:16].replace("T", " ") for run in runs]
     for axis, name in zip(axes[:, 0], problems, strict=True):

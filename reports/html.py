@@ -123,6 +123,7 @@ def render_html(
             if kind in shown:
                 body.append(figure_html(run_dir / shown[kind], FIGURE_CAPTIONS[kind]))
         body.append(table_html((per_test or {}).get(name)))
+        body.append(table_html(tables.conformance_table(problem)))
         body.append(table_html(tables.agreement_table(problem)))
         body.append(table_html(tables.influential_table(problem)))
         if "decomposition" in shown:

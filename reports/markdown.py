@@ -66,6 +66,7 @@ def render_markdown(
         warnings = tables.estimator_warnings(problem)
         if warnings:
             lines += ["", "Warnings:", ""] + [f"- {md_escape(w)}" for w in warnings]
+        lines += table_lines(tables.conformance_table(problem))
         lines += table_lines(tables.agreement_table(problem))
         lines += table_lines(tables.influential_table(problem))
         lines += table_lines((per_test or {}).get(name))

@@ -348,8 +348,8 @@ def influential_table(problem: dict[str, Any]) -> Table | None:
             entry["reason"],
             str(entry["label"]),
             *((entry.get("text") or "",) if has_text else ()),
-            f"{entry['mean_actual']:.3e}",
-            *(f"{entry['mean_predicted'][label]:.3e}" for label in estimators),
+            number(entry["mean_actual"], ".3e"),
+            *(number(entry["mean_predicted"][label], ".3e") for label in estimators),
         )
         for entry in entries
     ]
@@ -360,6 +360,43 @@ def influential_table(problem: dict[str, Any]) -> Table | None:
         "largest mean |actual delta| over the test points; positive: removing it raises the "
         "test loss (it helped)",
     )
+
+
+def conformance_table(problem: dict[str, Any]) -> Table | None:
+    """Each estimator against the reference whose estimand it claims to compute."""
+    found = problem.get("conformance")
+    if not found:
+        return None
+    rows = []
+    for label, entry in found.items():
+        pearson = entry["pearson"]
+        difference = entry["max_relative_difference"]
+        rows.append(
+            (
+                label,
+                problem["estimators"][label]["kind"],
+                entry["reference"],
+                "n/a" if pearson is None else f"{pearson:.6f}",
+                "n/a" if difference is None else f"{difference:.2e}",
+                "yes" if entry["finite"] else "no",
+                f"PROBABLE DEFECT: {entry['reason']}" if entry["flagged"] else "ok",
+            )
+        )
+    header = (
+        "estimator",
+        "kind",
+        "claims the estimand of",
+        "Pearson",
+        "max relative difference",
+        "finite",
+        "verdict",
+    )
+    threshold = next(iter(found.values()))["threshold"]
+    note = (
+        f"flagged: Pearson below {threshold} or any NaN/inf; max relative difference = "
+        "max |estimator - reference| / max |reference|"
+    )
+    return Table("Conformance", header, rows, note)
 
 
 def estimator_warnings(problem: dict[str, Any]) -> list[str]:
@@ -376,6 +413,12 @@ def estimator_warnings(problem: dict[str, Any]) -> list[str]:
             found.append(
                 f"{label}: {diagnostics['unconverged_columns']} test point(s) did not reach the "
                 f"tolerance (largest relative residual {diagnostics['max_relative_residual']:.2e})"
+            )
+    for label, entry in (problem.get("conformance") or {}).items():
+        if entry["flagged"]:
+            found.append(
+                f"{label}: probable implementation defect against {entry['reference']} "
+                f"({entry['reason']})"
             )
     return found
 

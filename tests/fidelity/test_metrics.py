@@ -113,3 +113,23 @@ def test_split_half_reliability_needs_two_seeds():
 
     with pytest.raises(FidelityError, match="at least two seeds"):
         split_half_reliability(np.zeros((1, 3, 4)))
+
+
+def test_conformance_flags_disagreement_and_non_finite_values():
+    from fidelity.metrics import conformance
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(4, 30))
+    same = conformance(reference.copy(), reference)
+    assert same["pearson"] == pytest.approx(1.0) and same["max_relative_difference"] == 0
+    assert not same["flagged"] and same["reason"] is None
+    scaled = conformance(1.002 * reference, reference)  # correlated perfectly, off in scale
+    assert not scaled["flagged"]
+    assert scaled["max_relative_difference"] == pytest.approx(0.002)
+    noisy = conformance(reference + 0.1 * rng.normal(size=reference.shape), reference)
+    assert noisy["flagged"] and noisy["reason"].startswith("Pearson 0.99")
+    broken = reference.copy()
+    broken[0, :3] = np.nan
+    found = conformance(broken, reference)
+    assert found["flagged"] and not found["finite"]
+    assert found["reason"] == "3 NaN or infinite value(s)"

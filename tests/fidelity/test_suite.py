@@ -89,7 +89,8 @@ def test_bad_files_name_the_problem(tmp_path, change, message):
 def test_unknown_suite_name_lists_bundled_ones():
     with pytest.raises(
         FidelityError,
-        match=r"unknown suite .smok.; bundled suites: kfac, ladder, nightly, noise, smoke, solvers",
+        match=r"unknown suite .smok.; bundled suites: kfac, ladder, nightly, noise, peers, smoke, "
+        r"solvers",
     ):
         load_suite("smok")
 
@@ -212,7 +213,7 @@ def test_every_bundled_component_builds_for_every_problem(name):
 DAMPED = {"exact", "gnh", "cg", "lissa", "kfac", "ekfac", "proximal", "pbrf", "linear"}
 
 
-@pytest.mark.parametrize("name", ["ladder", "nightly"])
+@pytest.mark.parametrize("name", ["ladder", "nightly", "peers"])
 def test_ladder_suites_share_one_damping_per_problem(name):
     """The decomposition's last gap is solver error only if the damped stages and the
     Hessian-based estimators use the same damping."""
@@ -224,3 +225,46 @@ def test_ladder_suites_share_one_damping_per_problem(name):
             if spec.kind in DAMPED and spec.runs_on(problem)
         }
         assert len(set(dampings.values())) == 1, (problem, dampings)
+
+
+def test_estimator_references_are_checked():
+    from fidelity.suite import parse_suite
+
+    base = {
+        "name": "s",
+        "problems": ["digits-logreg", "cancer-logreg"],
+        "estimators": [{"kind": "exact"}, {"kind": "cg", "reference": "exact"}],
+        "responses": [{"kind": "cold"}],
+    }
+    suite = parse_suite(base)
+    assert suite.estimators[1].reference == "exact"
+    assert suite.to_dict()["estimators"][1]["reference"] == "exact"
+    assert "reference" not in suite.to_dict()["estimators"][0]
+    for entries, message in (
+        ([{"kind": "exact"}, {"kind": "cg", "reference": "nope"}], "must be the label of another"),
+        ([{"kind": "cg", "reference": "cg"}, {"kind": "exact"}], "must be the label of another"),
+        (
+            [
+                {"kind": "exact", "problems": ["digits-logreg"]},
+                {"kind": "cg", "reference": "exact"},
+            ],
+            "does not",
+        ),
+    ):
+        with pytest.raises(FidelityError, match=message):
+            parse_suite({**base, "estimators": entries})
+    with pytest.raises(FidelityError, match="reference"):
+        parse_suite({**base, "responses": [{"kind": "cold", "reference": "exact"}]})
+
+
+def test_peers_compare_like_with_like():
+    """Every external estimator of the peers suite names a reference of ours at its damping."""
+    suite = load_suite("peers")
+    labels = {spec.label: spec for spec in suite.estimators}
+    external = [spec for spec in suite.estimators if spec.kind.startswith("estimators.external")]
+    assert len(external) == 8
+    for spec in external:
+        assert spec.reference in labels and not labels[spec.reference].kind.startswith("estim")
+        for problem in suite.problems:
+            ours = labels[spec.reference].settings_for(problem).get("damping", 0.0)
+            assert spec.settings_for(problem).get("damping", 0.0) == ours, (spec.label, problem)

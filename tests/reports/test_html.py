@@ -161,3 +161,45 @@ def test_the_report_renders_in_headless_chromium_without_console_errors(markup_r
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "report.png")
+
+
+def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp_path):
+    suite = parse_suite(
+        {
+            "name": "conformance",
+            "problems": ["tests.fidelity.user_problems:tiny"],
+            "selection": {"test_points": 3, "top": 4, "random": 4},
+            "metrics": {"bootstrap": 20},
+            "estimators": [
+                {"kind": "exact"},
+                {"kind": "cg", "tol": 1e-12, "reference": "exact"},
+                {"kind": "grad-dot", "reference": "exact"},
+                {
+                    "kind": "tests.fidelity.user_estimators:NanAfterFirstColumn",
+                    "label": "broken",
+                    "reference": "exact",
+                },
+            ],
+            "responses": [{"kind": "cold"}],
+        }
+    )
+    out = tmp_path / "run"
+    results = run_suite(suite, RunOptions(out=out, progress=False))
+    (problem,) = results["problems"].values()
+    found = problem["conformance"]
+    assert set(found) == {"cg", "grad-dot", "broken"}
+    arrays = np.load(out / problem["arrays_file"])
+    exact, cg = arrays["estimator/exact"], arrays["estimator/cg"]
+    assert found["cg"]["max_relative_difference"] == pytest.approx(
+        np.abs(cg - exact).max() / np.abs(exact).max()
+    )
+    assert not found["cg"]["flagged"] and found["cg"]["pearson"] > 0.999999
+    assert found["grad-dot"]["flagged"] and found["grad-dot"]["reason"].startswith("Pearson")
+    assert found["broken"]["flagged"] and found["broken"]["finite"] is False
+    assert found["broken"]["reason"] == f"{3 * 7} NaN or infinite value(s)"
+    assert problem["metrics"]["broken"]["cold"]["pearson"]["value"] is None
+    markdown = (out / "report.md").read_text()
+    assert "PROBABLE DEFECT: 21 NaN or infinite value(s)" in markdown
+    assert "| cg | cg | exact | 1.000000 |" in markdown
+    assert "broken: probable implementation defect against exact" in markdown
+    assert "PROBABLE DEFECT" in (out / "report.html").read_text()

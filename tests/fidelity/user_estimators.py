@@ -1,0 +1,20 @@
+"""Estimators importable by path, as a peer library's adapter would be."""
+
+from torch import Tensor
+
+from estimators.baselines import GradDotEstimator
+from fidelity.problem import Examples
+
+
+class NanAfterFirstColumn(GradDotEstimator):
+    """grad-dot whose scores are NaN beyond the first training point: a broken solver."""
+
+    name = "nan-after-first"
+
+    def scores(self, test: Examples, train: Examples) -> Tensor:
+        values = super().scores(test, train).clone()
+        values[:, 1:] = float("nan")
+        return values
+
+    def parameter_changes(self, train: Examples) -> Tensor | None:
+        return None
