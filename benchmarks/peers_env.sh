@@ -18,4 +18,6 @@ python -m pip install --quiet "accelerate>=0.31" "einops>=0.8" "einconv>=0.1" "o
 python -m pip install --quiet --no-deps "kronfluence==1.0.1"
 # pyDVL 0.10 pins numpy < 2 and needs zarr (2.x goes with numpy 1.x); captum for later adapters.
 python -m pip install --quiet "pydvl==0.10.0" "numpy<2" "zarr<3" "captum==0.9.0"
+# dattri 0.3.0 (numpy>=1.25, so pyDVL's numpy<2 still holds; it pulls in pretty_midi).
+python -m pip install --quiet "dattri==0.3.0" "numpy<2"
 python -c "import kronfluence, pydvl, torch; print('kronfluence', kronfluence.__version__, 'pydvl', pydvl.__version__, 'torch', torch.__version__)"

@@ -193,7 +193,9 @@ def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> li
         axis.set_xticks(np.arange(len(stages)), stages, rotation=30, ha="right")
         axis.set_title(problem)
         axis.set_ylabel("pooled Pearson r")
-        axis.set_ylim(top=1.02)
+    finite = [v for row in rows for v in (row["pearson"], row["low"]) if v is not None]
+    bottom = min(finite, default=0.0)
+    axes.ravel()[0].set_ylim(bottom - 0.05 * (1.02 - bottom), 1.02)  # shared: every value shows
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
     figure.legend(
         handles,

@@ -93,6 +93,11 @@ class KronfluenceEstimator(Estimator):
         start = time.perf_counter()
         problem = trained.problem
         module = trained_module(trained)
+        if not any(True for _ in module.children()):
+            # kronfluence tracks a model's submodules by replacing them in their parent; a model
+            # that is a single layer has no parent to replace it in (prepare_model then recurses
+            # without end), so it is given one. Same parameters, same outputs.
+            module = nn.Sequential(module)
         task = _make_task(task_cls, problem.loss)
         self.task_ = task
         self.module_ = prepare_model(module, task)

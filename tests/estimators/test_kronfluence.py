@@ -50,3 +50,18 @@ def test_kronecker_scores_agree_with_kronfluence(trained_problems, ours, strateg
     r = np.corrcoef(ours_scores.flatten().numpy(), theirs.flatten().numpy())[0, 1]
     assert r >= 0.99
     torch.testing.assert_close(ours_scores, theirs, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.skipif(not HAS_KRONFLUENCE, reason="kronfluence is not installed")
+def test_a_model_that_is_one_layer_is_scored_like_ours(trained_problems):
+    """digits-logreg's model is a bare nn.Linear, which kronfluence cannot track by itself
+    (prepare_model recursed without end); the adapter gives it a parent."""
+    trained = trained_problems("digits-logreg")
+    problem = trained.problem
+    test = problem.test.subset(torch.arange(10))
+    ours = EkfacEstimator(damping=0.0, damping_mode="absolute", fisher="empirical")
+    theirs = KronfluenceEstimator(strategy="ekfac", fisher="empirical", damping=0.0)
+    expected = ours.fit(trained).scores(test, problem.train)
+    torch.testing.assert_close(
+        theirs.fit(trained).scores(test, problem.train), expected, rtol=1e-8, atol=1e-14
+    )

@@ -262,7 +262,7 @@ def test_peers_compare_like_with_like():
     suite = load_suite("peers")
     labels = {spec.label: spec for spec in suite.estimators}
     external = [spec for spec in suite.estimators if spec.kind.startswith("estimators.external")]
-    assert len(external) == 8
+    assert len(external) == 12
     for spec in external:
         assert spec.reference in labels and not labels[spec.reference].kind.startswith("estim")
         for problem in suite.problems:
