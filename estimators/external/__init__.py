@@ -21,3 +21,13 @@ def trained_module(trained: TrainedProblem) -> nn.Module:
     module = problem.build_model().to(dtype=problem.dtype, device=problem.device)
     module.load_state_dict(trained.model.spec.unflatten(trained.theta.detach().clone()))
     return module.eval()
+
+
+def with_parent(module: nn.Module) -> nn.Module:
+    """``module``, or a one-element ``nn.Sequential`` around it when it has no submodules.
+
+    Libraries that find a model's layers among its submodules (kronfluence replaces them in
+    their parent; dattri collects parameters by submodule) cannot handle a model that is a
+    single layer, such as the logistic problems' bare ``nn.Linear``. Same parameters, same
+    outputs."""
+    return module if any(True for _ in module.children()) else nn.Sequential(module)

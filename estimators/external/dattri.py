@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
-from estimators.external import trained_module
+from estimators.external import trained_module, with_parent
 from estimators.kfac import check_layers
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
@@ -205,7 +205,7 @@ class DattriEstimator(Estimator):
 
     def _attributor(self, trained: TrainedProblem, task_cls: Any, attributors: dict) -> Any:
         problem = trained.problem
-        module = trained_module(trained)
+        module = with_parent(trained_module(trained))  # dattri found no parameters in a bare layer
         task = task_cls(
             loss_func=self._loss(trained, module),
             model=module,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
-from estimators.external import trained_module
+from estimators.external import trained_module, with_parent
 from estimators.kfac import sampled_targets
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
@@ -92,12 +92,8 @@ class KronfluenceEstimator(Estimator):
         analyzer_cls, prepare_model, factor_args_cls, _, task_cls = _import_kronfluence()
         start = time.perf_counter()
         problem = trained.problem
-        module = trained_module(trained)
-        if not any(True for _ in module.children()):
-            # kronfluence tracks a model's submodules by replacing them in their parent; a model
-            # that is a single layer has no parent to replace it in (prepare_model then recurses
-            # without end), so it is given one. Same parameters, same outputs.
-            module = nn.Sequential(module)
+        # A bare layer has no parent to be replaced in: prepare_model recursed without end.
+        module = with_parent(trained_module(trained))
         task = _make_task(task_cls, problem.loss)
         self.task_ = task
         self.module_ = prepare_model(module, task)

@@ -219,3 +219,16 @@ def test_runs_in_the_problem_dtype_and_restores_the_default(mlp, exact):
         torch.set_default_dtype(previous)
     assert actual.dtype == torch.float64
     assert relative_error(actual, exact) <= 1e-12
+
+
+@needs_dattri
+def test_a_model_that_is_one_layer_equals_exact(trained_problems):
+    """digits-logreg's model is a bare nn.Linear, in which dattri found no parameters
+    (StopIteration in its get_param); the adapter gives it a parent."""
+    trained = trained_problems("digits-logreg")
+    problem = trained.problem
+    test = problem.test.subset(torch.arange(5))
+    train_points = problem.train.subset(torch.arange(40))
+    expected = ExactEstimator(damping=0.0).fit(trained).scores(test, train_points)
+    actual = DattriEstimator(solver="explicit").fit(trained).scores(test, train_points)
+    assert relative_error(actual, expected) <= 1e-6
