@@ -46,6 +46,7 @@ class RunOptions:
     history: Path | None = None
     trend_runs: int = 20
     reports: bool = True  # render report.md, report.html and figures/ (a data-only run: False)
+    decomposition: bool = True  # decompose the gaps when the suite has ladder stages
 
 
 @dataclass
@@ -63,8 +64,11 @@ def problem_seed(suite_seed: int, problem_name: str) -> np.random.Generator:
     return np.random.default_rng([suite_seed, zlib.crc32(problem_name.encode())])
 
 
-def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> ProblemOutcome:
-    """Train one problem, choose points, run all estimators and responses, score them."""
+def evaluate_problem(
+    problem_name: str, suite: Suite, execution: Any, *, decomposition: bool = True
+) -> ProblemOutcome:
+    """Train one problem, choose points, run all estimators and responses, score them (and,
+    with ladder stages and ``decomposition``, decompose the gaps)."""
     from estimators import ESTIMATORS
     from retrain import RESPONSES, train
 
@@ -183,14 +187,14 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
             metrics[estimator_label][response_label] = {
                 name: interval.to_dict() for name, interval in intervals.items()
             }
-    decomposition = None
-    if any(stage.kind in LADDER for stage in stages):
+    gaps = None
+    if decomposition and any(stage.kind in LADDER for stage in stages):
         tick = time.perf_counter()
         predictions = {}
         for label, estimator in fitted.items():
             changes = estimator.parameter_changes(removed_train)
             predictions[label] = (arrays[f"estimator/{label}"], changes)
-        decomposition = decompose(trained, stages, predictions)
+        gaps = decompose(trained, stages, predictions)
         timings["decomposition_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - start
     summary = {
@@ -216,7 +220,7 @@ def evaluate_problem(problem_name: str, suite: Suite, execution: Any) -> Problem
         "responses": response_info,
         "metrics": metrics,
         "agreement": agreement,
-        "decomposition": decomposition,
+        "decomposition": gaps,
         "conformance": conformance_found,
         "most_influential": most_influential(problem, arrays, next(iter(response_info))),
         "timings": timings,
@@ -304,7 +308,9 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
     tick = time.perf_counter()
     outcomes: dict[str, ProblemOutcome] = {}
     for problem_name in suite.problems:
-        outcome = evaluate_problem(problem_name, suite, execution)
+        outcome = evaluate_problem(
+            problem_name, suite, execution, decomposition=options.decomposition
+        )
         name = outcome.summary["name"]
         if name in outcomes:
             raise FidelityError(f"two problems of suite {suite.name!r} are both named {name!r}")

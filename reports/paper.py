@@ -75,7 +75,14 @@ def koh2017_fig2(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list
     figure, axes = subplots(1, len(panels), figsize=(TEXT_WIDTH, 2.6), squeeze=False)
     rows = []
     for axis, panel in zip(axes[0], panels, strict=True):
-        actual, predicted = np.asarray(panel["actual"]), np.asarray(panel["predicted"])
+        raw_actual, raw_predicted = np.asarray(panel["actual"]), np.asarray(panel["predicted"])
+        # One power of ten for both axes, written into the labels (matplotlib's offset text
+        # would collide with the x label at this size); the CSV keeps the raw values.
+        largest = float(max(np.abs(raw_actual).max(), np.abs(raw_predicted).max(), 1e-300))
+        exponent = int(np.floor(np.log10(largest)))
+        unit = "" if -1 <= exponent <= 1 else f" (×1e{exponent})"
+        factor = 1.0 if not unit else 10.0**-exponent
+        actual, predicted = raw_actual * factor, raw_predicted * factor
         axis.scatter(actual, predicted, s=9, alpha=0.75, color="#2f4b7c", linewidth=0)
         low = float(min(actual.min(), predicted.min()))
         high = float(max(actual.max(), predicted.max()))
@@ -85,10 +92,9 @@ def koh2017_fig2(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list
         axis.set_ylim(low - pad, high + pad)
         axis.set_aspect("equal")
         axis.set_title(f"{panel['title']}\nPearson r = {panel['pearson']:.3f}")
-        axis.set_xlabel(f"actual change in test loss ({panel['response']})")
-        axis.set_ylabel(f"predicted change ({panel['estimator']})")
-        axis.ticklabel_format(style="sci", scilimits=(-2, 2))
-        for position, (a, p) in enumerate(zip(actual, predicted, strict=True)):
+        axis.set_xlabel(f"actual change in test loss{unit}\n({panel['response']})")
+        axis.set_ylabel(f"predicted change{unit}\n({panel['estimator']})")
+        for position, (a, p) in enumerate(zip(raw_actual, raw_predicted, strict=True)):
             rows.append(
                 {
                     "panel": panel["title"],
