@@ -227,6 +227,7 @@ def _cache_dir_in_environment(args: argparse.Namespace):
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from fidelity.metrics import format_interval
     from fidelity.runner import RunOptions, run_suite
     from fidelity.suite import load_suite
 
@@ -250,18 +251,10 @@ def command_run(args: argparse.Namespace) -> int:
                 pearson, spearman = metrics["pearson"], metrics["spearman"]
                 print(
                     f"{name:<18} {estimator:>10} vs {response:<8} "
-                    f"pearson {_fmt(pearson)}  spearman {_fmt(spearman)}"
+                    f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
                 )
     print(f"wrote {out} in {results['timings']['total_seconds']:.1f} s")
     return 0
-
-
-def _fmt(entry: dict[str, float | None]) -> str:
-    if entry["value"] is None:
-        return "n/a"
-    if entry["low"] is None:
-        return f"{entry['value']:.4f}"
-    return f"{entry['value']:.4f} [{entry['low']:.4f}, {entry['high']:.4f}]"
 
 
 def command_list(_: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fidelity.errors import FidelityError
+from fidelity.metrics import format_interval
 
 DEFAULT_METRICS = ("pearson", "spearman")
 
@@ -39,22 +40,13 @@ class Finding:
 
     def describe(self) -> str:
         where = f"{self.problem} {self.estimator} vs {self.response} {self.metric}"
-        base = _interval_text(self.baseline)
+        base = format_interval(self.baseline)
         if self.status == "missing":
             return f"{where}: in the baseline ({base}) but not in this run"
         if self.status == "undefined":
             return f"{where}: undefined in this run (baseline {base})"
-        return (
-            f"{where}: {_interval_text(self.current)} against baseline {base}, drop {self.drop:.4f}"
-        )
-
-
-def _interval_text(entry: dict[str, float | None] | None) -> str:
-    if entry is None or entry.get("value") is None:
-        return "n/a"
-    if entry.get("low") is None or entry.get("high") is None:
-        return f"{entry['value']:.4f}"
-    return f"{entry['value']:.4f} [{entry['low']:.4f}, {entry['high']:.4f}]"
+        now = format_interval(self.current)
+        return f"{where}: {now} against baseline {base}, drop {self.drop:.4f}"
 
 
 def compare(

@@ -29,6 +29,17 @@ class Interval:
         return {k: (None if np.isnan(v) else float(v)) for k, v in vars(self).items()}
 
 
+def format_interval(entry: dict[str, float | None] | None) -> str:
+    """``value [low, high]`` of a metric entry (``Interval.to_dict()``), ``value`` alone without
+    an interval, ``n/a`` when undefined."""
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    value, low, high = entry["value"], entry.get("low"), entry.get("high")
+    if low is None or high is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} [{low:.4f}, {high:.4f}]"
+
+
 def _pearson_flat(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = np.sqrt((x * x).sum() * (y * y).sum())

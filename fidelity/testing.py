@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fidelity.errors import FidelityError
+from fidelity.metrics import format_interval
 
 CANDIDATE = "candidate"
 
@@ -109,17 +110,9 @@ def assert_fidelity(
     )
     tested = getattr(found, bound)
     if tested is None or not tested >= at_least:
-        interval = (
-            "n/a"
-            if found.value is None
-            else (
-                f"{found.value:.4f} [{found.low:.4f}, {found.high:.4f}]"
-                if found.low is not None
-                else f"{found.value:.4f}"
-            )
-        )
         raise AssertionError(
             f"fidelity of {estimator!r} on {problem!r} against {response!r}: {metric} "
-            f"{interval}; its {bound} is below the required {at_least}"
+            f"{format_interval(found.metrics[metric])}; its {bound} is below the required "
+            f"{at_least}"
         )
     return found

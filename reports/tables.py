@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fidelity.metrics import row_pearson, row_spearman
+from fidelity.metrics import format_interval, row_pearson, row_spearman
 
 METRIC_COLUMNS = (
     ("pearson", "Pearson"),
@@ -40,15 +40,6 @@ class Table:
     header: tuple[str, ...]
     rows: list[tuple[str, ...]] = field(default_factory=list)
     note: str = ""
-
-
-def format_interval(entry: dict[str, float | None] | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "n/a"
-    value, low, high = entry["value"], entry.get("low"), entry.get("high")
-    if low is None or high is None:
-        return f"{value:.4f}"
-    return f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
 
 def number(value: float | None, spec: str = ".4f") -> str:
