@@ -8,7 +8,8 @@ runner, or reading given run directories) and hand it to ``reports.paper`` to dr
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,24 +37,25 @@ class FigureContext:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+@contextmanager
 def _run(
     suite: Any, context: FigureContext, *, decomposition: bool = True
-) -> tuple[dict[str, Any], Path, Any]:
+) -> Iterator[tuple[dict[str, Any], Path]]:
     """Run ``suite`` into a temporary directory (never into the run history, no reports);
-    returns (results, run_dir, the TemporaryDirectory that holds it)."""
+    yields (results, run_dir), the directory removed afterwards."""
     from fidelity.runner import RunOptions, run_suite
 
-    holder = tempfile.TemporaryDirectory(prefix="fidelity-figure-")
-    run_dir = Path(holder.name) / "run"
-    options = RunOptions(
-        out=run_dir,
-        cache_dir=context.cache_dir,
-        workers=context.workers,
-        progress=False,
-        reports=False,
-        decomposition=decomposition,
-    )
-    return run_suite(suite, options), run_dir, holder
+    with tempfile.TemporaryDirectory(prefix="fidelity-figure-") as folder:
+        run_dir = Path(folder) / "run"
+        options = RunOptions(
+            out=run_dir,
+            cache_dir=context.cache_dir,
+            workers=context.workers,
+            progress=False,
+            reports=False,
+            decomposition=decomposition,
+        )
+        yield run_suite(suite, options), run_dir
 
 
 KOH_PANELS = (
@@ -100,8 +102,7 @@ def koh2017_fig2(context: FigureContext) -> list[Path]:
         # Only the scatter is drawn: the per-removal parameter changes of a decomposition
         # (100 CG solves on the CNN) would dominate the figure's cost.
         suite = parse_suite(suite, source="koh2017-fig2")
-        results, run_dir, holder = _run(suite, context, decomposition=False)
-        with holder:
+        with _run(suite, context, decomposition=False) as (results, run_dir):
             problem = next(iter(results["problems"].values()))
             arrays = load_problem_arrays(run_dir, problem)
         panels.append(
@@ -134,9 +135,8 @@ def ladder_results(context: FigureContext) -> list[dict[str, Any]]:
         found = [load_results(run) for run in context.runs]
     else:
         suite = load_suite("nightly").with_problems(context.problems or LADDER_PROBLEMS)
-        results, _, holder = _run(suite, context)
-        holder.cleanup()
-        found = [results]
+        with _run(suite, context) as (results, _):
+            found = [results]
     for results, source in zip(found, context.runs or ("nightly",), strict=True):
         if not any(_is_ladder(problem) for problem in results["problems"].values()):
             raise FidelityError(
@@ -151,6 +151,14 @@ def _is_ladder(problem: dict[str, Any]) -> bool:
     return bool(decomposition) and len(decomposition["stages"]) >= 2
 
 
+def ladder_problems(context: FigureContext) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, problem summary) of every problem with a ladder in the figure's runs."""
+    for results in ladder_results(context):
+        for name, problem in results["problems"].items():
+            if _is_ladder(problem):
+                yield name, problem
+
+
 @PAPER_FIGURES.register(
     "bae2022-decomposition",
     description="the five gaps between leave-one-out and influence per model, in output space "
@@ -160,15 +168,12 @@ def bae2022_decomposition(context: FigureContext) -> list[Path]:
     from reports.paper import bae2022_decomposition as draw
 
     rows = []
-    for results in ladder_results(context):
-        for name, problem in results["problems"].items():
-            if not _is_ladder(problem):
-                continue
-            decomposition = problem["decomposition"]
-            for gap in decomposition["gaps"]:
-                rows.append(_gap_row(name, gap, " + ".join(gap["components"])))
-            for label, gap in decomposition["estimators"].items():
-                rows.append(_gap_row(name, gap, f"{' + '.join(gap['components'])} ({label})"))
+    for name, problem in ladder_problems(context):
+        decomposition = problem["decomposition"]
+        for gap in decomposition["gaps"]:
+            rows.append(_gap_row(name, gap, " + ".join(gap["components"])))
+        for label, gap in decomposition["estimators"].items():
+            rows.append(_gap_row(name, gap, f"{' + '.join(gap['components'])} ({label})"))
     return draw(rows, Path(context.out), "bae2022-decomposition")
 
 
@@ -190,25 +195,21 @@ def _gap_row(problem: str, gap: dict[str, Any], name: str) -> dict[str, Any]:
 )
 def estimator_ladder(context: FigureContext) -> list[Path]:
     from reports.paper import estimator_ladder as draw
-    from reports.paper import ladder_order
 
     rows = []
-    for results in ladder_results(context):
-        for name, problem in results["problems"].items():
-            if not _is_ladder(problem):
-                continue
-            kinds = {label: info["kind"] for label, info in problem["responses"].items()}
-            for estimator, by_response in problem["metrics"].items():
-                for stage in ladder_order(kinds):
-                    entry = by_response[stage]["pearson"]
-                    rows.append(
-                        {
-                            "problem": name,
-                            "estimator": estimator,
-                            "stage": stage,
-                            "pearson": entry["value"],
-                            "low": entry["low"],
-                            "high": entry["high"],
-                        }
-                    )
+    for name, problem in ladder_problems(context):
+        for estimator, by_response in problem["metrics"].items():
+            # The decomposition lists the run's ladder stages in ladder order.
+            for stage in problem["decomposition"]["stages"]:
+                entry = by_response[stage]["pearson"]
+                rows.append(
+                    {
+                        "problem": name,
+                        "estimator": estimator,
+                        "stage": stage,
+                        "pearson": entry["value"],
+                        "low": entry["low"],
+                        "high": entry["high"],
+                    }
+                )
     return draw(rows, Path(context.out), "estimator-ladder")

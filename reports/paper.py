@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fidelity.decomposition import LADDER
-
 #: Full text width of a two-column paper (inches); fonts sized to be read at 100%.
 TEXT_WIDTH = 6.75
 FONT = {
@@ -47,7 +45,7 @@ def _figure():
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper", rc=FONT)
-    return plt, sns, plt.subplots
+    return plt, sns
 
 
 def _save(
@@ -71,8 +69,8 @@ def koh2017_fig2(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list
     """
     import numpy as np
 
-    plt, _, subplots = _figure()
-    figure, axes = subplots(1, len(panels), figsize=(TEXT_WIDTH, 2.6), squeeze=False)
+    plt, _ = _figure()
+    figure, axes = plt.subplots(1, len(panels), figsize=(TEXT_WIDTH, 2.6), squeeze=False)
     rows = []
     for axis, panel in zip(axes[0], panels, strict=True):
         raw_actual, raw_predicted = np.asarray(panel["actual"]), np.asarray(panel["predicted"])
@@ -110,12 +108,6 @@ def koh2017_fig2(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list
     return _save(plt, figure, out, name, rows)
 
 
-def ladder_order(stage_kinds: dict[str, str]) -> list[str]:
-    """Response labels in ladder order (labels of non-ladder kinds last)."""
-    rank = {kind: i for i, kind in enumerate(LADDER)}
-    return sorted(stage_kinds, key=lambda label: rank.get(stage_kinds[label], len(LADDER)))
-
-
 def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
     """Bars of the five gaps per model (Bae et al. 2022): output-space RMS and relative MAE on
     the measurement. ``rows``: {problem, gap, output_rms, relative_mae, ...}; gaps without an
@@ -124,12 +116,12 @@ def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) 
     at the axis floor and labelled 0."""
     import numpy as np
 
-    plt, sns, subplots = _figure()
+    plt, sns = _figure()
     drawn = [row for row in rows if row["output_rms"] is not None]
     gaps = list(dict.fromkeys(row["gap"] for row in drawn))
     problems = list(dict.fromkeys(row["problem"] for row in drawn))
     height = 0.22 * len(gaps) * max(len(problems), 2) + 1.3
-    figure, axes = subplots(1, 2, figsize=(TEXT_WIDTH, height), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(TEXT_WIDTH, height), squeeze=False, sharey=True)
     for axis, key, label in (
         (axes[0, 0], "output_rms", "output-space RMS difference"),
         (axes[0, 1], "relative_mae", "mean |Δa − Δb| / mean |Δ cold|"),
@@ -168,11 +160,11 @@ def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> li
     panel per problem, with the bootstrap interval as error bars."""
     import numpy as np
 
-    plt, _, subplots = _figure()
+    plt, _ = _figure()
     problems = list(dict.fromkeys(row["problem"] for row in rows))
     columns = min(len(problems), 3)
     lines = -(-len(problems) // columns)
-    figure, axes = subplots(
+    figure, axes = plt.subplots(
         lines, columns, figsize=(TEXT_WIDTH, 2.3 * lines + 0.3), squeeze=False, sharey=True
     )
     for axis in axes.ravel()[len(problems) :]:
