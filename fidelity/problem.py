@@ -311,6 +311,32 @@ class FunctionalModel:
 
 
 @dataclass(frozen=True)
+class OptimizerState:
+    """Where the recipe's optimizer stands: SGD's momentum buffer (``first``) or Adam's first and
+    second moments, ``[n_models, p]`` each, and the number of steps taken (Adam's bias
+    correction). Warm-started retrains resume it, so that continued training takes the steps the
+    recipe would have taken next instead of restarting the optimizer."""
+
+    first: Tensor
+    second: Tensor
+    step: int
+
+    @classmethod
+    def fresh(cls, thetas: Tensor) -> OptimizerState:
+        return cls(torch.zeros_like(thetas), torch.zeros_like(thetas), 0)
+
+    def repeat(self, n_models: int) -> OptimizerState:
+        """One model's state for ``n_models`` models."""
+        if self.first.shape[0] != 1:
+            raise FidelityError("only a single model's optimizer state can be repeated")
+        return OptimizerState(
+            self.first.expand(n_models, -1).clone(),
+            self.second.expand(n_models, -1).clone(),
+            self.step,
+        )
+
+
+@dataclass(frozen=True)
 class TrainedProblem:
     """A problem with its trained parameters theta_s (flat) and how training went."""
 
@@ -318,6 +344,8 @@ class TrainedProblem:
     model: FunctionalModel
     theta: Tensor
     info: Mapping[str, object] = field(default_factory=dict)
+    # A minibatch recipe's optimizer state at theta_s (one model), which warm starts resume.
+    optimizer_state: OptimizerState | None = None
 
     @property
     def n_params(self) -> int:

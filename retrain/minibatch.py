@@ -7,13 +7,22 @@ leave-one-out retrain sets one weight to 0, so the two are paired step for step.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs, regulariser
-from fidelity.problem import FunctionalModel, MinibatchRecipe, Problem
+from fidelity.problem import FunctionalModel, MinibatchRecipe, OptimizerState, Problem
+
+
+@dataclass(frozen=True)
+class MinibatchRun:
+    """The parameters ``[n_models, p]`` a minibatch run reached and its optimizer's final state."""
+
+    thetas: Tensor
+    state: OptimizerState
 
 
 def batch_order(recipe: MinibatchRecipe, n_train: int) -> Tensor:
@@ -32,10 +41,11 @@ def train_minibatch(
     epochs: int | None = None,
     anchor: Tensor | None = None,
     proximity: float = 0.0,
-) -> Tensor:
+    state: OptimizerState | None = None,
+) -> MinibatchRun:
     """Train ``weights.shape[0]`` models from ``theta0`` for ``epochs`` (default: the recipe's)
-    epochs, adding (proximity/2) ||theta - anchor||^2 when an anchor is given; returns
-    ``[n_models, p]``."""
+    epochs, adding (proximity/2) ||theta - anchor||^2 when an anchor is given, with the
+    optimizer starting from ``state`` (default: fresh, zero moments at step 0)."""
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
     n_models = weights.shape[0]
@@ -47,9 +57,13 @@ def train_minibatch(
 
     gradients = torch.func.vmap(torch.func.grad(minibatch_objective), in_dims=(0, 0, None, None))
     thetas = theta0.detach().unsqueeze(0).repeat(n_models, 1)
-    first = torch.zeros_like(thetas)
-    second = torch.zeros_like(thetas)
-    step = 0
+    state = state if state is not None else OptimizerState.fresh(thetas)
+    if state.first.shape != thetas.shape or state.second.shape != thetas.shape:
+        raise FidelityError(
+            f"optimizer state of shape {tuple(state.first.shape)} does not fit "
+            f"{n_models} models of {thetas.shape[1]} parameters"
+        )
+    first, second, step = state.first.to(thetas), state.second.to(thetas), state.step
     for epoch in range(recipe.epochs):
         for start in range(0, problem.n_train, recipe.batch_size):
             index = order[epoch, start : start + recipe.batch_size]
@@ -68,4 +82,4 @@ def train_minibatch(
                 thetas = thetas - recipe.learning_rate * corrected_first / (
                     corrected_second.sqrt() + recipe.eps
                 )
-    return thetas
+    return MinibatchRun(thetas, OptimizerState(first, second, step))

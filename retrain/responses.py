@@ -160,6 +160,7 @@ class RetrainPlan:
     start: str  # "init" | "trained"
     proximity: float = 0.0
     epochs: int | None = None
+    resume_optimizer: bool = False  # minibatch: continue from the recipe's final optimizer state
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,8 @@ class ColdResponse(Response):
     def _key(fingerprint: str, theta_s: str, plan: RetrainPlan, index: int) -> str:
         # group_size is left out on purpose: it does not change any result. index -1 is the
         # no-removal control run.
+        # Named only when set, so entries computed before resuming existed keep their keys.
+        resumed = {"resume_optimizer": True} if plan.resume_optimizer else {}
         return cache_key(
             kind=plan.stage,
             problem=fingerprint,
@@ -315,6 +318,7 @@ class ColdResponse(Response):
             proximity=plan.proximity,
             epochs=plan.epochs,
             start=plan.start,
+            **resumed,
         )
 
     def _compute_seed(
@@ -392,27 +396,42 @@ class WarmResponse(ColdResponse):
     """Retraining without j started at theta_s (DESIGN's `warm` stage).
 
     For a minibatch recipe: ``epochs`` epochs (default: the recipe's) of the recipe's optimizer,
-    fresh optimizer state, batches in the recipe's seeded order. A no-removal control trained
-    the same way measures the drift of continued training; with ``subtract_drift`` (default)
-    delta is paired against the control, m(theta_j) - m(theta_control), and the mean |drift| of
-    the test losses is reported. For a Newton recipe it is the exact refit (no drift).
+    batches in the recipe's seeded order, the optimizer resuming the state training ended in
+    (``optimizer = "resume"``, default: momentum buffer or Adam moments and step count) or
+    restarted (``"fresh"``: a restarted Adam's first steps move every parameter by about the
+    learning rate whatever its gradient, a drift that can swamp the effect of one removal). A
+    no-removal control trained the same way measures the drift of continued training; with
+    ``subtract_drift`` (default) delta is paired against the control, m(theta_j) -
+    m(theta_control), and the mean |drift| of the test losses is reported. For a Newton recipe
+    it is the exact refit (no drift; ``optimizer`` does not apply).
     """
 
     name = "warm"
 
     def __init__(
-        self, *, epochs: int | None = None, subtract_drift: bool = True, group_size: int = 128
+        self,
+        *,
+        epochs: int | None = None,
+        subtract_drift: bool = True,
+        optimizer: str = "resume",
+        group_size: int = 128,
     ) -> None:
         super().__init__(group_size=group_size)
         if epochs is not None:
             check_positive_int(epochs, f"{self.name}.epochs")
         if not isinstance(subtract_drift, bool):
             raise FidelityError(f"{self.name}.subtract_drift must be true or false")
+        if optimizer not in ("resume", "fresh"):
+            raise FidelityError(f"{self.name}.optimizer must be 'resume' or 'fresh'")
         self.epochs = epochs
         self.subtract_drift = subtract_drift
+        self.optimizer = optimizer
 
     def _plan(self, problem: Problem) -> RetrainPlan:
-        return RetrainPlan(self.name, "trained", 0.0, self.epochs)
+        return RetrainPlan(self.name, "trained", 0.0, self.epochs, self._resumes(problem))
+
+    def _resumes(self, problem: Problem) -> bool:
+        return isinstance(problem.recipe, MinibatchRecipe) and self.optimizer == "resume"
 
 
 class ProximalResponse(WarmResponse):
@@ -427,9 +446,15 @@ class ProximalResponse(WarmResponse):
         damping: float = 0.0,
         epochs: int | None = None,
         subtract_drift: bool = True,
+        optimizer: str = "resume",
         group_size: int = 128,
     ) -> None:
-        super().__init__(epochs=epochs, subtract_drift=subtract_drift, group_size=group_size)
+        super().__init__(
+            epochs=epochs,
+            subtract_drift=subtract_drift,
+            optimizer=optimizer,
+            group_size=group_size,
+        )
         self.damping = check_nonnegative(damping, "proximal.damping")
 
     def _plan(self, problem: Problem) -> RetrainPlan:
@@ -443,7 +468,7 @@ class ProximalResponse(WarmResponse):
                     f"{recipe.learning_rate:g} on {problem.name!r}: learning_rate x damping must "
                     f"stay below 2 (1 + momentum) = {limit:g}; lower the damping"
                 )
-        return RetrainPlan(self.name, "trained", self.damping, self.epochs)
+        return RetrainPlan(self.name, "trained", self.damping, self.epochs, self._resumes(problem))
 
 
 def seeded_variant(problem: Problem, offset: int) -> Problem:
@@ -471,6 +496,14 @@ def _refit_group(
     anchor = trained.theta
     start = trained.theta if plan.start == "trained" else trained.model.initial_theta()
     if isinstance(recipe, MinibatchRecipe):
+        state = None
+        if plan.resume_optimizer:
+            if trained.optimizer_state is None:
+                raise FidelityError(
+                    f"{plan.stage}: theta_s of {problem.name!r} carries no optimizer state to "
+                    "resume; train it with retrain.train, or set optimizer = 'fresh'"
+                )
+            state = trained.optimizer_state.repeat(len(group))
         thetas = train_minibatch(
             trained.model,
             problem,
@@ -480,7 +513,8 @@ def _refit_group(
             epochs=plan.epochs,
             anchor=anchor,
             proximity=plan.proximity,
-        )
+            state=state,
+        ).thetas
         value = torch.func.vmap(
             torch.func.grad(
                 lambda t, w: objective(trained.model, problem, t, w, anchor, plan.proximity)

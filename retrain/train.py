@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -10,7 +11,13 @@ import torch
 from fidelity.cache import ArtifactCache, cache_key
 from fidelity.errors import FidelityError
 from fidelity.objective import objective
-from fidelity.problem import FunctionalModel, MinibatchRecipe, Problem, TrainedProblem
+from fidelity.problem import (
+    FunctionalModel,
+    MinibatchRecipe,
+    OptimizerState,
+    Problem,
+    TrainedProblem,
+)
 from retrain.minibatch import train_minibatch
 from retrain.newton import newton_minimize
 
@@ -24,20 +31,30 @@ def train(problem: Problem, *, cache: ArtifactCache | None = None) -> TrainedPro
     model = FunctionalModel.of(problem.build_model())
     recipe = problem.recipe
     key = cache_key(kind="theta_s", problem=problem.fingerprint())
+    minibatch = isinstance(recipe, MinibatchRecipe)
     stored = cache.load("theta_s", key) if cache is not None else None
-    if stored is not None:
-        theta = torch.as_tensor(stored["theta"], dtype=problem.dtype, device=problem.device)
+    # An entry from before optimizer states were stored is retrained (training is deterministic).
+    if stored is not None and (not minibatch or "optimizer_step" in stored):
+        as_tensor = partial(torch.as_tensor, dtype=problem.dtype, device=problem.device)
         info = {
             "iterations": int(stored["iterations"]),
             "grad_norm": float(stored["grad_norm"]),
             "seconds": float(stored["seconds"]),
             "cached": True,
         }
-        return TrainedProblem(problem, model, theta, info)
+        state = None
+        if minibatch:
+            state = OptimizerState(
+                as_tensor(stored["optimizer_first"]),
+                as_tensor(stored["optimizer_second"]),
+                int(stored["optimizer_step"]),
+            )
+        return TrainedProblem(problem, model, as_tensor(stored["theta"]), info, state)
     start = time.perf_counter()
-    if isinstance(recipe, MinibatchRecipe):
+    if minibatch:
         weights = torch.ones(1, problem.n_train, dtype=problem.dtype, device=problem.device)
-        theta = train_minibatch(model, problem, recipe, model.initial_theta(), weights)[0]
+        run = train_minibatch(model, problem, recipe, model.initial_theta(), weights)
+        theta = run.thetas[0]
         gradient = torch.func.grad(lambda t: objective(model, problem, t))(theta)
         info = {
             "iterations": recipe.epochs,
@@ -45,8 +62,8 @@ def train(problem: Problem, *, cache: ArtifactCache | None = None) -> TrainedPro
             "seconds": time.perf_counter() - start,
             "cached": False,
         }
-        _store(cache, key, theta, info)
-        return TrainedProblem(problem, model, theta.detach(), info)
+        _store(cache, key, theta, info, run.state)
+        return TrainedProblem(problem, model, theta.detach(), info, run.state)
     result = newton_minimize(
         model, problem, model.initial_theta(), gtol=recipe.gtol, max_iter=recipe.max_iter
     )
@@ -67,19 +84,26 @@ def train(problem: Problem, *, cache: ArtifactCache | None = None) -> TrainedPro
     return TrainedProblem(problem, model, result.theta.detach(), info)
 
 
-def _store(cache: ArtifactCache | None, key: str, theta: torch.Tensor, info: dict) -> None:
+def _store(
+    cache: ArtifactCache | None,
+    key: str,
+    theta: torch.Tensor,
+    info: dict,
+    state: OptimizerState | None = None,
+) -> None:
     if cache is None:
         return
-    cache.save(
-        "theta_s",
-        key,
-        {
-            "theta": theta.detach().cpu().numpy(),
-            "iterations": np.int64(info["iterations"]),
-            "grad_norm": np.float64(info["grad_norm"]),
-            "seconds": np.float64(info["seconds"]),
-        },
-    )
+    arrays = {
+        "theta": theta.detach().cpu().numpy(),
+        "iterations": np.int64(info["iterations"]),
+        "grad_norm": np.float64(info["grad_norm"]),
+        "seconds": np.float64(info["seconds"]),
+    }
+    if state is not None:
+        arrays["optimizer_first"] = state.first.detach().cpu().numpy()
+        arrays["optimizer_second"] = state.second.detach().cpu().numpy()
+        arrays["optimizer_step"] = np.int64(state.step)
+    cache.save("theta_s", key, arrays)
 
 
 def theta_digest(trained: TrainedProblem) -> str:

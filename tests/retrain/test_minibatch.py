@@ -35,10 +35,32 @@ def test_vmapped_training_equals_one_model_at_a_time(optimizer):
     model = FunctionalModel.of(problem.build_model())
     theta0 = model.initial_theta()
     weights = removal_weights(problem.n_train, torch.tensor([0, 11, 29]), theta0)
-    together = train_minibatch(model, problem, recipe, theta0, weights)
+    together = train_minibatch(model, problem, recipe, theta0, weights).thetas
     for b in range(3):
-        alone = train_minibatch(model, problem, recipe, theta0, weights[b : b + 1])[0]
+        alone = train_minibatch(model, problem, recipe, theta0, weights[b : b + 1]).thetas[0]
         torch.testing.assert_close(together[b], alone, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resuming_the_optimizer_state_continues_the_run(optimizer):
+    """Full batches make the order irrelevant: 3 + 3 resumed epochs are the 6-epoch run."""
+    problem = network_problem()
+    recipe = MinibatchRecipe(
+        optimizer=optimizer, learning_rate=0.02, epochs=6, batch_size=problem.n_train
+    )
+    model = FunctionalModel.of(problem.build_model())
+    weights = removal_weights(problem.n_train, torch.tensor([3]), model.initial_theta())
+    whole = train_minibatch(model, problem, recipe, model.initial_theta(), weights)
+    half = train_minibatch(model, problem, recipe, model.initial_theta(), weights, epochs=3)
+    assert half.state.step == 3 and whole.state.step == 6
+    rest = train_minibatch(
+        model, problem, recipe, half.thetas[0], weights, epochs=3, state=half.state
+    )
+    restarted = train_minibatch(model, problem, recipe, half.thetas[0], weights, epochs=3)
+    torch.testing.assert_close(rest.thetas, whole.thetas, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rest.state.first, whole.state.first, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rest.state.second, whole.state.second, rtol=0, atol=1e-12)
+    assert float((restarted.thetas - whole.thetas).abs().max()) > 1e-6
 
 
 def test_full_batch_descent_reaches_the_exact_weighted_minimiser():
@@ -53,7 +75,7 @@ def test_full_batch_descent_reaches_the_exact_weighted_minimiser():
     removed = torch.tensor([4, 17])
     exact = refit_removals(model, problem, theta_s, factor, removed).thetas
     weights = removal_weights(problem.n_train, removed, theta_s)
-    descended = train_minibatch(model, problem, recipe, model.initial_theta(), weights)
+    descended = train_minibatch(model, problem, recipe, model.initial_theta(), weights).thetas
     torch.testing.assert_close(descended, exact, rtol=0, atol=1e-9)
 
 
@@ -63,7 +85,7 @@ def test_cold_on_a_network_is_paired_with_theta_s(tmp_path):
     assert trained.info["iterations"] == RECIPE.epochs and trained.info["grad_norm"] > 0
     model = trained.model
     ones = torch.ones(1, problem.n_train)
-    again = train_minibatch(model, problem, RECIPE, model.initial_theta(), ones)[0]
+    again = train_minibatch(model, problem, RECIPE, model.initial_theta(), ones).thetas[0]
     torch.testing.assert_close(again, trained.theta, rtol=0, atol=1e-12)
     removed = torch.arange(0, 30, 3)
     execution = Execution(cache=ArtifactCache(tmp_path))

@@ -46,10 +46,20 @@ def test_warm_on_a_network_is_paired_with_a_no_removal_control():
     removed = torch.tensor([2, 9])
     result = WarmResponse(epochs=5).compute(trained, problem.test, removed)
     ones = torch.ones(1, problem.n_train)
-    control = train_minibatch(trained.model, problem, RECIPE, trained.theta, ones, epochs=5)
+    control = train_minibatch(
+        trained.model, problem, RECIPE, trained.theta, ones, epochs=5, state=trained.optimizer_state
+    ).thetas
     weights = torch.ones(2, problem.n_train)
     weights[0, 2] = weights[1, 9] = 0
-    retrained = train_minibatch(trained.model, problem, RECIPE, trained.theta, weights, epochs=5)
+    retrained = train_minibatch(
+        trained.model,
+        problem,
+        RECIPE,
+        trained.theta,
+        weights,
+        epochs=5,
+        state=trained.optimizer_state.repeat(2),
+    ).thetas
     expected = (
         measure(trained, retrained, problem.test) - measure(trained, control, problem.test)
     ).T
@@ -92,3 +102,40 @@ def test_stages_and_settings_do_not_share_cache_entries(trained_problems, tmp_pa
     assert first.info["refits"] == 6 and other.info["refits"] == 6
     assert again.info["refits"] == 0 and torch.equal(again.deltas, first.deltas)
     assert not torch.allclose(first.deltas, other.deltas)
+
+
+def test_resumed_and_fresh_adam_are_separate_stages(tmp_path):
+    from fidelity.problem import MinibatchRecipe
+
+    recipe = MinibatchRecipe(optimizer="adam", learning_rate=0.01, epochs=40, batch_size=8)
+    problem = network_problem(recipe)
+    execution = Execution(cache=ArtifactCache(tmp_path))
+    trained = train(problem, cache=execution.cache)
+    assert trained.optimizer_state.step == 40 * 4
+    reloaded = train(problem, cache=execution.cache)
+    assert reloaded.info["cached"]
+    for name in ("first", "second"):
+        torch.testing.assert_close(
+            getattr(reloaded.optimizer_state, name), getattr(trained.optimizer_state, name)
+        )
+    removed = torch.tensor([1, 7])
+    resumed = WarmResponse(epochs=2).compute(reloaded, problem.test, removed, execution)
+    fresh = WarmResponse(epochs=2, optimizer="fresh").compute(
+        reloaded, problem.test, removed, execution
+    )
+    assert fresh.info["refits"] == 3  # its own cache entries, not the resumed ones
+    assert not torch.allclose(resumed.deltas, fresh.deltas)
+
+
+def test_resuming_needs_an_optimizer_state():
+    from dataclasses import replace
+
+    from fidelity.errors import FidelityError
+
+    problem = network_problem()
+    trained = replace(train(problem), optimizer_state=None)
+    with pytest.raises(FidelityError, match="no optimizer state"):
+        WarmResponse(epochs=1).compute(trained, problem.test, torch.arange(2))
+    WarmResponse(epochs=1, optimizer="fresh").compute(trained, problem.test, torch.arange(2))
+    with pytest.raises(FidelityError, match="'resume' or 'fresh'"):
+        WarmResponse(optimizer="restart")
