@@ -20,4 +20,16 @@ python -m pip install --quiet --no-deps "kronfluence==1.0.1"
 python -m pip install --quiet "pydvl==0.10.0" "numpy<2" "zarr<3" "captum==0.9.0"
 # dattri 0.3.0 (numpy>=1.25, so pyDVL's numpy<2 still holds; it pulls in pretty_midi).
 python -m pip install --quiet "dattri==0.3.0" "numpy<2"
+# torch-influence is not on PyPI. With TORCH_INFLUENCE_SRC naming a directory that holds its
+# torch_influence package (a checkout of github.com/alstonlo/torch-influence), the environment
+# imports it from there; without it, the torch-influence adapters are skipped.
+if [ -n "${TORCH_INFLUENCE_SRC:-}" ]; then
+    if [ ! -d "$TORCH_INFLUENCE_SRC/torch_influence" ]; then
+        echo "TORCH_INFLUENCE_SRC=$TORCH_INFLUENCE_SRC has no torch_influence package" >&2
+        exit 1
+    fi
+    site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    (cd "$TORCH_INFLUENCE_SRC" && pwd) > "$site/torch_influence_src.pth"
+    python -c "import torch_influence; print('torch_influence from', torch_influence.__file__)"
+fi
 python -c "import kronfluence, pydvl, torch; print('kronfluence', kronfluence.__version__, 'pydvl', pydvl.__version__, 'torch', torch.__version__)"

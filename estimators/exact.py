@@ -26,8 +26,10 @@ class ExactEstimator(InverseCurvatureEstimator):
     """delta_hat[t, j] = (1/N) g_t^T (C + damping I)^{-1} g_j with C the dense curvature of J.
 
     Estimand: the first-order change of test loss t when training point j is removed
-    (epsilon = -1/N), for the exact Hessian (``curvature="hessian"``) or the exact Gauss-Newton
-    matrix (``curvature="gnh"``) of the training objective at theta_s. Positive: removing j
+    (epsilon = -1/N), for the exact Hessian (``curvature="hessian"``), the exact Gauss-Newton
+    matrix (``curvature="gnh"``) or the empirical Fisher (``curvature="empirical-fisher"``,
+    gradient outer products at the training labels; see ``fidelity.curvature``) of the training
+    objective at theta_s. Positive: removing j
     raises the loss on t. The matrix is built with torch.func and factorised by Cholesky; a
     matrix that is not positive definite raises an error instead of returning a meaningless
     solve.

@@ -4,6 +4,9 @@ response ladder).
 ``hessian``: H = (1/N) sum_i d^2 L_i / d theta^2 + wd I (reverse-over-reverse products).
 ``gnh``:     G = (1/N) sum_i J_i^T H_out,i J_i + wd I, J_i the Jacobian of the model outputs of
              example i, H_out,i the Hessian of the loss in output space (jvp, then vjp).
+``empirical-fisher``: F = (1/N) sum_i g_i g_i^T + wd I, g_i the gradient of L_i at the training
+             label (what pyDVL calls its Gauss-Newton mode). Not the Fisher: the labels are the
+             data's, not the model's (Kunstner et al. 2019), so it is neither G nor H.
 
 Products are accumulated over the training set in batches of ``batch_size`` examples; the result
 does not depend on the batch size beyond floating-point summation order. Damping is not part of
@@ -20,11 +23,11 @@ import torch
 from torch import Tensor
 
 from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs, output_hessian_factor
+from fidelity.objective import loss_from_outputs, output_hessian_factor, per_example_grads
 from fidelity.problem import Examples, TrainedProblem
 
-Curvature = Literal["hessian", "gnh"]
-CURVATURES: tuple[str, ...] = ("hessian", "gnh")
+Curvature = Literal["hessian", "gnh", "empirical-fisher"]
+CURVATURES: tuple[str, ...] = ("hessian", "gnh", "empirical-fisher")
 
 # Examples x basis vectors processed at once when a dense Hessian is built.
 DENSE_CHUNK_ELEMENTS = 16384
@@ -40,7 +43,8 @@ def check_curvature(curvature: object, owner: str) -> str:
 
 @dataclass(frozen=True)
 class CurvatureOperator:
-    """Products with the Hessian or Gauss-Newton matrix of J at theta_s (no damping)."""
+    """Products with the Hessian, Gauss-Newton matrix or empirical Fisher of J at theta_s (no
+    damping)."""
 
     trained: TrainedProblem
     curvature: Curvature = "hessian"
@@ -77,6 +81,9 @@ class CurvatureOperator:
             # about 25% faster than forward-over-reverse for the bundled networks.
             _, pullback = torch.func.vjp(torch.func.grad(batch_loss), theta)
             return torch.func.vmap(pullback)(vectors)[0]
+        if self.curvature == "empirical-fisher":
+            gradients = self.example_gradients(batch)  # [b, p]
+            return (vectors @ gradients.T) @ gradients
 
         _, vjp_fn = torch.func.vjp(lambda t: model(t, batch.x), theta)
         if output_hessians is None:
@@ -134,6 +141,9 @@ class CurvatureOperator:
                 # Reverse passes in chunks: memory ~ chunk x batch x width instead of p x ...
                 chunk = max(1, DENSE_CHUNK_ELEMENTS // len(batch))
                 total += torch.func.jacrev(torch.func.grad(batch_loss), chunk_size=chunk)(theta)
+            elif self.curvature == "empirical-fisher":
+                gradients = self.example_gradients(batch)
+                total += gradients.T @ gradients
             else:
                 factors = self.gauss_newton_factors(batch)  # [b, k, p]
                 flat = factors.reshape(-1, self.n_params)
@@ -142,6 +152,13 @@ class CurvatureOperator:
         matrix = total / problem.n_train
         matrix.diagonal().add_(problem.weight_decay)
         return 0.5 * (matrix + matrix.T)
+
+    def example_gradients(self, batch: Examples) -> Tensor:
+        """g_i = d L_i / d theta at theta_s for each example of ``batch``, ``[b, p]``."""
+        trained = self.trained
+        return per_example_grads(
+            trained.model, trained.problem.loss, trained.theta, batch, len(batch)
+        )
 
     def gauss_newton_factors(self, batch: Examples) -> Tensor:
         """R_i^T J_i for each example, ``[b, k, p]``: G_i = (R^T J)^T (R^T J)."""

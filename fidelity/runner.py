@@ -83,8 +83,12 @@ def evaluate_problem(
     test_index = choose_test_points(problem.n_test, selection.test_points, rng)
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
 
-    fitted, estimator_info, references = {}, {}, {}
+    fitted, estimator_info, references, skipped = {}, {}, {}, {}
     for spec in (spec for spec in suite.estimators if spec.runs_on(*names)):
+        missing = spec.missing_modules()
+        if missing:
+            skipped[spec.label] = f"not importable here: {', '.join(missing)}"
+            continue
         if spec.reference is not None:
             references[spec.label] = spec.reference
         estimator = build_component(
@@ -101,7 +105,14 @@ def evaluate_problem(
         if memory.cuda_peak_bytes is not None:
             estimator_info[spec.label]["fit_cuda_peak_bytes"] = memory.cuda_peak_bytes
 
+    if not fitted:
+        raise FidelityError(f"no estimator of the suite can run on {problem.name!r}: {skipped}")
     selector = selection.top_by or next(iter(fitted))
+    if selector in skipped:
+        raise FidelityError(
+            f"selection.top_by {selector!r} was skipped on {problem.name!r} "
+            f"({skipped[selector]}); rank by an estimator that runs here"
+        )
     ranking = None
     if selection.top:
         ranking = fitted[selector].scores(test, problem.train).detach().cpu().numpy()
@@ -167,6 +178,7 @@ def evaluate_problem(
             **conformance(arrays[f"estimator/{label}"], arrays[f"estimator/{reference}"]),
         }
         for label, reference in references.items()
+        if reference in fitted  # a skipped reference leaves nothing to compare with
     }
     labels = list(fitted)
     agreement = {
@@ -217,6 +229,7 @@ def evaluate_problem(
         },
         "top_by": selector if selection.top else None,
         "estimators": estimator_info,
+        "skipped_estimators": skipped,
         "responses": response_info,
         "metrics": metrics,
         "agreement": agreement,

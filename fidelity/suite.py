@@ -22,6 +22,11 @@ and how metrics are computed::
     damping = 0.0             # every other key is a constructor argument of the estimator
     # per-problem settings replace the ones above for that problem
     overrides = { "digits-mlp" = { damping = 0.01 } }
+    # estimators only: the estimator of the suite whose estimand this one claims to compute
+    # reference = "exact"
+    # estimators only: modules it needs; where one is not importable the estimator is left
+    # out of the run and the results say why (an optional library, e.g. torch_influence)
+    # requires = ["torch_influence"]
 
     [[responses]]
     kind = "cold"
@@ -55,6 +60,23 @@ class ComponentSpec:
     # Estimators only: the label of the suite's estimator whose estimand this one claims to
     # compute (a library's direct solver -> our exact at the same damping), for conformance.
     reference: str | None = None
+    # Estimators only: modules that must be importable for it to run; otherwise it is skipped
+    # and the results list it with the missing module.
+    requires: tuple[str, ...] = ()
+
+    def missing_modules(self) -> list[str]:
+        """The modules of ``requires`` that cannot be imported here."""
+        import importlib.util
+
+        missing = []
+        for module in self.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(module)
+        return missing
 
     def runs_on(self, *problem_names: str) -> bool:
         return self.problems is None or any(name in self.problems for name in problem_names)
@@ -108,6 +130,7 @@ class Suite:
                 {
                     **dict(c["settings"]),
                     **{k: c[k] for k in ("kind", "label", "reference") if c[k] is not None},
+                    **({"requires": list(c["requires"])} if c["requires"] else {}),
                 }
                 for c in data[group]
             ]
@@ -175,11 +198,17 @@ def _components(
         if label in labels:
             raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
         labels.add(label)
-        reserved = ("kind", "label", "overrides", "problems", *(("reference",) * references))
+        estimator_keys = ("reference", "requires") if references else ()
+        reserved = ("kind", "label", "overrides", "problems", *estimator_keys)
         settings = {k: v for k, v in entry.items() if k not in reserved}
         reference = entry.get("reference")
         if reference is not None:
             _expect(reference, str, f"{at}.reference")
+        requires = entry.get("requires", []) if references else []
+        requires = [requires] if isinstance(requires, str) else requires
+        _expect(requires, list, f"{at}.requires")
+        for position_, module in enumerate(requires):
+            _expect(module, str, f"{at}.requires[{position_}]")
         overrides = _expect(entry.get("overrides", {}), dict, f"{at}.overrides")
         only = entry.get("problems")
         if only is not None:
@@ -193,7 +222,9 @@ def _components(
             build_component(
                 registry, name, {**settings, **changes}, where=f"{at}.overrides.{problem}"
             )
-        specs.append(ComponentSpec(name, label, settings, overrides, only, reference))
+        specs.append(
+            ComponentSpec(name, label, settings, overrides, only, reference, tuple(requires))
+        )
     for spec in specs:
         if spec.reference is None:
             continue

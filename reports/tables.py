@@ -405,6 +405,8 @@ def estimator_warnings(problem: dict[str, Any]) -> list[str]:
                 f"{label}: {diagnostics['unconverged_columns']} test point(s) did not reach the "
                 f"tolerance (largest relative residual {diagnostics['max_relative_residual']:.2e})"
             )
+    for label, reason in (problem.get("skipped_estimators") or {}).items():
+        found.append(f"{label}: skipped ({reason})")
     for label, entry in (problem.get("conformance") or {}).items():
         if entry["flagged"]:
             found.append(

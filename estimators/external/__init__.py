@@ -9,9 +9,15 @@ these libraries; a suite names them by import path, e.g.
 
 from __future__ import annotations
 
-from torch import nn
+import contextlib
+import warnings
+from collections.abc import Iterator
 
-from fidelity.problem import TrainedProblem
+import torch
+from torch import Tensor, nn
+
+from fidelity.errors import FidelityError
+from fidelity.problem import Examples, Problem, TrainedProblem
 
 
 def trained_module(trained: TrainedProblem) -> nn.Module:
@@ -31,3 +37,43 @@ def with_parent(module: nn.Module) -> nn.Module:
     single layer, such as the logistic problems' bare ``nn.Linear``. Same parameters, same
     outputs."""
     return module if any(True for _ in module.children()) else nn.Sequential(module)
+
+
+@contextlib.contextmanager
+def library_context(trained: TrainedProblem, seed: int, library: str) -> Iterator[list[str]]:
+    """Run a library call with torch's default dtype set to the problem's (libraries that
+    allocate buffers with the default dtype would otherwise compute a float64 problem in
+    float32) and torch's global RNG forked and seeded with ``seed`` (libraries that draw from
+    it, such as random projections or sampled batches, become reproducible and leave the
+    caller's RNG untouched); yields the list that collects the library's warnings."""
+    previous = torch.get_default_dtype()
+    messages: list[str] = []
+    device = trained.problem.device
+    devices = [] if device.type != "cuda" else [device.index or torch.cuda.current_device()]
+    try:
+        torch.set_default_dtype(trained.problem.dtype)
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.manual_seed(seed)
+            yield messages
+        for item in w:
+            text = str(item.message)
+            if library in item.filename and text not in messages:
+                messages.append(text)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def rows_of(train: Examples, problem: Problem) -> Tensor:
+    """Positions of ``train``'s examples in the problem's training set, for libraries that score
+    only their own training set; an example repeated in the training set has identical scores
+    at every copy."""
+    if len(train) == problem.n_train and torch.equal(train.x, problem.x_train):
+        return torch.arange(problem.n_train)
+    same_x = (train.x.unsqueeze(1) == problem.x_train.unsqueeze(0)).flatten(2).all(-1)
+    same_y = train.y.unsqueeze(1) == problem.y_train.unsqueeze(0)
+    same_y = same_y.reshape(*same_x.shape, -1).all(-1)
+    matches = same_x & same_y
+    if not bool(matches.any(1).all()):
+        raise FidelityError("this library scores only the problem's own training points")
+    return matches.float().argmax(1)

@@ -1,5 +1,5 @@
-"""captum's influence functions (``NaiveInfluenceFunction``, ``ArnoldiInfluenceFunction``) behind
-our estimator contract.
+"""captum's influence functions (``NaiveInfluenceFunction``, ``ArnoldiInfluenceFunction``) and
+``TracInCP`` behind our estimator contract.
 
 Conventions mapped here, once (found by comparing with our dense ``exact`` on a tiny MLP):
 - captum's score is g_test^T (H_sum + hessian_reg I)^{-1} g_train with H_sum the Hessian of the
@@ -13,6 +13,10 @@ Conventions mapped here, once (found by comparing with our dense ``exact`` on a 
   projection dimension, ``iterations`` as its Krylov dimension and ``tol`` as its
   ``arnoldi_tol`` (captum's default 0.1 stops the Krylov iteration early: on a 38-parameter
   MLP at full rank it gives Pearson 0.986 with ``exact``; tests use 1e-10).
+- ``tracincp``: sum over checkpoints of lr_c grad L(z_t)^T grad L(z_j), positive for a
+  proponent (j lowered the test loss), so delta = value / N (same sign). Our training keeps no
+  intermediate checkpoints: the one checkpoint is theta_s with learning rate 1, which makes it
+  our ``grad-dot`` (1/N) g_t^T g_j, its reference. It takes no damping.
 - captum loads parameters from a checkpoint file: theta_s is saved to a temporary directory.
 """
 
@@ -27,12 +31,13 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator
-from estimators.external import trained_module
+from estimators.external import rows_of, trained_module
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples, TrainedProblem
 from fidelity.validation import check_nonnegative, check_positive_int
 
+METHODS = ("naive", "arnoldi", "tracincp")
 INSTALL_HINT = (
     "captum is not installed; create the peers environment with `bash benchmarks/peers_env.sh`"
 )
@@ -41,7 +46,8 @@ INSTALL_HINT = (
 class CaptumEstimator(Estimator):
     """captum's ``naive`` (dense Hessian, full projection) or ``arnoldi`` influence function,
     with hessian_reg = N (wd + damping): delta_hat[t, j] for the removal of j (epsilon = -1/N),
-    the estimand of our ``exact`` (``arnoldi``) at the same damping."""
+    the estimand of our ``exact`` (``arnoldi``) at the same damping; or ``tracincp`` at theta_s
+    alone, the estimand of our ``grad-dot``."""
 
     name = "captum"
 
@@ -56,8 +62,8 @@ class CaptumEstimator(Estimator):
         seed: int = 0,
         batch_size: int = 512,
     ) -> None:
-        if method not in ("naive", "arnoldi"):
-            raise FidelityError("captum.method must be naive or arnoldi")
+        if method not in METHODS:
+            raise FidelityError(f"captum.method must be one of {', '.join(METHODS)}")
         self.method = method
         self.damping = check_nonnegative(damping, "captum.damping")
         self.rank = check_positive_int(rank, "captum.rank")
@@ -68,7 +74,7 @@ class CaptumEstimator(Estimator):
 
     def fit(self, trained: TrainedProblem) -> Self:
         try:
-            from captum.influence import NaiveInfluenceFunction
+            from captum.influence import NaiveInfluenceFunction, TracInCP
             from captum.influence._core.arnoldi_influence_function import (
                 ArnoldiInfluenceFunction,
             )
@@ -77,7 +83,7 @@ class CaptumEstimator(Estimator):
         start = time.perf_counter()
         problem = trained.problem
         regularisation = problem.n_train * (problem.weight_decay + self.damping)
-        if regularisation <= 0:
+        if regularisation <= 0 and self.method != "tracincp":
             raise FidelityError("captum needs weight decay or damping above 0 (hessian_reg > 0)")
         module = trained_module(trained)
         self.workdir_ = tempfile.TemporaryDirectory(prefix="fidelity-captum-")
@@ -88,6 +94,18 @@ class CaptumEstimator(Estimator):
             return loss_from_outputs(problem.loss, outputs, targets)  # per example, as required
 
         dataset = torch.utils.data.TensorDataset(problem.x_train, problem.y_train)
+        if self.method == "tracincp":
+            self.influence_ = TracInCP(
+                module,
+                dataset,
+                [checkpoint],
+                loss_fn=loss,
+                batch_size=self.batch_size,
+                sample_wise_grads_per_batch=False,
+            )
+            self.trained_ = trained
+            self.diagnostics_ = {"fit_seconds": time.perf_counter() - start}
+            return self
         common = {
             "loss_fn": loss,
             "batch_size": self.batch_size,
@@ -116,25 +134,10 @@ class CaptumEstimator(Estimator):
     def scores(self, test: Examples, train: Examples) -> Tensor:
         trained = self._check_fitted()
         start = time.perf_counter()
-        problem = trained.problem
-        if len(train) != problem.n_train or not torch.equal(train.x, problem.x_train):
-            # captum scores its own train_dataset; take the requested columns from it.
-            index = _rows_of(train, problem)
-        else:
-            index = None
+        # captum scores its own train_dataset; take the requested columns from it.
+        index = rows_of(train, trained.problem)
         values = torch.as_tensor(self.influence_.influence((test.x, test.y))).to(trained.theta)
+        if self.method == "tracincp":
+            values = values / trained.problem.n_train
         self.diagnostics_["scores_seconds"] = time.perf_counter() - start
-        return values if index is None else values[:, index]
-
-
-def _rows_of(train: Examples, problem) -> Tensor:
-    """Positions of ``train``'s examples in the problem's training set (they must be among
-    them); an example repeated in the training set has identical scores at every copy."""
-    same_x = (train.x.unsqueeze(1) == problem.x_train.unsqueeze(0)).flatten(2).all(-1)
-    same_y = train.y.unsqueeze(1) == problem.y_train.unsqueeze(0)
-    same_y = same_y.reshape(*same_x.shape, -1).all(-1)
-    matches = same_x & same_y
-    found = matches.any(1)
-    if not bool(found.all()):
-        raise FidelityError("captum scores only the problem's own training points")
-    return matches.float().argmax(1)
+        return values[:, index]

@@ -49,18 +49,15 @@ Conventions mapped here, once (read from dattri's source and checked against our
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import time
-import warnings
-from collections.abc import Iterator
 from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
-from estimators.external import trained_module, with_parent
+from estimators.external import library_context, trained_module, with_parent
 from estimators.kfac import check_layers
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
@@ -154,27 +151,6 @@ class DattriEstimator(Estimator):
         self.seed = check_int(seed, "dattri.seed")
         self.batch_size = check_positive_int(batch_size, "dattri.batch_size")
 
-    @contextlib.contextmanager
-    def _library_context(self, trained: TrainedProblem) -> Iterator[list[str]]:
-        """dattri's buffers follow torch's default dtype and its draws the global RNG: run it
-        with the problem's dtype and a forked, seeded RNG; collect its warnings."""
-        previous = torch.get_default_dtype()
-        messages: list[str] = []
-        device = trained.problem.device
-        devices = [] if device.type != "cuda" else [device.index or torch.cuda.current_device()]
-        try:
-            torch.set_default_dtype(trained.problem.dtype)
-            with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                torch.manual_seed(self.seed)
-                yield messages
-            for item in w:
-                text = str(item.message)
-                if "dattri" in item.filename and text not in messages:
-                    messages.append(text)
-        finally:
-            torch.set_default_dtype(previous)
-
     def _loss(self, trained: TrainedProblem, module: nn.Module):
         problem = trained.problem
 
@@ -246,7 +222,7 @@ class DattriEstimator(Estimator):
         problem = trained.problem
         if problem.weight_decay + self.damping <= 0 and self.solver == "datainf":
             raise FidelityError("dattri's DataInf divides by wd + damping: set damping above 0")
-        with self._library_context(trained) as messages:
+        with library_context(trained, self.seed, "dattri") as messages:
             self.attributor_ = self._attributor(trained, task_cls, attributors)
             self.attributor_.cache(_loader(problem.train, problem.n_train))
             if self.solver == "arnoldi":
@@ -270,7 +246,7 @@ class DattriEstimator(Estimator):
         whole = self.solver in WHOLE_BATCH_SOLVERS
         train_loader = _loader(train, len(train) if whole else self.batch_size)
         test_loader = _loader(test, len(test) if whole else self.batch_size)
-        with self._library_context(trained) as messages, torch.no_grad():
+        with library_context(trained, self.seed, "dattri") as messages, torch.no_grad():
             raw = self.attributor_.attribute(train_loader, test_loader)
         deltas = raw.detach().T.to(trained.theta) / trained.problem.n_train
         self.diagnostics_["scores_seconds"] = time.perf_counter() - start

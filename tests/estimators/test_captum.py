@@ -28,7 +28,7 @@ def test_missing_library_names_the_environment_to_create(mlp):
 
 def test_bad_method_is_refused():
     with pytest.raises(FidelityError, match=r"captum\.method"):
-        CaptumEstimator(method="tracin")
+        CaptumEstimator(method="tracin-typo")
 
 
 @pytest.mark.skipif(not HAS_CAPTUM, reason="captum is not installed")
@@ -54,3 +54,15 @@ def test_arnoldi_at_full_rank_tracks_exact(mlp):
     actual = captum.scores(problem.test, problem.train)
     r = torch.corrcoef(torch.stack([actual.flatten(), expected.flatten()]))[0, 1]
     assert float(r) > 0.99
+
+
+@pytest.mark.skipif(not HAS_CAPTUM, reason="captum is not installed")
+@pytest.mark.filterwarnings("ignore")
+def test_tracincp_at_theta_s_equals_grad_dot(mlp):
+    from estimators.baselines import GradDotEstimator
+
+    problem = mlp.problem
+    expected = GradDotEstimator().fit(mlp).scores(problem.test, problem.train)
+    captum = CaptumEstimator(method="tracincp", batch_size=7).fit(mlp)
+    actual = captum.scores(problem.test, problem.train)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-14)

@@ -65,3 +65,18 @@ def test_a_model_that_is_one_layer_is_scored_like_ours(trained_problems):
     torch.testing.assert_close(
         theirs.fit(trained).scores(test, problem.train), expected, rtol=1e-8, atol=1e-14
     )
+
+
+@pytest.mark.skipif(not HAS_KRONFLUENCE, reason="kronfluence is not installed")
+def test_identity_strategy_is_grad_dot_and_ignores_damping():
+    from estimators.baselines import GradDotEstimator
+    from retrain import train
+    from tests.conftest import make_tiny_mlp_problem
+
+    trained = train(make_tiny_mlp_problem("cross_entropy"))
+    problem = trained.problem
+    expected = GradDotEstimator().fit(trained).scores(problem.test, problem.train)
+    for damping in (0.0, 0.1):
+        estimator = KronfluenceEstimator(strategy="identity", damping=damping).fit(trained)
+        actual = estimator.scores(problem.test, problem.train)
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-15)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fidelity.curvature import CurvatureOperator
-from fidelity.objective import objective
+from fidelity.objective import loss_from_outputs, objective
 from fidelity.problem import FunctionalModel, TrainedProblem
 from tests.conftest import make_tiny_mlp_problem
 
@@ -68,6 +68,25 @@ def test_gauss_newton_vector_products_equal_dense_gauss_newton(loss):
     )
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_empirical_fisher_products_equal_a_loop_of_gradient_outer_products(loss):
+    trained = at_random_point(loss)
+    problem, model, theta = trained.problem, trained.model, trained.theta
+    reference = problem.weight_decay * torch.eye(trained.n_params, dtype=theta.dtype)
+    for i in range(problem.n_train):
+        x, y = problem.x_train[i : i + 1], problem.y_train[i : i + 1]
+        gradient = torch.autograd.functional.jacobian(
+            lambda t, x=x, y=y: loss_from_outputs(problem.loss, model(t, x), y).sum(), theta
+        )
+        reference = reference + torch.outer(gradient, gradient) / problem.n_train
+    vectors = torch.randn(4, trained.n_params, generator=torch.Generator().manual_seed(4)).double()
+    operator = CurvatureOperator(trained, "empirical-fisher", batch_size=7)
+    torch.testing.assert_close(operator.matvec(vectors), vectors @ reference, rtol=0, atol=1e-10)
+    torch.testing.assert_close(operator.dense(), reference, rtol=0, atol=1e-10)
+    # It is not the Gauss-Newton matrix away from a perfect fit.
+    assert float((reference - dense_gauss_newton(trained)).abs().max()) > 1e-3
+
+
 def test_gauss_newton_is_positive_semidefinite_where_the_hessian_is_not():
     trained = at_random_point("cross_entropy")
     hessian = CurvatureOperator(trained, "hessian").dense()
@@ -76,7 +95,7 @@ def test_gauss_newton_is_positive_semidefinite_where_the_hessian_is_not():
     assert float(torch.linalg.eigvalsh(gauss_newton)[0]) >= trained.problem.weight_decay - 1e-12
 
 
-@pytest.mark.parametrize("curvature", ["hessian", "gnh"])
+@pytest.mark.parametrize("curvature", ["hessian", "gnh", "empirical-fisher"])
 def test_products_do_not_depend_on_batch_size(curvature):
     trained = at_random_point("cross_entropy")
     vectors = torch.randn(3, trained.n_params, generator=torch.Generator().manual_seed(4)).double()

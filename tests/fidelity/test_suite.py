@@ -255,6 +255,16 @@ def test_estimator_references_are_checked():
             parse_suite({**base, "estimators": entries})
     with pytest.raises(FidelityError, match="reference"):
         parse_suite({**base, "responses": [{"kind": "cold", "reference": "exact"}]})
+    optional = parse_suite(
+        {**base, "estimators": [{"kind": "exact"}, {"kind": "cg", "requires": "json"}]}
+    )
+    assert optional.estimators[1].requires == ("json",)
+    assert optional.estimators[1].missing_modules() == []
+    assert optional.to_dict()["estimators"][1]["requires"] == ["json"]
+    with pytest.raises(FidelityError, match=r"requires\[0\]"):
+        parse_suite({**base, "estimators": [{"kind": "exact"}, {"kind": "cg", "requires": [1]}]})
+    with pytest.raises(FidelityError, match="requires"):
+        parse_suite({**base, "responses": [{"kind": "cold", "requires": "json"}]})
 
 
 def test_peers_compare_like_with_like():
@@ -262,7 +272,7 @@ def test_peers_compare_like_with_like():
     suite = load_suite("peers")
     labels = {spec.label: spec for spec in suite.estimators}
     external = [spec for spec in suite.estimators if spec.kind.startswith("estimators.external")]
-    assert len(external) == 12
+    assert len(external) == 21
     for spec in external:
         assert spec.reference in labels and not labels[spec.reference].kind.startswith("estim")
         for problem in suite.problems:

@@ -179,6 +179,11 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
                     "label": "broken",
                     "reference": "exact",
                 },
+                {
+                    "kind": "grad-cos",
+                    "reference": "exact",
+                    "requires": ["fidelity_no_such_library"],
+                },
             ],
             "responses": [{"kind": "cold"}],
         }
@@ -188,6 +193,10 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
     (problem,) = results["problems"].values()
     found = problem["conformance"]
     assert set(found) == {"cg", "grad-dot", "broken"}
+    assert problem["skipped_estimators"] == {
+        "grad-cos": "not importable here: fidelity_no_such_library"
+    }
+    assert "grad-cos" not in problem["estimators"]
     arrays = np.load(out / problem["arrays_file"])
     exact, cg = arrays["estimator/exact"], arrays["estimator/cg"]
     assert found["cg"]["max_relative_difference"] == pytest.approx(
@@ -202,4 +211,6 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
     assert "PROBABLE DEFECT: 21 NaN or infinite value(s)" in markdown
     assert "| cg | cg | exact | 1.000000 |" in markdown
     assert "broken: probable implementation defect against exact" in markdown
+    unescaped = markdown.replace("\\", "")
+    assert "grad-cos: skipped (not importable here: fidelity_no_such_library)" in unescaped
     assert "PROBABLE DEFECT" in (out / "report.html").read_text()
