@@ -394,7 +394,12 @@ def command_application(args: argparse.Namespace) -> int:
     from fidelity.problem import NewtonRecipe
     from fidelity.problems import load_problem
     from reports import applications as render
+    from reports.markdown import md_escape, terminal_escape
     from retrain import train
+
+    # The Markdown file escapes data for Markdown; the terminal gets the sentences as written,
+    # with control characters made visible.
+    escapes = (md_escape, terminal_escape)
 
     cache = ArtifactCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     out = args.out or Path("runs") / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -416,14 +421,14 @@ def command_application(args: argparse.Namespace) -> int:
             top=args.top,
             loo=loo,
         )
-        text = render.render_explain(result)
+        text, shown = (render.render_explain(result, escape=e) for e in escapes)
     elif args.command == "poison":
         for estimator in estimators.values():
             estimator.fit(trained)
         result = applications.poison(
             trained, estimators, budget=args.budget, seeds=range(args.seeds), cache=cache
         )
-        text = render.render_poison(result)
+        text, shown = (render.render_poison(result, escape=e) for e in escapes)
     elif args.command == "mislabel":
         result = applications.mislabel(
             trained,
@@ -434,7 +439,7 @@ def command_application(args: argparse.Namespace) -> int:
             cache=cache,
         )
         figure = render.mislabel_figure(result, out / "mislabel.png").name
-        text = render.render_mislabel(result, figure)
+        text, shown = (render.render_mislabel(result, figure, escape=e) for e in escapes)
     else:
         reference, estimator = next(iter(estimators.items()))
         result = applications.prefilter(
@@ -445,11 +450,11 @@ def command_application(args: argparse.Namespace) -> int:
             top=args.top,
         )
         figure = render.prefilter_figure(result, out / "prefilter.png").name
-        text = render.render_prefilter(result, figure)
+        text, shown = (render.render_prefilter(result, figure, escape=e) for e in escapes)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.command}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / f"{args.command}.md").write_text(text, encoding="utf-8")
-    print(text)
+    print(shown)
     print(f"wrote {out}")
     return 0
 

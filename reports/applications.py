@@ -1,14 +1,18 @@
 """Markdown sections and figures for the applications (explain, poison, mislabel, prefilter).
 
 Every string that comes from data (training and test sentences, problem and estimator names)
-goes through ``md_escape``: a review can hold markup."""
+goes through ``escape``: ``md_escape`` for the Markdown files (a review can hold markup),
+``terminal_escape`` for what the CLI prints."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from reports.markdown import md_escape
+
+Escape = Callable[[object], str]
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -21,22 +25,22 @@ def _interval(entry: dict[str, Any]) -> str:
     return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
-def render_explain(result: dict[str, Any]) -> str:
+def render_explain(result: dict[str, Any], *, escape: Escape = md_escape) -> str:
     test = result["test"]
     lines = [
-        f"## Explanation on {md_escape(result['problem'])}",
+        f"## Explanation on {escape(result['problem'])}",
         "",
-        f"Test point: {md_escape(test.get('text') or test.get('index'))} "
+        f"Test point: {escape(test.get('text') or test.get('index'))} "
         f"(label {test['label']}, predicted {test['predicted']}). "
         f"Helpful: removing the training point would raise this test loss (delta > 0); "
         f"harmful: removing it would lower the loss. Actual: leave-one-out retraining "
-        f"({md_escape(result['loo'])}).",
+        f"({escape(result['loo'])}).",
     ]
     for name, lists in result["estimators"].items():
         for kind in ("helpful", "harmful"):
             lines += [
                 "",
-                f"### {md_escape(name)}: {result['top']} most {kind}",
+                f"### {escape(name)}: {result['top']} most {kind}",
                 "",
                 "| rank | index | label | predicted | actual | sentence |",
                 "|---:|---:|---:|---:|---:|---|",
@@ -44,7 +48,7 @@ def render_explain(result: dict[str, Any]) -> str:
             for rank, row in enumerate(lists[kind], 1):
                 lines.append(
                     f"| {rank} | {row['index']} | {row['label']} | {_number(row['predicted'])} "
-                    f"| {_number(row['actual'])} | {md_escape(row['text'] or '')} |"
+                    f"| {_number(row['actual'])} | {escape(row['text'] or '')} |"
                 )
     for kind, table in result["overlap"].items():
         names = list(table)
@@ -52,19 +56,19 @@ def render_explain(result: dict[str, Any]) -> str:
             "",
             f"Overlap of the top-{result['top']} {kind} lists (fraction shared):",
             "",
-            "| | " + " | ".join(md_escape(n) for n in names) + " |",
+            "| | " + " | ".join(escape(n) for n in names) + " |",
             "|---|" + "---:|" * len(names),
         ]
         for a in names:
             lines.append(
-                f"| {md_escape(a)} | " + " | ".join(f"{table[a][b]:.2f}" for b in names) + " |"
+                f"| {escape(a)} | " + " | ".join(f"{table[a][b]:.2f}" for b in names) + " |"
             )
     return "\n".join(lines) + "\n"
 
 
-def render_poison(result: dict[str, Any]) -> str:
+def render_poison(result: dict[str, Any], *, escape: Escape = md_escape) -> str:
     lines = [
-        f"## Label-flip poisoning on {md_escape(result['problem'])}",
+        f"## Label-flip poisoning on {escape(result['problem'])}",
         "",
         f"{result['budget']} labels flipped ({100 * result['fraction']:.1f}% of the training "
         f"set), model retrained; test accuracy (mean [95% interval] over seeds "
@@ -80,14 +84,16 @@ def render_poison(result: dict[str, Any]) -> str:
     lines += ["", "| points chosen by | accuracy after | change |", "|---|---:|---:|"]
     before = result["accuracy_before"]["mean"]
     for name, entry in result["accuracy_after"].items():
-        lines.append(f"| {md_escape(name)} | {_interval(entry)} | {entry['mean'] - before:+.3f} |")
+        lines.append(f"| {escape(name)} | {_interval(entry)} | {entry['mean'] - before:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
-def render_mislabel(result: dict[str, Any], figure: str | None = None) -> str:
+def render_mislabel(
+    result: dict[str, Any], figure: str | None = None, *, escape: Escape = md_escape
+) -> str:
     fractions = result["check_fractions"]
     lines = [
-        f"## Mislabel detection on {md_escape(result['problem'])}",
+        f"## Mislabel detection on {escape(result['problem'])}",
         "",
         f"{result['flipped_count']} training labels flipped ({100 * result['flip']:.0f}%), "
         f"seeds {', '.join(map(str, result['seeds']))}. Test accuracy: clean "
@@ -104,24 +110,26 @@ def render_mislabel(result: dict[str, Any], figure: str | None = None) -> str:
         found = [f"{entry['found_at'][str(f)]:.3f}" for f in fractions]
         fixed = [_interval(entry["accuracy_after_fixing"][str(f)]) for f in fractions]
         lines.append(
-            f"| {md_escape(name)} | {_interval(entry['auc'])} | "
+            f"| {escape(name)} | {_interval(entry['auc'])} | "
             + " | ".join(found)
             + " | "
             + " | ".join(fixed)
             + " |"
         )
     if figure:
-        lines += ["", f"![fraction of flipped labels found]({md_escape(figure)})"]
+        lines += ["", f"![fraction of flipped labels found]({escape(figure)})"]
     return "\n".join(lines) + "\n"
 
 
-def render_prefilter(result: dict[str, Any], figure: str | None = None) -> str:
+def render_prefilter(
+    result: dict[str, Any], figure: str | None = None, *, escape: Escape = md_escape
+) -> str:
     ks = result["candidates"]
     lines = [
-        f"## Retrieval prefiltering on {md_escape(result['problem'])}",
+        f"## Retrieval prefiltering on {escape(result['problem'])}",
         "",
         f"Recall of the top {result['top']} training sentences by |delta| under "
-        f"{md_escape(result['reference'])} among the K sentences retrieved for each of "
+        f"{escape(result['reference'])} among the K sentences retrieved for each of "
         f"{len(result['test_points'])} test sentences.",
         "",
         "| retriever | " + " | ".join(f"K={k}" for k in ks) + " |",
@@ -129,10 +137,10 @@ def render_prefilter(result: dict[str, Any], figure: str | None = None) -> str:
     ]
     for method, recall in result["recall"].items():
         lines.append(
-            f"| {md_escape(method)} | " + " | ".join(f"{recall[str(k)]:.3f}" for k in ks) + " |"
+            f"| {escape(method)} | " + " | ".join(f"{recall[str(k)]:.3f}" for k in ks) + " |"
         )
     if figure:
-        lines += ["", f"![recall against candidates]({md_escape(figure)})"]
+        lines += ["", f"![recall against candidates]({escape(figure)})"]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import unicodedata
 from typing import Any
 
 from reports import tables
@@ -15,6 +16,21 @@ def md_escape(text: object) -> str:
     for char in "\\|`*_[]":
         escaped = escaped.replace(char, "\\" + char)
     return escaped.replace("\n", " ")
+
+
+def terminal_escape(text: object) -> str:
+    """A string from data made safe to print on a terminal: control characters (which can carry
+    terminal escape sequences) shown as ``\\xNN``, line breaks as spaces; nothing else changes,
+    so a sentence reads as written."""
+    out = []
+    for char in str(text):
+        if char in "\r\n":
+            out.append(" ")
+        elif unicodedata.category(char) == "Cc" and char != "\t":
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _cell(cell: str) -> str:

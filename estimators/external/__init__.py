@@ -77,3 +77,11 @@ def rows_of(train: Examples, problem: Problem) -> Tensor:
     if not bool(matches.any(1).all()):
         raise FidelityError("this library scores only the problem's own training points")
     return matches.float().argmax(1)
+
+
+def record_scores(diagnostics: dict, deltas: Tensor, seconds: float, messages: list[str]) -> None:
+    """Add a scores call's seconds, count of non-finite values and library warnings to an
+    adapter's diagnostics (non-finite scores are a conformance finding, not an error)."""
+    diagnostics["scores_seconds"] = seconds
+    diagnostics["nonfinite_scores"] = int((~torch.isfinite(deltas)).sum())
+    diagnostics["library_warnings"] = [*diagnostics.get("library_warnings", []), *messages]

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
-from estimators.external import library_context, trained_module, with_parent
+from estimators.external import library_context, record_scores, trained_module, with_parent
 from estimators.kfac import check_layers
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
@@ -249,12 +249,7 @@ class DattriEstimator(Estimator):
         with library_context(trained, self.seed, "dattri") as messages, torch.no_grad():
             raw = self.attributor_.attribute(train_loader, test_loader)
         deltas = raw.detach().T.to(trained.theta) / trained.problem.n_train
-        self.diagnostics_["scores_seconds"] = time.perf_counter() - start
-        self.diagnostics_["nonfinite_scores"] = int((~torch.isfinite(deltas)).sum())
-        self.diagnostics_["library_warnings"] = [
-            *self.diagnostics_.get("library_warnings", []),
-            *messages,
-        ]
+        record_scores(self.diagnostics_, deltas, time.perf_counter() - start, messages)
         return deltas
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator
-from estimators.external import library_context, trained_module
+from estimators.external import library_context, record_scores, trained_module
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples, TrainedProblem
@@ -180,10 +180,5 @@ class PydvlEstimator(Estimator):
         with library_context(trained, self.seed, "pydvl") as messages:
             values = self.influence_model_.influences(test.x, test.y, train.x, train.y, mode="up")
         deltas = torch.as_tensor(values).detach().to(trained.theta) / trained.problem.n_train
-        self.diagnostics_["scores_seconds"] = time.perf_counter() - start
-        self.diagnostics_["nonfinite_scores"] = int((~torch.isfinite(deltas)).sum())
-        self.diagnostics_["library_warnings"] = [
-            *self.diagnostics_["library_warnings"],
-            *messages,
-        ]
+        record_scores(self.diagnostics_, deltas, time.perf_counter() - start, messages)
         return deltas

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
-from estimators.external import library_context, rows_of, trained_module
+from estimators.external import library_context, record_scores, rows_of, trained_module
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples, TrainedProblem
@@ -177,10 +177,5 @@ class TorchInfluenceEstimator(Estimator):
             if rows
             else trained.theta.new_zeros(0, len(train_indices))
         )
-        self.diagnostics_["scores_seconds"] = time.perf_counter() - start
-        self.diagnostics_["nonfinite_scores"] = int((~torch.isfinite(deltas)).sum())
-        self.diagnostics_["library_warnings"] = [
-            *self.diagnostics_["library_warnings"],
-            *messages,
-        ]
+        record_scores(self.diagnostics_, deltas, time.perf_counter() - start, messages)
         return deltas

@@ -58,3 +58,14 @@ def test_results_are_json_serialisable(results):
 
     for name, result in results.items():
         assert json.loads(json.dumps(result, allow_nan=False))["application"] == name
+
+
+def test_terminal_text_shows_sentences_as_written_without_control_characters(results):
+    from reports.markdown import terminal_escape
+
+    assert terminal_escape("it's <b>bold</b>\n\x1b[31mred\x07") == (
+        "it's <b>bold</b> \\x1b[31mred\\x07"
+    )
+    shown = render_explain(results["explain"], escape=terminal_escape)
+    assert "&lt;" not in shown and "&#x27;" not in shown and "\x1b" not in shown
+    assert "<b>" in shown or "<script" in shown  # the sentences as written
