@@ -184,11 +184,17 @@ CONFORMANCE_THRESHOLD = 0.999
 
 
 def conformance(
-    candidate: np.ndarray, reference: np.ndarray, *, threshold: float = CONFORMANCE_THRESHOLD
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    *,
+    threshold: float = CONFORMANCE_THRESHOLD,
+    tolerance: float | None = None,
 ) -> dict[str, object]:
     """Agreement of an estimator with the reference whose estimand it claims to compute: pooled
     Pearson, max |candidate - reference| / max |reference|, whether every value is finite, and
-    ``flagged`` (Pearson below ``threshold`` or a non-finite value: a probable defect)."""
+    ``flagged`` (Pearson below ``threshold``, a non-finite value, or, where a ``tolerance`` is
+    given for an estimator that claims the same numbers rather than the same ranking, a max
+    relative difference above it: a probable defect)."""
     candidate, reference = np.asarray(candidate, float), np.asarray(reference, float)
     finite = bool(np.isfinite(candidate).all())
     scale = float(np.abs(reference).max()) if reference.size else 0.0
@@ -197,17 +203,19 @@ def conformance(
         difference = float(np.abs(candidate - reference).max() / scale) if scale > 0 else None
     else:
         r, difference = float("nan"), None
-    flagged = not finite or not r >= threshold
     reason = None
     if not finite:
         reason = f"{int((~np.isfinite(candidate)).sum())} NaN or infinite value(s)"
-    elif flagged:
+    elif not r >= threshold:
         reason = f"Pearson {r:.6f} < {threshold}"
+    elif tolerance is not None and difference is not None and difference > tolerance:
+        reason = f"max relative difference {difference:.2e} > {tolerance:g}"
     return {
         "pearson": r,
         "max_relative_difference": difference,
         "finite": finite,
-        "flagged": flagged,
+        "flagged": reason is not None,
         "reason": reason,
         "threshold": threshold,
+        "tolerance": tolerance,
     }

@@ -84,6 +84,7 @@ def evaluate_problem(
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
 
     fitted, estimator_info, references, skipped = {}, {}, {}, {}
+    tolerances = {spec.label: spec.tolerance for spec in suite.estimators}
     for spec in (spec for spec in suite.estimators if spec.runs_on(*names)):
         missing = spec.missing_modules()
         if missing:
@@ -175,7 +176,11 @@ def evaluate_problem(
     conformance_found = {
         label: {
             "reference": reference,
-            **conformance(arrays[f"estimator/{label}"], arrays[f"estimator/{reference}"]),
+            **conformance(
+                arrays[f"estimator/{label}"],
+                arrays[f"estimator/{reference}"],
+                tolerance=tolerances[label],
+            ),
         }
         for label, reference in references.items()
         if reference in fitted  # a skipped reference leaves nothing to compare with

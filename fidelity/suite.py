@@ -24,6 +24,9 @@ and how metrics are computed::
     overrides = { "digits-mlp" = { damping = 0.01 } }
     # estimators only: the estimator of the suite whose estimand this one claims to compute
     # reference = "exact"
+    # with a reference: also flag a max relative difference above this (for estimators that
+    # claim the reference's numbers, not only its ranking)
+    # tolerance = 1e-6
     # estimators only: modules it needs; where one is not importable the estimator is left
     # out of the run and the results say why (an optional library, e.g. torch_influence)
     # requires = ["torch_influence"]
@@ -60,6 +63,8 @@ class ComponentSpec:
     # Estimators only: the label of the suite's estimator whose estimand this one claims to
     # compute (a library's direct solver -> our exact at the same damping), for conformance.
     reference: str | None = None
+    # With a reference: the max relative difference above which conformance flags it.
+    tolerance: float | None = None
     # Estimators only: modules that must be importable for it to run; otherwise it is skipped
     # and the results list it with the missing module.
     requires: tuple[str, ...] = ()
@@ -129,7 +134,11 @@ class Suite:
             data[group] = [
                 {
                     **dict(c["settings"]),
-                    **{k: c[k] for k in ("kind", "label", "reference") if c[k] is not None},
+                    **{
+                        k: c[k]
+                        for k in ("kind", "label", "reference", "tolerance")
+                        if c[k] is not None
+                    },
                     **({"requires": list(c["requires"])} if c["requires"] else {}),
                 }
                 for c in data[group]
@@ -198,12 +207,20 @@ def _components(
         if label in labels:
             raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
         labels.add(label)
-        estimator_keys = ("reference", "requires") if references else ()
+        estimator_keys = ("reference", "requires", "tolerance") if references else ()
         reserved = ("kind", "label", "overrides", "problems", *estimator_keys)
         settings = {k: v for k, v in entry.items() if k not in reserved}
         reference = entry.get("reference")
         if reference is not None:
             _expect(reference, str, f"{at}.reference")
+        tolerance = entry.get("tolerance")
+        if tolerance is not None:
+            _expect(tolerance, (int, float), f"{at}.tolerance")
+            if reference is None or not tolerance >= 0:
+                raise FidelityError(
+                    f"{at}.tolerance must be a non-negative number next to a reference"
+                )
+            tolerance = float(tolerance)
         requires = entry.get("requires", []) if references else []
         requires = [requires] if isinstance(requires, str) else requires
         _expect(requires, list, f"{at}.requires")
@@ -223,7 +240,9 @@ def _components(
                 registry, name, {**settings, **changes}, where=f"{at}.overrides.{problem}"
             )
         specs.append(
-            ComponentSpec(name, label, settings, overrides, only, reference, tuple(requires))
+            ComponentSpec(
+                name, label, settings, overrides, only, reference, tolerance, tuple(requires)
+            )
         )
     for spec in specs:
         if spec.reference is None:

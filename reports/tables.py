@@ -369,6 +369,7 @@ def conformance_table(problem: dict[str, Any]) -> Table | None:
                 entry["reference"],
                 "n/a" if pearson is None else f"{pearson:.6f}",
                 "n/a" if difference is None else f"{difference:.2e}",
+                "-" if entry.get("tolerance") is None else f"{entry['tolerance']:g}",
                 "yes" if entry["finite"] else "no",
                 f"PROBABLE DEFECT: {entry['reason']}" if entry["flagged"] else "ok",
             )
@@ -379,12 +380,14 @@ def conformance_table(problem: dict[str, Any]) -> Table | None:
         "claims the estimand of",
         "Pearson",
         "max relative difference",
+        "tolerance",
         "finite",
         "verdict",
     )
     threshold = next(iter(found.values()))["threshold"]
     note = (
-        f"flagged: Pearson below {threshold} or any NaN/inf; max relative difference = "
+        f"flagged: Pearson below {threshold}, any NaN/inf, or a max relative difference above "
+        "the entry's tolerance where it has one; max relative difference = "
         "max |estimator - reference| / max |reference|"
     )
     return Table("Conformance", header, rows, note)

@@ -13,7 +13,7 @@ from estimators.kfac import EkfacEstimator, KfacEstimator
 from fidelity.curvature import CurvatureOperator
 from fidelity.errors import FidelityError
 from fidelity.metrics import pearson
-from fidelity.objective import per_example_grads
+from fidelity.objective import loss_from_outputs, per_example_grads
 from fidelity.problem import Examples
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
@@ -152,3 +152,48 @@ def test_ekfac_refuses_other_losses():
     trained = train(make_tiny_mlp_problem("mse"))
     with pytest.raises(FidelityError, match="cross-entropy only"):
         PydvlEstimator(solver="ekfac").fit(trained)
+
+
+def chunk_averaged_scores(trained, batch_size: int, damping: float):
+    """(1/N) g_t^T (Hbar + (wd + damping) I)^{-1} g_j with Hbar the unweighted mean over loader
+    batches of each batch's mean-loss Hessian."""
+    problem, model = trained.problem, trained.model
+    blocks = []
+    for start in range(0, problem.n_train, batch_size):
+        x, y = (
+            problem.x_train[start : start + batch_size],
+            problem.y_train[start : start + batch_size],
+        )
+        blocks.append(
+            torch.autograd.functional.hessian(
+                lambda t, x=x, y=y: loss_from_outputs(problem.loss, model(t, x), y).mean(),
+                trained.theta,
+            )
+        )
+    identity = torch.eye(trained.n_params, dtype=trained.theta.dtype)
+    system = torch.stack(blocks).mean(0) + (problem.weight_decay + damping) * identity
+    g_test = per_example_grads(model, problem.loss, trained.theta, problem.test)
+    g_train = per_example_grads(model, problem.loss, trained.theta, problem.train)
+    return g_test @ torch.linalg.solve(system, g_train.T) / problem.n_train
+
+
+@pytest.mark.skipif(not HAS_PYDVL, reason="pydvl is not installed")
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(("solver", "options"), [("cg", {"tol": 1e-12}), ("arnoldi", {"rank": 38})])
+def test_hessian_operator_averages_batches_without_their_sizes(mlp, solver, options):
+    """pyDVL 0.10's ``HessianOperator`` (CG, Arnoldi) averages the loader batches' mean-loss
+    Hessians with equal weights (``ChunkAveraging``): exact for equal batches, not for a
+    smaller last batch (30 points in batches of 7). Its direct solver is unaffected."""
+    problem = mlp.problem
+    exact = ExactEstimator(damping=0.1).fit(mlp).scores(problem.test, problem.train)
+
+    def scores(batch_size):
+        estimator = PydvlEstimator(solver=solver, damping=0.1, batch_size=batch_size, **options)
+        return estimator.fit(mlp).scores(problem.test, problem.train)
+
+    assert relative_error(scores(10), exact) < 1e-8
+    uneven = scores(7)
+    assert relative_error(uneven, exact) > 0.05
+    assert relative_error(uneven, chunk_averaged_scores(mlp, 7, 0.1)) < 1e-8
+    direct = PydvlEstimator(solver="direct", damping=0.1, batch_size=7).fit(mlp)
+    assert relative_error(direct.scores(problem.test, problem.train), exact) < 1e-8

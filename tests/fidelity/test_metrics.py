@@ -126,6 +126,9 @@ def test_conformance_flags_disagreement_and_non_finite_values():
     scaled = conformance(1.002 * reference, reference)  # correlated perfectly, off in scale
     assert not scaled["flagged"]
     assert scaled["max_relative_difference"] == pytest.approx(0.002)
+    strict = conformance(1.002 * reference, reference, tolerance=1e-6)
+    assert strict["flagged"] and strict["reason"] == "max relative difference 2.00e-03 > 1e-06"
+    assert not conformance(1.002 * reference, reference, tolerance=0.01)["flagged"]
     noisy = conformance(reference + 0.1 * rng.normal(size=reference.shape), reference)
     assert noisy["flagged"] and noisy["reason"].startswith("Pearson 0.99")
     broken = reference.copy()

@@ -265,6 +265,23 @@ def test_estimator_references_are_checked():
         parse_suite({**base, "estimators": [{"kind": "exact"}, {"kind": "cg", "requires": [1]}]})
     with pytest.raises(FidelityError, match="requires"):
         parse_suite({**base, "responses": [{"kind": "cold", "requires": "json"}]})
+    strict = parse_suite(
+        {
+            **base,
+            "estimators": [
+                {"kind": "exact"},
+                {"kind": "cg", "reference": "exact", "tolerance": 1e-6},
+            ],
+        }
+    )
+    assert strict.estimators[1].tolerance == 1e-6
+    assert strict.to_dict()["estimators"][1]["tolerance"] == 1e-6
+    for bad in (
+        {"kind": "cg", "tolerance": 1e-6},
+        {"kind": "cg", "reference": "exact", "tolerance": -1.0},
+    ):
+        with pytest.raises(FidelityError, match="tolerance"):
+            parse_suite({**base, "estimators": [{"kind": "exact"}, bad]})
 
 
 def test_peers_compare_like_with_like():

@@ -172,7 +172,7 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
             "metrics": {"bootstrap": 20},
             "estimators": [
                 {"kind": "exact"},
-                {"kind": "cg", "tol": 1e-12, "reference": "exact"},
+                {"kind": "cg", "tol": 1e-12, "reference": "exact", "tolerance": 1e-6},
                 {"kind": "grad-dot", "reference": "exact"},
                 {
                     "kind": "tests.fidelity.user_estimators:NanAfterFirstColumn",
@@ -203,13 +203,14 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
         np.abs(cg - exact).max() / np.abs(exact).max()
     )
     assert not found["cg"]["flagged"] and found["cg"]["pearson"] > 0.999999
+    assert found["cg"]["tolerance"] == 1e-6 and found["grad-dot"]["tolerance"] is None
     assert found["grad-dot"]["flagged"] and found["grad-dot"]["reason"].startswith("Pearson")
     assert found["broken"]["flagged"] and found["broken"]["finite"] is False
     assert found["broken"]["reason"] == f"{3 * 7} NaN or infinite value(s)"
     assert problem["metrics"]["broken"]["cold"]["pearson"]["value"] is None
     markdown = (out / "report.md").read_text()
     assert "PROBABLE DEFECT: 21 NaN or infinite value(s)" in markdown
-    assert "| cg | cg | exact | 1.000000 |" in markdown
+    assert "| cg | cg | exact | 1.000000 |" in markdown and "| 1e-06 |" in markdown
     assert "broken: probable implementation defect against exact" in markdown
     unescaped = markdown.replace("\\", "")
     assert "grad-cos: skipped (not importable here: fidelity_no_such_library)" in unescaped
