@@ -83,15 +83,14 @@ def evaluate_problem(
     test_index = choose_test_points(problem.n_test, selection.test_points, rng)
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
 
-    fitted, estimator_info, references, skipped = {}, {}, {}, {}
-    tolerances = {spec.label: spec.tolerance for spec in suite.estimators}
+    fitted, estimator_info, checked, skipped = {}, {}, {}, {}
     for spec in (spec for spec in suite.estimators if spec.runs_on(*names)):
         missing = spec.missing_modules()
         if missing:
             skipped[spec.label] = f"not importable here: {', '.join(missing)}"
             continue
         if spec.reference is not None:
-            references[spec.label] = spec.reference
+            checked[spec.label] = spec
         estimator = build_component(
             ESTIMATORS, spec.kind, spec.settings_for(*names), where=spec.label
         )
@@ -135,7 +134,7 @@ def evaluate_problem(
                 predicted = ranking[:, removed_index]
             else:
                 predicted = estimator.scores(test, removed_train).detach().cpu().numpy()
-        if label not in references:
+        if label not in checked:
             # An estimator checked against a reference reports non-finite values as a
             # conformance finding (with the numbers) instead of ending the run.
             _check_finite(predicted, f"estimator {label!r} on {problem.name!r}")
@@ -175,15 +174,15 @@ def evaluate_problem(
 
     conformance_found = {
         label: {
-            "reference": reference,
+            "reference": spec.reference,
             **conformance(
                 arrays[f"estimator/{label}"],
-                arrays[f"estimator/{reference}"],
-                tolerance=tolerances[label],
+                arrays[f"estimator/{spec.reference}"],
+                tolerance=spec.tolerance,
             ),
         }
-        for label, reference in references.items()
-        if reference in fitted  # a skipped reference leaves nothing to compare with
+        for label, spec in checked.items()
+        if spec.reference in fitted  # a skipped reference leaves nothing to compare with
     }
     labels = list(fitted)
     agreement = {

@@ -37,6 +37,7 @@ and how metrics are computed::
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import tomllib
 from collections.abc import Mapping
@@ -71,8 +72,6 @@ class ComponentSpec:
 
     def missing_modules(self) -> list[str]:
         """The modules of ``requires`` that cannot be imported here."""
-        import importlib.util
-
         missing = []
         for module in self.requires:
             try:

@@ -85,3 +85,10 @@ def record_scores(diagnostics: dict, deltas: Tensor, seconds: float, messages: l
     diagnostics["scores_seconds"] = seconds
     diagnostics["nonfinite_scores"] = int((~torch.isfinite(deltas)).sum())
     diagnostics["library_warnings"] = [*diagnostics.get("library_warnings", []), *messages]
+
+
+def examples_loader(data: Examples, batch_size: int) -> torch.utils.data.DataLoader:
+    """``data`` as the (x, y) DataLoader libraries take: in order, batches of ``batch_size``."""
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.x, data.y), batch_size=max(1, batch_size)
+    )

@@ -57,7 +57,13 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
-from estimators.external import library_context, record_scores, trained_module, with_parent
+from estimators.external import (
+    examples_loader,
+    library_context,
+    record_scores,
+    trained_module,
+    with_parent,
+)
 from estimators.kfac import check_layers
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
@@ -224,7 +230,7 @@ class DattriEstimator(Estimator):
             raise FidelityError("dattri's DataInf divides by wd + damping: set damping above 0")
         with library_context(trained, self.seed, "dattri") as messages:
             self.attributor_ = self._attributor(trained, task_cls, attributors)
-            self.attributor_.cache(_loader(problem.train, problem.n_train))
+            self.attributor_.cache(examples_loader(problem.train, problem.n_train))
             if self.solver == "arnoldi":
                 # dattri runs the Arnoldi iteration at the first projection: do it here.
                 with torch.no_grad():
@@ -244,16 +250,10 @@ class DattriEstimator(Estimator):
         trained = self._check_fitted()
         start = time.perf_counter()
         whole = self.solver in WHOLE_BATCH_SOLVERS
-        train_loader = _loader(train, len(train) if whole else self.batch_size)
-        test_loader = _loader(test, len(test) if whole else self.batch_size)
+        train_loader = examples_loader(train, len(train) if whole else self.batch_size)
+        test_loader = examples_loader(test, len(test) if whole else self.batch_size)
         with library_context(trained, self.seed, "dattri") as messages, torch.no_grad():
             raw = self.attributor_.attribute(train_loader, test_loader)
         deltas = raw.detach().T.to(trained.theta) / trained.problem.n_train
         record_scores(self.diagnostics_, deltas, time.perf_counter() - start, messages)
         return deltas
-
-
-def _loader(data: Examples, batch_size: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data.x, data.y), batch_size=max(1, batch_size)
-    )

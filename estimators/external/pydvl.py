@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator
-from estimators.external import library_context, record_scores, trained_module
+from estimators.external import examples_loader, library_context, record_scores, trained_module
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples, TrainedProblem
@@ -161,10 +161,7 @@ class PydvlEstimator(Estimator):
     def fit(self, trained: TrainedProblem) -> Self:
         start = time.perf_counter()
         problem = trained.problem
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(problem.x_train, problem.y_train),
-            batch_size=self.batch_size,
-        )
+        loader = examples_loader(problem.train, self.batch_size)
         with library_context(trained, self.seed, "pydvl") as messages:
             self.influence_model_ = self._model(trained).fit(loader)
         self.trained_ = trained

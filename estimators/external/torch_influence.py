@@ -33,7 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import Estimator
-from estimators.external import library_context, record_scores, rows_of, trained_module
+from estimators.external import (
+    examples_loader,
+    library_context,
+    record_scores,
+    rows_of,
+    trained_module,
+)
 from fidelity.errors import FidelityError
 from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples, TrainedProblem
@@ -72,12 +78,6 @@ def _objective(base: type, trained: TrainedProblem) -> Any:
             return loss_from_outputs(problem.loss, model(batch[0]), batch[1]).mean()
 
     return ProblemObjective()
-
-
-def _loader(data: Examples, batch_size: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data.x, data.y), batch_size=max(1, batch_size)
-    )
 
 
 class TorchInfluenceEstimator(Estimator):
@@ -130,8 +130,8 @@ class TorchInfluenceEstimator(Estimator):
         common = {
             "model": trained_module(trained),
             "objective": _objective(library.BaseObjective, trained),
-            "train_loader": _loader(problem.train, self.batch_size),
-            "test_loader": _loader(problem.test, self.batch_size),
+            "train_loader": examples_loader(problem.train, self.batch_size),
+            "test_loader": examples_loader(problem.test, self.batch_size),
             "device": problem.device,
             "damp": self.damping,
         }
@@ -166,7 +166,7 @@ class TorchInfluenceEstimator(Estimator):
         start = time.perf_counter()
         train_indices = rows_of(train, trained.problem).tolist()
         # The module scores test points by index into its test loader: point it at `test`.
-        self.module_.test_loader = _loader(test, self.batch_size)
+        self.module_.test_loader = examples_loader(test, self.batch_size)
         rows = []
         with library_context(trained, self.seed, "torch_influence") as messages:
             for t in range(len(test)):

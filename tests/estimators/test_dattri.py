@@ -15,6 +15,7 @@ from fidelity.errors import FidelityError
 from fidelity.objective import per_example_grads
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
+from tests.estimators.references import relative_error
 
 HAS_DATTRI = importlib.util.find_spec("dattri") is not None
 needs_dattri = pytest.mark.skipif(not HAS_DATTRI, reason="dattri is not installed")
@@ -30,10 +31,6 @@ def mlp():
 def exact(mlp):
     problem = mlp.problem
     return ExactEstimator(damping=DAMPING).fit(mlp).scores(problem.test, problem.train)
-
-
-def relative_error(actual, expected):
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 def pearson(a, b):

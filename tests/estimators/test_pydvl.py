@@ -13,10 +13,11 @@ from estimators.kfac import EkfacEstimator, KfacEstimator
 from fidelity.curvature import CurvatureOperator
 from fidelity.errors import FidelityError
 from fidelity.metrics import pearson
-from fidelity.objective import loss_from_outputs, per_example_grads
+from fidelity.objective import loss_from_outputs
 from fidelity.problem import Examples
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
+from tests.estimators.references import relative_error, solve_scores
 
 HAS_PYDVL = importlib.util.find_spec("pydvl") is not None
 
@@ -66,20 +67,13 @@ def test_solvers_equal_exact_after_conversion(mlp, solver, options, tolerance):
     assert error <= tolerance
 
 
-def relative_error(actual, expected):
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
 def empirical_fisher_scores(trained, scale: float, damping: float):
     """(1/N) g_t^T (scale F + (wd + damping) I)^{-1} g_j with F the empirical Fisher (no wd)."""
     problem = trained.problem
     identity = torch.eye(trained.n_params, dtype=trained.theta.dtype)
     fisher = CurvatureOperator(trained, "empirical-fisher").dense()
     fisher = fisher - problem.weight_decay * identity
-    system = scale * fisher + (problem.weight_decay + damping) * identity
-    g_test = per_example_grads(trained.model, problem.loss, trained.theta, problem.test)
-    g_train = per_example_grads(trained.model, problem.loss, trained.theta, problem.train)
-    return g_test @ torch.linalg.solve(system, g_train.T) / problem.n_train
+    return solve_scores(trained, scale * fisher + (problem.weight_decay + damping) * identity)
 
 
 def gauss_newton_scores(trained, solver, **options):
@@ -171,10 +165,9 @@ def chunk_averaged_scores(trained, batch_size: int, damping: float):
             )
         )
     identity = torch.eye(trained.n_params, dtype=trained.theta.dtype)
-    system = torch.stack(blocks).mean(0) + (problem.weight_decay + damping) * identity
-    g_test = per_example_grads(model, problem.loss, trained.theta, problem.test)
-    g_train = per_example_grads(model, problem.loss, trained.theta, problem.train)
-    return g_test @ torch.linalg.solve(system, g_train.T) / problem.n_train
+    return solve_scores(
+        trained, torch.stack(blocks).mean(0) + (problem.weight_decay + damping) * identity
+    )
 
 
 @pytest.mark.skipif(not HAS_PYDVL, reason="pydvl is not installed")

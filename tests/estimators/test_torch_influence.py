@@ -16,6 +16,7 @@ from fidelity.objective import per_example_grads
 from fidelity.problem import Examples
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
+from tests.estimators.references import relative_error
 
 HAS_TORCH_INFLUENCE = importlib.util.find_spec("torch_influence") is not None
 needs_library = pytest.mark.skipif(
@@ -55,10 +56,6 @@ def with_regulariser_offset(trained, curvature: str, damping: float):
     g_test = per_example_grads(trained.model, problem.loss, trained.theta, problem.test)
     offset = g_test @ torch.linalg.solve(matrix, problem.weight_decay * trained.theta)
     return expected, expected + offset.unsqueeze(1) / problem.n_train
-
-
-def relative_error(actual, expected):
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 @needs_library
