@@ -27,8 +27,8 @@ import torch
 from estimators import ArnoldiEstimator, EkfacEstimator, ExactEstimator
 from estimators.external.dattri import DattriEstimator
 from estimators.kfac import select_layers
-from fidelity.cache import ArtifactCache
-from fidelity.objective import per_example_grads
+from fidelity.core.cache import ArtifactCache
+from fidelity.core.objective import per_example_grads
 from fidelity.problems import load_problem
 from retrain import train
 
@@ -124,9 +124,7 @@ def main() -> None:
                 (
                     "ekfac empirical",
                     lambda: timed_scores(
-                        EkfacEstimator(
-                            damping=damping, damping_mode="absolute", fisher="empirical"
-                        ),
+                        EkfacEstimator(damping=damping, fisher="empirical"),
                         trained,
                         test,
                     ),

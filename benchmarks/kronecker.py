@@ -40,9 +40,7 @@ def main() -> None:
         for kind in ("kfac", "ekfac"):
             for fisher in ("expected", "sampled", "empirical"):
                 start = time.perf_counter()
-                estimator = ESTIMATORS.get(kind)(
-                    damping=args.damping, damping_mode="absolute", fisher=fisher
-                ).fit(trained)
+                estimator = ESTIMATORS.get(kind)(damping=args.damping, fisher=fisher).fit(trained)
                 scores = estimator.scores(test, problem.train).flatten().numpy()
                 seconds = time.perf_counter() - start
                 r_gnh = np.corrcoef(scores, references["gnh"])[0, 1]

@@ -43,7 +43,7 @@ def main() -> None:
     )
     for ours_cls, strategy in ((KfacEstimator, "kfac"), (EkfacEstimator, "ekfac")):
         for fisher in ("empirical", "sampled"):
-            ours = ours_cls(damping=args.damping, damping_mode="absolute", fisher=fisher)
+            ours = ours_cls(damping=args.damping, fisher=fisher)
             theirs = KronfluenceEstimator(strategy=strategy, fisher=fisher, damping=args.damping)
             ours_seconds, ours_scores = timed_scores(ours, trained, test)
             theirs_seconds, theirs_scores = timed_scores(theirs, trained, test)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fidelity.cache import ArtifactCache
+from fidelity.core.cache import ArtifactCache
 from fidelity.metrics import pearson
 from fidelity.problems import load_problem
 from reports import load_problem_arrays

@@ -3,10 +3,11 @@
 from estimators.arnoldi import ArnoldiEstimator
 from estimators.base import Estimator, InverseCurvatureEstimator
 from estimators.baselines import GradCosEstimator, GradDotEstimator
+from estimators.cg import ConjugateGradientEstimator
 from estimators.exact import ExactEstimator, GaussNewtonEstimator
-from estimators.iterative import ConjugateGradientEstimator, LissaEstimator
 from estimators.kfac import EkfacEstimator, KfacEstimator
-from fidelity.registry import Registry
+from estimators.lissa import LissaEstimator
+from fidelity.core.registry import Registry
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
 for _estimator in (

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
-from fidelity.curvature import CurvatureOperator, check_curvature
-from fidelity.errors import FidelityError
-from fidelity.problem import TrainedProblem
-from fidelity.validation import check_int, check_nonnegative, check_positive_int
+from fidelity.core.checks import check_int, check_nonnegative, check_positive_int
+from fidelity.core.curvature import CurvatureOperator, check_curvature
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import TrainedProblem
 
 
 class ArnoldiEstimator(InverseCurvatureEstimator):

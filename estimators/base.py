@@ -14,11 +14,11 @@ from typing import Any, ClassVar, Self
 
 from torch import Tensor
 
-from fidelity.errors import FidelityError
-from fidelity.objective import per_example_grads
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.registry import constructor_params
-from fidelity.validation import check_positive_int
+from fidelity.core.checks import check_positive_int
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import per_example_grads
+from fidelity.core.problem import Examples, TrainedProblem
+from fidelity.core.registry import constructor_params
 
 
 class Estimator(ABC):

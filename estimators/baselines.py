@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
-from fidelity.problem import Examples, TrainedProblem
+from fidelity.core.problem import Examples, TrainedProblem
 
 
 class GradDotEstimator(InverseCurvatureEstimator):

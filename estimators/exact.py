@@ -9,15 +9,15 @@ from torch import Tensor
 
 from estimators.base import InverseCurvatureEstimator
 from estimators.kfac import check_layers, parameter_subset
-from fidelity.curvature import (
+from fidelity.core.checks import check_nonnegative
+from fidelity.core.curvature import (
     CurvatureOperator,
     check_curvature,
     gauss_newton_woodbury,
     woodbury_pays,
 )
-from fidelity.errors import FidelityError
-from fidelity.problem import TrainedProblem
-from fidelity.validation import check_nonnegative
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import TrainedProblem
 
 SOLVERS = ("auto", "dense", "woodbury")
 
@@ -28,7 +28,7 @@ class ExactEstimator(InverseCurvatureEstimator):
     Estimand: the first-order change of test loss t when training point j is removed
     (epsilon = -1/N), for the exact Hessian (``curvature="hessian"``), the exact Gauss-Newton
     matrix (``curvature="gnh"``) or the empirical Fisher (``curvature="empirical-fisher"``,
-    gradient outer products at the training labels; see ``fidelity.curvature``) of the training
+    gradient outer products at the training labels; see ``fidelity.core.curvature``) of the training
     objective at theta_s. Positive: removing j
     raises the loss on t. The matrix is built with torch.func and factorised by Cholesky; a
     matrix that is not positive definite raises an error instead of returning a meaningless

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from estimators.base import InverseCurvatureEstimator
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs, output_hessian_factor
-from fidelity.problem import Examples, FunctionalModel, TrainedProblem
-from fidelity.validation import check_int, check_nonnegative
+from fidelity.core.checks import check_int, check_nonnegative
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs, output_hessian_factor
+from fidelity.core.problem import Examples, FunctionalModel, TrainedProblem
 
 FISHERS = ("expected", "sampled", "empirical")
-DAMPING_MODES = ("absolute", "relative")
+DEFAULT_DAMPING_RATIO = 0.1  # of each layer's mean eigenvalue, when no damping is given
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
@@ -264,10 +264,12 @@ class KroneckerEstimator(InverseCurvatureEstimator):
     ``fisher``: ``"expected"`` (default; backward passes through the output-Hessian factor, so
     the factors average the exact Gauss-Newton terms), ``"sampled"`` (labels drawn from the
     model with ``seed``: the true Fisher of Grosse et al. and kronfluence) or ``"empirical"``
-    (training labels). ``damping_mode="relative"`` (default) uses ``damping`` x the mean
-    eigenvalue of each layer (Grosse et al. 2023); ``"absolute"`` uses ``damping`` itself.
-    Weight decay is added to every eigenvalue, as in ``gnh``. ``layers``: fnmatch patterns of
-    module names (a string or list), default every nn.Linear and nn.Conv2d.
+    (training labels). Damping of layer l: ``damping`` (absolute, added to the curvature as
+    everywhere in fidelity) plus ``damping_ratio`` x the mean eigenvalue of the layer (the
+    relative form of Grosse et al. 2023); with neither given, ``damping_ratio = 0.1``, with
+    one given the other is 0. Weight decay is added to every eigenvalue, as in ``gnh``.
+    ``layers``: fnmatch patterns of module names (a string or list), default every nn.Linear
+    and nn.Conv2d.
     """
 
     ekfac = False
@@ -275,8 +277,8 @@ class KroneckerEstimator(InverseCurvatureEstimator):
     def __init__(
         self,
         *,
-        damping: float = 0.1,
-        damping_mode: str = "relative",
+        damping: float | None = None,
+        damping_ratio: float | None = None,
         fisher: str = "expected",
         layers: str | list[str] | None = None,
         factor_dtype: str = "float64",
@@ -284,19 +286,16 @@ class KroneckerEstimator(InverseCurvatureEstimator):
         batch_size: int = 512,
     ) -> None:
         super().__init__(batch_size=batch_size)
-        self.damping = check_nonnegative(damping, f"{self.name}.damping")
-        if damping_mode not in DAMPING_MODES:
-            raise FidelityError(
-                f"{self.name}.damping_mode must be one of {', '.join(DAMPING_MODES)}, "
-                f"got {damping_mode!r}"
-            )
+        if damping is None and damping_ratio is None:
+            damping_ratio = DEFAULT_DAMPING_RATIO
+        self.damping = check_nonnegative(damping or 0.0, f"{self.name}.damping")
+        self.damping_ratio = check_nonnegative(damping_ratio or 0.0, f"{self.name}.damping_ratio")
         if fisher not in FISHERS:
             raise FidelityError(
                 f"{self.name}.fisher must be one of {', '.join(FISHERS)}, got {fisher!r}"
             )
         if factor_dtype not in ("float64", "float32"):
             raise FidelityError(f"{self.name}.factor_dtype must be float64 or float32")
-        self.damping_mode = damping_mode
         self.fisher = fisher
         self.layers = check_layers(layers, self.name)
         self.factor_dtype = factor_dtype
@@ -348,8 +347,11 @@ class KroneckerEstimator(InverseCurvatureEstimator):
                         corrected[index] += rotated.pow(2).sum(0) / n
             self.eigenvalues_ = corrected
         weight_decay = trained.problem.weight_decay
+        # One term alone when only one is set, so each form is exactly what it says.
         self.dampings_ = [
-            self.damping * float(values.mean()) if self.damping_mode == "relative" else self.damping
+            self.damping + self.damping_ratio * float(values.mean())
+            if self.damping_ratio
+            else self.damping
             for values in self.eigenvalues_
         ]
         self.denominators_ = [

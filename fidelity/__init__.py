@@ -5,8 +5,8 @@ their modules (``fidelity.runner``, ``fidelity.cli``) so that ``estimators`` and
 import from here without an import cycle.
 """
 
-from fidelity.errors import FidelityError
-from fidelity.problem import Examples, FunctionalModel, NewtonRecipe, Problem, TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import Examples, FunctionalModel, NewtonRecipe, Problem, TrainedProblem
 
 __version__ = "0.1.0"
 

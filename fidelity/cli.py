@@ -4,15 +4,29 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
 
-from fidelity.cache import default_cache_dir
-from fidelity.errors import FidelityError
-from fidelity.history import default_history_path
+from estimators import ESTIMATORS
+from fidelity import applications
+from fidelity.applications.common import DEFAULT_ESTIMATORS
+from fidelity.core.cache import ArtifactCache, default_cache_dir
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import NewtonRecipe
+from fidelity.gate import DEFAULT_METRICS, compare
+from fidelity.history import as_metric_table, default_history_path, recent_runs
+from fidelity.paper import PAPER_FIGURES, FigureContext
+from fidelity.problems import PROBLEMS, load_problem
+from fidelity.results import RunResults
+from fidelity.runner import RunOptions, run_suite
+from fidelity.suite import builtin_suites, load_suite
+from reports import applications as render
+from reports import write_reports
+from reports.format import format_interval
+from reports.markdown import md_escape, terminal_escape
+from retrain import RESPONSES, Execution, train
 
 
 def _positive_int(text: str) -> int:
@@ -111,8 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_history_option(check)
 
-    from fidelity.paper import PAPER_FIGURES
-
     figures = commands.add_parser("figures", help="write a paper figure (PNG, PDF and CSV data)")
     figures.add_argument(
         "name",
@@ -159,7 +171,6 @@ def _fraction(text: str) -> float:
 
 
 def _add_applications(commands) -> None:
-    from fidelity.applications.common import DEFAULT_ESTIMATORS
 
     def common(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
@@ -209,60 +220,44 @@ def _add_applications(commands) -> None:
     prefilter.add_argument("--top", type=_positive_int, default=10)
 
 
-@contextlib.contextmanager
-def _cache_dir_in_environment(args: argparse.Namespace):
-    """Problem factories (the text encodings) find the cache through $FIDELITY_CACHE_DIR, so
-    that --cache-dir holds everything a command computes; restored afterwards."""
-    before = os.environ.get("FIDELITY_CACHE_DIR")
-    cache_dir = getattr(args, "cache_dir", None)
-    if cache_dir and not getattr(args, "no_cache", False):
-        os.environ["FIDELITY_CACHE_DIR"] = str(cache_dir)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("FIDELITY_CACHE_DIR", None)
-        else:
-            os.environ["FIDELITY_CACHE_DIR"] = before
+def _cache(args: argparse.Namespace) -> ArtifactCache:
+    """The artefact cache the command's options name (disabled by --no-cache)."""
+    if getattr(args, "no_cache", False):
+        return ArtifactCache(None)
+    return ArtifactCache(getattr(args, "cache_dir", None) or default_cache_dir())
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from fidelity.metrics import format_interval
-    from fidelity.runner import RunOptions, run_suite
-    from fidelity.suite import load_suite
-
     suite = load_suite(args.suite)
     if args.problem:
         suite = suite.with_problems(tuple(args.problem))
     out = args.out or Path("runs") / f"{suite.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    options = RunOptions(
-        out=out,
-        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+    execution = Execution(
+        cache=_cache(args),
         workers=args.workers,
         backend=args.backend,
-        scheduler=args.scheduler,
         progress=not args.no_progress and sys.stderr.isatty(),
+        scheduler=args.scheduler,
+    )
+    options = RunOptions(
+        out=out,
+        execution=execution,
         history=None if args.no_history else (args.history or default_history_path()),
     )
     results = run_suite(suite, options)
-    for name, problem in results["problems"].items():
-        for estimator, by_response in problem["metrics"].items():
-            for response, metrics in by_response.items():
-                pearson, spearman = metrics["pearson"], metrics["spearman"]
-                print(
-                    f"{name:<18} {estimator:>10} vs {response:<8} "
-                    f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
-                )
-    print(f"wrote {out} in {results['timings']['total_seconds']:.1f} s")
+    for name, problem in results.problems.items():
+        for estimator, response in problem.pairs():
+            pearson = problem.metric(estimator, response, "pearson")
+            spearman = problem.metric(estimator, response, "spearman")
+            print(
+                f"{name:<18} {estimator:>10} vs {response:<8} "
+                f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
+            )
+    print(f"wrote {out} in {results.timings['total_seconds']:.1f} s")
     return 0
 
 
 def command_list(_: argparse.Namespace) -> int:
-    from estimators import ESTIMATORS
-    from fidelity.problems import PROBLEMS
-    from fidelity.suite import builtin_suites
-    from retrain import RESPONSES
-
     for title, registry in (
         ("problems", PROBLEMS),
         ("estimators", ESTIMATORS),
@@ -278,18 +273,14 @@ def command_list(_: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from fidelity.gating import load_results
-    from fidelity.history import recent_runs
-    from reports import write_reports
-
     if not args.run_dir.is_dir():
         raise FidelityError(f"run directory {str(args.run_dir)!r} does not exist")
-    results = load_results(args.run_dir)
+    results = RunResults.load(args.run_dir)
     history = recent_runs(
         args.history or default_history_path(),
-        suite=results["suite"]["name"],
-        before=results["created"],
-        exclude=results.get("run_id"),
+        suite=results.suite_name,
+        before=results.created,
+        exclude=results.run_id,
         last=args.trend_runs - 1,
     )
     written = write_reports(args.run_dir, results, history=history)
@@ -299,8 +290,6 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_history(args: argparse.Namespace) -> int:
-    from fidelity.history import recent_runs
-
     path = args.history or default_history_path()
     if not path.is_file():
         raise FidelityError(f"no run history at {str(path)!r} (runs record there by default)")
@@ -316,7 +305,7 @@ def command_history(args: argparse.Namespace) -> int:
             named = {"problem": problem, "estimator": estimator, "response": response}
             if metric != args.metric or any(v and named[k] != v for k, v in wanted.items()):
                 continue
-            series.setdefault((run.suite, *key[:3]), [None] * len(runs))[position] = entry["value"]
+            series.setdefault((run.suite, *key[:3]), [None] * len(runs))[position] = entry.value
     print(f"{len(runs)} run(s), oldest first, metric {args.metric}:")
     for position, run in enumerate(runs, 1):
         revision = run.git_revision or "-"
@@ -333,30 +322,27 @@ def command_history(args: argparse.Namespace) -> int:
 
 
 def command_check(args: argparse.Namespace) -> int:
-    from fidelity.gating import DEFAULT_METRICS, compare, load_results
-    from fidelity.history import as_results_metrics, recent_runs
-
-    results = load_results(args.run_dir)
+    results = RunResults.load(args.run_dir)
     if args.against_last:
         path = args.history or default_history_path()
         earlier = recent_runs(
             path,
-            suite=results["suite"]["name"],
-            before=results["created"],
-            exclude=results.get("run_id"),
+            suite=results.suite_name,
+            before=results.created,
+            exclude=results.run_id,
             last=1,
         )
         if not earlier:
             raise FidelityError(
-                f"no earlier run of suite {results['suite']['name']!r} in history {str(path)!r}"
+                f"no earlier run of suite {results.suite_name!r} in history {str(path)!r}"
             )
-        baseline = as_results_metrics(earlier[0])
+        baseline = as_metric_table(earlier[0])
         source = f"run {earlier[0].run_id} of {earlier[0].created} (history {path})"
     else:
-        baseline = load_results(args.baseline)["problems"]
+        baseline = RunResults.load(args.baseline).metric_table()
         source = str(args.baseline)
     metrics = tuple(args.metric or DEFAULT_METRICS)
-    findings = compare(results["problems"], baseline, tolerance=args.tolerance, metrics=metrics)
+    findings = compare(results.metric_table(), baseline, tolerance=args.tolerance, metrics=metrics)
     failed = [finding for finding in findings if finding.status != "ok"]
     print(
         f"checked {len(findings)} metric(s) of {args.run_dir} against {source} "
@@ -372,13 +358,10 @@ def command_check(args: argparse.Namespace) -> int:
 
 
 def command_figures(args: argparse.Namespace) -> int:
-    from fidelity.paper import PAPER_FIGURES, FigureContext
-
     context = FigureContext(
         out=args.out,
-        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        execution=Execution(cache=_cache(args), workers=args.workers),
         runs=tuple(args.run or ()),
-        workers=args.workers,
     )
     for path in PAPER_FIGURES.get(args.name)(context):
         print(f"wrote {path}")
@@ -386,24 +369,13 @@ def command_figures(args: argparse.Namespace) -> int:
 
 
 def command_application(args: argparse.Namespace) -> int:
-    import json
-
-    from fidelity import applications
-    from fidelity.applications.common import DEFAULT_ESTIMATORS
-    from fidelity.cache import ArtifactCache
-    from fidelity.problem import NewtonRecipe
-    from fidelity.problems import load_problem
-    from reports import applications as render
-    from reports.markdown import md_escape, terminal_escape
-    from retrain import train
-
     # The Markdown file escapes data for Markdown; the terminal gets the sentences as written,
     # with control characters made visible.
     escapes = (md_escape, terminal_escape)
 
-    cache = ArtifactCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
+    cache = _cache(args)
     out = args.out or Path("runs") / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}"
-    problem = load_problem(args.problem)
+    problem = load_problem(args.problem, cache=cache)
     trained = train(problem, cache=cache)
     specs = args.estimator or list(DEFAULT_ESTIMATORS)
     estimators = applications.build_estimators(specs)
@@ -473,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         dict.fromkeys(("explain", "poison", "mislabel", "prefilter"), command_application)
     )
     try:
-        with _cache_dir_in_environment(args):
-            return handlers[args.command](args)
+        return handlers[args.command](args)
     except FidelityError as exc:
         message = " ".join(str(exc).split())
         print(f"fidelity: error: {message}", file=sys.stderr)

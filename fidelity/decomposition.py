@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fidelity.core.problem import TrainedProblem
 from fidelity.metrics import pearson
-from fidelity.problem import TrainedProblem
+from fidelity.results import Decomposition, Gap, finite_or_none
 
 LADDER = ("cold", "warm", "proximal", "pbrf", "linear")
 COMPONENTS = {
@@ -71,11 +71,15 @@ def measurement_gap(first: np.ndarray, second: np.ndarray, scale: float) -> dict
     }
 
 
+def _optional(value: float | None) -> float | None:
+    return None if value is None else finite_or_none(value)
+
+
 def decompose(
     trained: TrainedProblem,
     stages: list[Stage],
     estimators: dict[str, tuple[np.ndarray, Tensor | None]],
-) -> dict[str, Any] | None:
+) -> Decomposition | None:
     """The gaps between consecutive ladder stages present in ``stages`` (the first stage of each
     kind, in ladder order) and, for each estimator (deltas, predicted parameter changes or
     None), its gap to the last stage. None when fewer than two steps are present.
@@ -93,17 +97,19 @@ def decompose(
     reference = ladder[0]
     scale = float(np.mean(np.abs(reference.deltas)))
 
-    def gap(first: Stage, second: Stage) -> dict[str, Any]:
+    def gap(first: Stage, second: Stage) -> Gap:
         distance = None
         if first.thetas is not None and second.thetas is not None:
             distance = output_distance(trained, first.thetas, second.thetas)
-        return {
-            "from": first.label,
-            "to": second.label,
-            "components": components_between(first.kind, second.kind),
-            "output_rms": distance,
-            **measurement_gap(first.deltas, second.deltas, scale),
-        }
+        measured = measurement_gap(first.deltas, second.deltas, scale)
+        return Gap(
+            source=first.label,
+            target=second.label,
+            components=tuple(components_between(first.kind, second.kind)),
+            output_rms=_optional(distance),
+            relative_mae=_optional(measured["relative_mae"]),
+            one_minus_pearson=_optional(measured["one_minus_pearson"]),
+        )
 
     gaps = [gap(a, b) for a, b in itertools.pairwise(ladder)]
     last = ladder[-1]
@@ -112,9 +118,9 @@ def decompose(
     for label, (deltas, changes) in estimators.items():
         thetas = None if changes is None else theta_s + changes.to(theta_s)
         per_estimator[label] = gap(last, Stage(label, "estimator", deltas, thetas))
-    return {
-        "reference": reference.label,
-        "stages": [stage.label for stage in ladder],
-        "gaps": gaps,
-        "estimators": per_estimator,
-    }
+    return Decomposition(
+        reference=reference.label,
+        stages=tuple(stage.label for stage in ladder),
+        gaps=tuple(gaps),
+        estimators=per_estimator,
+    )

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
+from fidelity.results import Interval, MetricTable, RunResults
 
 DEFAULT_HISTORY = "fidelity.db"
 SCHEMA_VERSION = 1
@@ -102,34 +102,32 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def metric_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str, dict]]:
-    """(problem, estimator, response, metric, {value, low, high}) for every metric of a run."""
-    for problem_name, problem in results["problems"].items():
-        for estimator, by_response in problem["metrics"].items():
+def metric_rows(results: RunResults) -> Iterator[tuple[str, str, str, str, Interval]]:
+    """(problem, estimator, response, metric, interval) for every metric of a run."""
+    for problem_name, by_estimator in results.metric_table().items():
+        for estimator, by_response in by_estimator.items():
             for response, metrics in by_response.items():
                 for metric, entry in metrics.items():
                     yield problem_name, estimator, response, metric, entry
 
 
-def timing_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
+def timing_rows(results: RunResults) -> Iterator[tuple[str, str, float]]:
     """(problem, step, seconds) for the training, each estimator and each response of a run."""
-    for problem_name, problem in results["problems"].items():
-        for step, seconds in problem["timings"].items():
+    for problem_name, problem in results.problems.items():
+        for step, seconds in problem.timings.items():
             yield problem_name, step, seconds
-        for label, info in problem["estimators"].items():
-            yield problem_name, f"estimator/{label}", info["fit_seconds"] + info["scores_seconds"]
-        for label, info in problem["responses"].items():
-            yield problem_name, f"response/{label}", info["seconds"]
+        for label, info in problem.estimators.items():
+            yield problem_name, f"estimator/{label}", info.fit_seconds + info.scores_seconds
+        for label, response in problem.responses.items():
+            yield problem_name, f"response/{label}", response.seconds
 
 
-def append_run(path: Path, results: dict[str, Any], run_dir: Path | None = None) -> None:
-    """Record one run (``results.json`` content) in a single transaction.
+def append_run(path: Path, results: RunResults, run_dir: Path | None = None) -> None:
+    """Record one run in a single transaction.
 
     A run already recorded (same ``run_id``) is refused rather than duplicated.
     """
-    run_id = results.get("run_id")
-    if not run_id:
-        raise FidelityError("results have no run_id; they predate the run history")
+    run_id = results.run_id
     with connect(path) as connection, _transaction(connection):
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -137,13 +135,13 @@ def append_run(path: Path, results: dict[str, Any], run_dir: Path | None = None)
                 "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
-                    results["suite"]["name"],
-                    results["created"],
-                    results.get("git_revision"),
-                    results.get("fidelity_version"),
+                    results.suite_name,
+                    results.created,
+                    results.git_revision,
+                    results.fidelity_version,
                     None if run_dir is None else str(Path(run_dir).resolve()),
-                    results["timings"]["total_seconds"],
-                    json.dumps(results),
+                    results.timings["total_seconds"],
+                    json.dumps(results.to_json()),
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -151,7 +149,7 @@ def append_run(path: Path, results: dict[str, Any], run_dir: Path | None = None)
         connection.executemany(
             "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (run_id, p, e, r, m, entry.get("value"), entry.get("low"), entry.get("high"))
+                (run_id, p, e, r, m, entry.value, entry.low, entry.high)
                 for p, e, r, m, entry in metric_rows(results)
             ],
         )
@@ -171,7 +169,7 @@ class HistoryRun:
     created: str
     git_revision: str | None
     run_dir: str | None
-    metrics: dict[tuple[str, str, str, str], dict[str, float | None]]
+    metrics: dict[tuple[str, str, str, str], Interval]
 
 
 def recent_runs(
@@ -211,9 +209,7 @@ def recent_runs(
                 "WHERE run_id = ?",
                 (run_id,),
             ).fetchall()
-            metrics = {
-                tuple(row[:4]): {"value": row[4], "low": row[5], "high": row[6]} for row in rows
-            }
+            metrics = {(row[0], row[1], row[2], row[3]): Interval(*row[4:]) for row in rows}
             found.append(HistoryRun(run_id, run_suite, created, revision, run_dir, metrics))
     return found
 
@@ -226,10 +222,10 @@ def count_runs(path: Path) -> tuple[int, int]:
     return runs, metrics
 
 
-def as_results_metrics(run: HistoryRun) -> dict[str, Any]:
-    """A recorded run's metrics in the shape of ``results["problems"]`` (for ``check``)."""
-    problems: dict[str, Any] = {}
+def as_metric_table(run: HistoryRun) -> MetricTable:
+    """A recorded run's metrics as problem -> estimator -> response -> metric (for ``check``)."""
+    table: MetricTable = {}
     for (problem, estimator, response, metric), entry in run.metrics.items():
-        by_estimator = problems.setdefault(problem, {"metrics": {}})["metrics"]
-        by_estimator.setdefault(estimator, {}).setdefault(response, {})[metric] = entry
-    return problems
+        by_response = table.setdefault(problem, {}).setdefault(estimator, {})
+        by_response.setdefault(response, {})[metric] = entry
+    return table

@@ -9,35 +9,12 @@ column are not independent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-from fidelity.errors import FidelityError
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with a bootstrap confidence interval (nan where undefined)."""
-
-    value: float
-    low: float
-    high: float
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {k: (None if np.isnan(v) else float(v)) for k, v in vars(self).items()}
-
-
-def format_interval(entry: dict[str, float | None] | None) -> str:
-    """``value [low, high]`` of a metric entry (``Interval.to_dict()``), ``value`` alone without
-    an interval, ``n/a`` when undefined."""
-    if not entry or entry.get("value") is None:
-        return "n/a"
-    value, low, high = entry["value"], entry.get("low"), entry.get("high")
-    if low is None or high is None:
-        return f"{value:.4f}"
-    return f"{value:.4f} [{low:.4f}, {high:.4f}]"
+from fidelity.core.errors import FidelityError
+from fidelity.results import Conformance, Interval, NoiseCeiling, finite_or_none
 
 
 def _pearson_flat(x: np.ndarray, y: np.ndarray) -> float:
@@ -137,13 +114,13 @@ def score(
             low, high = np.percentile(samples, [tail, 100 - tail])
         else:
             low = high = float("nan")
-        result[name] = Interval(float(value), float(low), float(high))
+        result[name] = Interval.of(value, low, high)
     return result
 
 
 def split_half_reliability(
     per_seed: np.ndarray, *, max_splits: int = 100, seed: int = 0
-) -> dict[str, float | int]:
+) -> NoiseCeiling:
     """Reliability of the seed-averaged deltas from ``per_seed`` ``[n_seeds, ...]``.
 
     Two disjoint halves of h = floor(S / 2) seeds are drawn; the correlation r between the
@@ -172,11 +149,14 @@ def split_half_reliability(
         for name, fn in (("pearson", pearson), ("spearman", spearman)):
             r = fn(a, b)
             values[name].append(k * r / (1 + (k - 1) * r) if r > -1 / (k - 1) else float("nan"))
-    result: dict[str, float | int] = {name: _finite_mean(np.array(v)) for name, v in values.items()}
-    result["max_correlation"] = float(np.sqrt(max(result["pearson"], 0.0)))
-    result["seeds"] = n_seeds
-    result["splits"] = len(splits)
-    return result
+    reliability = {name: _finite_mean(np.array(v)) for name, v in values.items()}
+    return NoiseCeiling(
+        pearson=finite_or_none(reliability["pearson"]),
+        spearman=finite_or_none(reliability["spearman"]),
+        max_correlation=finite_or_none(np.sqrt(max(reliability["pearson"], 0.0))),
+        seeds=n_seeds,
+        splits=len(splits),
+    )
 
 
 #: Pearson below which an estimator is flagged as not computing the estimand it claims.
@@ -187,9 +167,10 @@ def conformance(
     candidate: np.ndarray,
     reference: np.ndarray,
     *,
+    reference_label: str,
     threshold: float = CONFORMANCE_THRESHOLD,
     tolerance: float | None = None,
-) -> dict[str, object]:
+) -> Conformance:
     """Agreement of an estimator with the reference whose estimand it claims to compute: pooled
     Pearson, max |candidate - reference| / max |reference|, whether every value is finite, and
     ``flagged`` (Pearson below ``threshold``, a non-finite value, or, where a ``tolerance`` is
@@ -210,12 +191,13 @@ def conformance(
         reason = f"Pearson {r:.6f} < {threshold}"
     elif tolerance is not None and difference is not None and difference > tolerance:
         reason = f"max relative difference {difference:.2e} > {tolerance:g}"
-    return {
-        "pearson": r,
-        "max_relative_difference": difference,
-        "finite": finite,
-        "flagged": reason is not None,
-        "reason": reason,
-        "threshold": threshold,
-        "tolerance": tolerance,
-    }
+    return Conformance(
+        reference=reference_label,
+        pearson=finite_or_none(r),
+        max_relative_difference=difference,
+        finite=finite,
+        flagged=reason is not None,
+        reason=reason,
+        threshold=threshold,
+        tolerance=tolerance,
+    )

@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fidelity.errors import FidelityError
-from fidelity.registry import Registry
+from fidelity.core.errors import FidelityError
+from fidelity.core.registry import Registry
+from fidelity.results import Gap, ProblemResults, RunResults
+from fidelity.runner import RunOptions, run_suite
+from fidelity.suite import Suite, load_suite, parse_suite
+from reports import load_problem_arrays
+from reports import paper as draw_paper
+from retrain import Execution
 
 PAPER_FIGURES: Registry[Callable[[FigureContext], list[Path]]] = Registry("paper figure")
 
@@ -30,28 +36,23 @@ class FigureContext:
     """
 
     out: Path
-    cache_dir: Path | None = None
+    execution: Execution = field(default_factory=Execution)
     runs: tuple[Path, ...] = ()
-    workers: int = 1
     problems: tuple[str, ...] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
 
 @contextmanager
 def _run(
-    suite: Any, context: FigureContext, *, decomposition: bool = True
-) -> Iterator[tuple[dict[str, Any], Path]]:
+    suite: Suite, context: FigureContext, *, decomposition: bool = True
+) -> Iterator[tuple[RunResults, Path]]:
     """Run ``suite`` into a temporary directory (never into the run history, no reports);
     yields (results, run_dir), the directory removed afterwards."""
-    from fidelity.runner import RunOptions, run_suite
-
     with tempfile.TemporaryDirectory(prefix="fidelity-figure-") as folder:
         run_dir = Path(folder) / "run"
         options = RunOptions(
             out=run_dir,
-            cache_dir=context.cache_dir,
-            workers=context.workers,
-            progress=False,
+            execution=context.execution,
             reports=False,
             decomposition=decomposition,
         )
@@ -77,10 +78,6 @@ KOH_PANELS = (
 def koh2017_fig2(context: FigureContext) -> list[Path]:
     """For each panel's problem: one test point (drawn by the suite seed), its ``top`` (default
     100) training points by |predicted delta|, each removed and retrained (``cold``)."""
-    from fidelity.suite import parse_suite
-    from reports import load_problem_arrays
-    from reports.paper import koh2017_fig2 as draw
-
     top = int(context.settings.get("top", 100))
     panels_spec = KOH_PANELS
     if context.problems is not None:
@@ -90,7 +87,7 @@ def koh2017_fig2(context: FigureContext) -> list[Path]:
         )
     panels = []
     for problem_name, estimator, title in panels_spec:
-        suite = {
+        document = {
             "name": "koh2017-fig2",
             "problems": [problem_name],
             "seed": int(context.settings.get("seed", 0)),
@@ -101,24 +98,25 @@ def koh2017_fig2(context: FigureContext) -> list[Path]:
         }
         # Only the scatter is drawn: the per-removal parameter changes of a decomposition
         # (100 CG solves on the CNN) would dominate the figure's cost.
-        suite = parse_suite(suite, source="koh2017-fig2")
+        suite = parse_suite(document, source="koh2017-fig2")
         with _run(suite, context, decomposition=False) as (results, run_dir):
-            problem = next(iter(results["problems"].values()))
+            problem = next(iter(results.problems.values()))
             arrays = load_problem_arrays(run_dir, problem)
+        pearson = problem.metric("influence", "cold", "pearson")
         panels.append(
             {
                 "title": title,
-                "problem": problem["name"],
+                "problem": problem.name,
                 "test_index": int(arrays["test_index"][0]),
                 "train_index": arrays["removed_index"],
                 "estimator": f"{estimator['kind']}, damping {estimator.get('damping', 0):g}",
                 "response": "leave-one-out retraining",
                 "predicted": arrays["estimator/influence"][0],
                 "actual": arrays["response/cold"][0],
-                "pearson": problem["metrics"]["influence"]["cold"]["pearson"]["value"],
+                "pearson": None if pearson is None else pearson.value,
             }
         )
-    return draw(panels, Path(context.out), "koh2017-fig2")
+    return draw_paper.koh2017_fig2(panels, Path(context.out), "koh2017-fig2")
 
 
 #: Problems of the default ladder data: a convex model (where all stages agree) and two
@@ -126,19 +124,16 @@ def koh2017_fig2(context: FigureContext) -> list[Path]:
 LADDER_PROBLEMS = ("digits-logreg", "digits-mlp", "diabetes-mlp")
 
 
-def ladder_results(context: FigureContext) -> list[dict[str, Any]]:
-    """results.json of the given runs, or of the nightly suite run on ``LADDER_PROBLEMS``."""
-    from fidelity.gating import load_results
-    from fidelity.suite import load_suite
-
+def ladder_results(context: FigureContext) -> list[RunResults]:
+    """The results of the given runs, or of the nightly suite run on ``LADDER_PROBLEMS``."""
     if context.runs:
-        found = [load_results(run) for run in context.runs]
+        found = [RunResults.load(run) for run in context.runs]
     else:
         suite = load_suite("nightly").with_problems(context.problems or LADDER_PROBLEMS)
         with _run(suite, context) as (results, _):
             found = [results]
     for results, source in zip(found, context.runs or ("nightly",), strict=True):
-        if not any(_is_ladder(problem) for problem in results["problems"].values()):
+        if not any(_is_ladder(problem) for problem in results.problems.values()):
             raise FidelityError(
                 f"run {str(source)!r} has no problem with two or more ladder stages (cold, warm, "
                 "proximal, pbrf, linear); run the ladder or nightly suite, or leave out --run"
@@ -146,15 +141,15 @@ def ladder_results(context: FigureContext) -> list[dict[str, Any]]:
     return found
 
 
-def _is_ladder(problem: dict[str, Any]) -> bool:
-    decomposition = problem.get("decomposition")
-    return bool(decomposition) and len(decomposition["stages"]) >= 2
+def _is_ladder(problem: ProblemResults) -> bool:
+    decomposition = problem.decomposition
+    return decomposition is not None and len(decomposition.stages) >= 2
 
 
-def ladder_problems(context: FigureContext) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, problem summary) of every problem with a ladder in the figure's runs."""
+def ladder_problems(context: FigureContext) -> Iterator[tuple[str, ProblemResults]]:
+    """(name, problem results) of every problem with a ladder in the figure's runs."""
     for results in ladder_results(context):
-        for name, problem in results["problems"].items():
+        for name, problem in results.problems.items():
             if _is_ladder(problem):
                 yield name, problem
 
@@ -165,27 +160,27 @@ def ladder_problems(context: FigureContext) -> Iterator[tuple[str, dict[str, Any
     "and on the measurement (Bae et al. 2022)",
 )
 def bae2022_decomposition(context: FigureContext) -> list[Path]:
-    from reports.paper import bae2022_decomposition as draw
-
     rows = []
     for name, problem in ladder_problems(context):
-        decomposition = problem["decomposition"]
-        for gap in decomposition["gaps"]:
-            rows.append(_gap_row(name, gap, " + ".join(gap["components"])))
-        for label, gap in decomposition["estimators"].items():
-            rows.append(_gap_row(name, gap, f"{' + '.join(gap['components'])} ({label})"))
-    return draw(rows, Path(context.out), "bae2022-decomposition")
+        decomposition = problem.decomposition
+        if decomposition is None:
+            continue
+        for gap in decomposition.gaps:
+            rows.append(_gap_row(name, gap, " + ".join(gap.components)))
+        for label, gap in decomposition.estimators.items():
+            rows.append(_gap_row(name, gap, f"{' + '.join(gap.components)} ({label})"))
+    return draw_paper.bae2022_decomposition(rows, Path(context.out), "bae2022-decomposition")
 
 
-def _gap_row(problem: str, gap: dict[str, Any], name: str) -> dict[str, Any]:
+def _gap_row(problem: str, gap: Gap, name: str) -> dict[str, Any]:
     return {
         "problem": problem,
         "gap": name,
-        "from": gap["from"],
-        "to": gap["to"],
-        "output_rms": gap["output_rms"],
-        "relative_mae": gap["relative_mae"],
-        "one_minus_pearson": gap["one_minus_pearson"],
+        "from": gap.source,
+        "to": gap.target,
+        "output_rms": gap.output_rms,
+        "relative_mae": gap.relative_mae,
+        "one_minus_pearson": gap.one_minus_pearson,
     }
 
 
@@ -194,22 +189,21 @@ def _gap_row(problem: str, gap: dict[str, Any], name: str) -> dict[str, Any]:
     description="pooled Pearson of each estimator against each response stage, per model",
 )
 def estimator_ladder(context: FigureContext) -> list[Path]:
-    from reports.paper import estimator_ladder as draw
-
     rows = []
     for name, problem in ladder_problems(context):
-        for estimator, by_response in problem["metrics"].items():
+        stages = () if problem.decomposition is None else problem.decomposition.stages
+        for estimator, by_response in problem.metrics.items():
             # The decomposition lists the run's ladder stages in ladder order.
-            for stage in problem["decomposition"]["stages"]:
+            for stage in stages:
                 entry = by_response[stage]["pearson"]
                 rows.append(
                     {
                         "problem": name,
                         "estimator": estimator,
                         "stage": stage,
-                        "pearson": entry["value"],
-                        "low": entry["low"],
-                        "high": entry["high"],
+                        "pearson": entry.value,
+                        "low": entry.low,
+                        "high": entry.high,
                     }
                 )
-    return draw(rows, Path(context.out), "estimator-ladder")
+    return draw_paper.estimator_ladder(rows, Path(context.out), "estimator-ladder")

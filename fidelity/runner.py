@@ -1,10 +1,20 @@
-"""Run a suite: train each problem, score every estimator against every response, write a run
-directory (results.json, arrays/<problem>.npz, report.md, figures/)."""
+"""Run a suite: for each problem, a short sequence of stages that pass frozen artefacts on.
+
+    prepare  -> Setup        train theta_s, draw the test points
+    predict  -> Predictions  fit every estimator, choose the removals, score them
+    respond  -> Responses    every response stage's actual deltas (and noise ceilings)
+    score    -> Scores       metrics with intervals, correlations, per-test correlations,
+                             conformance
+    decompose_gaps           the ladder's gaps (when the suite has ladder stages)
+    assemble -> ProblemResults and the arrays of arrays/<problem>.npz
+
+``run_suite`` runs them for every problem and writes the run directory (results.json,
+arrays/, report.md, report.html, figures/).
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -14,23 +24,43 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from estimators import ESTIMATORS, Estimator
 from fidelity import __version__
-from fidelity.cache import ArtifactCache, atomic_write_bytes
+from fidelity.core.cache import atomic_write_bytes
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
-from fidelity.errors import FidelityError
-from fidelity.metrics import conformance, pearson, score, split_half_reliability
+from fidelity.history import append_run, recent_runs
+from fidelity.memory import PeakMemory
+from fidelity.metrics import conformance, pearson, row_pearson, row_spearman, score
+from fidelity.metrics import split_half_reliability as noise_ceiling
 from fidelity.problems import load_problem
-from fidelity.resources import PeakMemory
+from fidelity.results import (
+    SCHEMA_VERSION,
+    Conformance,
+    CorrelationMatrix,
+    Decomposition,
+    EstimatorRecord,
+    InfluentialRemoval,
+    Interval,
+    NoiseCeiling,
+    PerTestCorrelations,
+    ProblemResults,
+    RemovedCounts,
+    ResponseRecord,
+    RunResults,
+    finite_or_none,
+    json_ready,
+)
 from fidelity.selection import choose_removals, choose_test_points
-from fidelity.suite import Suite, build_component
-
-SCHEMA_VERSION = 1
+from fidelity.suite import ComponentSpec, SelectionSpec, Suite, build_component
+from reports import write_reports
+from retrain import RESPONSES, Execution, train
 
 
 @dataclass(frozen=True)
@@ -38,21 +68,67 @@ class RunOptions:
     """Where a run writes and how it executes; none of it changes a number."""
 
     out: Path
-    cache_dir: Path | None = None
-    workers: int = 1
-    backend: str = "loky"
-    scheduler: str | None = None
-    progress: bool = True
+    execution: Execution = field(default_factory=Execution)
     history: Path | None = None
     trend_runs: int = 20
     reports: bool = True  # render report.md, report.html and figures/ (a data-only run: False)
     decomposition: bool = True  # decompose the gaps when the suite has ladder stages
 
 
-@dataclass
+@dataclass(frozen=True)
+class Setup:
+    """A problem trained and its test points drawn. ``rng`` (the problem's generator) has drawn
+    the test points; ``predict`` draws the random removals from it next."""
+
+    requested_as: str
+    problem: Problem
+    trained: TrainedProblem
+    selection: SelectionSpec
+    rng: np.random.Generator
+    test_index: np.ndarray
+    test: Examples
+    train_seconds: float
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The names the suite may use for this problem: as requested, and its own."""
+        return (self.requested_as, self.problem.name)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Every estimator fitted and scored on the removed points ``[n_test, n_removed]``."""
+
+    estimators: dict[str, Estimator]
+    records: dict[str, EstimatorRecord]
+    deltas: dict[str, np.ndarray]
+    skipped: dict[str, str]
+    checked: dict[str, ComponentSpec]  # estimators with a reference, by label
+    top_by: str | None
+    removed_index: np.ndarray
+    removed_reason: np.ndarray
+
+
+@dataclass(frozen=True)
+class Responses:
+    records: dict[str, ResponseRecord]
+    deltas: dict[str, np.ndarray]
+    per_seed: dict[str, np.ndarray]
+    stages: tuple[Stage, ...]
+
+
+@dataclass(frozen=True)
+class Scores:
+    metrics: dict[str, dict[str, dict[str, Interval]]]
+    correlations: CorrelationMatrix
+    per_test: tuple[PerTestCorrelations, ...]
+    conformance: dict[str, Conformance]
+
+
+@dataclass(frozen=True)
 class ProblemOutcome:
-    summary: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    results: ProblemResults
+    arrays: dict[str, np.ndarray]
 
 
 def safe_filename(name: str) -> str:
@@ -64,26 +140,26 @@ def problem_seed(suite_seed: int, problem_name: str) -> np.random.Generator:
     return np.random.default_rng([suite_seed, zlib.crc32(problem_name.encode())])
 
 
-def evaluate_problem(
-    problem_name: str, suite: Suite, execution: Any, *, decomposition: bool = True
-) -> ProblemOutcome:
-    """Train one problem, choose points, run all estimators and responses, score them (and,
-    with ladder stages and ``decomposition``, decompose the gaps)."""
-    from estimators import ESTIMATORS
-    from retrain import RESPONSES, train
-
-    timings: dict[str, Any] = {}
+def prepare(problem_name: str, suite: Suite, execution: Execution) -> Setup:
+    """Build and train the problem (theta_s from the cache where it is there), draw test points."""
     start = time.perf_counter()
-    problem = load_problem(problem_name)
+    problem = load_problem(problem_name, cache=execution.cache)
     trained = train(problem, cache=execution.cache)
-    timings["train_seconds"] = time.perf_counter() - start
-    names = (problem_name, problem.name)
-    selection = suite.selection_for(*names)
+    train_seconds = time.perf_counter() - start
+    selection = suite.selection_for(problem_name, problem.name)
     rng = problem_seed(suite.seed, problem.name)
     test_index = choose_test_points(problem.n_test, selection.test_points, rng)
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
+    return Setup(problem_name, problem, trained, selection, rng, test_index, test, train_seconds)
 
-    fitted, estimator_info, checked, skipped = {}, {}, {}, {}
+
+def predict(setup: Setup, suite: Suite) -> Predictions:
+    """Fit every estimator that runs here, choose the removed points (the top ones by the
+    selection's estimator), and score every estimator on them."""
+    problem, names = setup.problem, setup.names
+    fitted: dict[str, Estimator] = {}
+    timing: dict[str, dict[str, int | float | None]] = {}
+    checked, skipped = {}, {}
     for spec in (spec for spec in suite.estimators if spec.runs_on(*names)):
         missing = spec.missing_modules()
         if missing:
@@ -92,21 +168,19 @@ def evaluate_problem(
         if spec.reference is not None:
             checked[spec.label] = spec
         estimator = build_component(
-            ESTIMATORS, spec.kind, spec.settings_for(*names), where=spec.label
+            ESTIMATORS, spec.kind, suite.settings_for(spec, *names), where=spec.label
         )
         tick = time.perf_counter()
         with PeakMemory() as memory:
-            fitted[spec.label] = estimator.fit(trained)
-        estimator_info[spec.label] = {
-            "kind": spec.kind,
+            fitted[spec.label] = estimator.fit(setup.trained)
+        timing[spec.label] = {
             "fit_seconds": time.perf_counter() - tick,
             "fit_peak_memory_bytes": memory.peak_increase,
+            "fit_cuda_peak_bytes": memory.cuda_peak_bytes,
         }
-        if memory.cuda_peak_bytes is not None:
-            estimator_info[spec.label]["fit_cuda_peak_bytes"] = memory.cuda_peak_bytes
-
     if not fitted:
         raise FidelityError(f"no estimator of the suite can run on {problem.name!r}: {skipped}")
+    selection = setup.selection
     selector = selection.top_by or next(iter(fitted))
     if selector in skipped:
         raise FidelityError(
@@ -115,162 +189,250 @@ def evaluate_problem(
         )
     ranking = None
     if selection.top:
-        ranking = fitted[selector].scores(test, problem.train).detach().cpu().numpy()
+        ranking = fitted[selector].scores(setup.test, problem.train).detach().cpu().numpy()
     removed_index, reasons = choose_removals(
-        ranking, problem.n_train, top=selection.top, random=selection.random, rng=rng
+        ranking, problem.n_train, top=selection.top, random=selection.random, rng=setup.rng
     )
-    removed = torch.as_tensor(removed_index, device=problem.device)
-    removed_train = problem.train.subset(removed)
-
-    arrays: dict[str, np.ndarray] = {
-        "test_index": test_index,
-        "removed_index": removed_index,
-        "removed_reason": reasons,
-    }
+    removed_train = problem.train.subset(torch.as_tensor(removed_index, device=problem.device))
+    deltas, records = {}, {}
     for label, estimator in fitted.items():
         tick = time.perf_counter()
         with PeakMemory() as memory:
             if ranking is not None and label == selector:
                 predicted = ranking[:, removed_index]
             else:
-                predicted = estimator.scores(test, removed_train).detach().cpu().numpy()
+                predicted = estimator.scores(setup.test, removed_train).detach().cpu().numpy()
         if label not in checked:
             # An estimator checked against a reference reports non-finite values as a
             # conformance finding (with the numbers) instead of ending the run.
             _check_finite(predicted, f"estimator {label!r} on {problem.name!r}")
-        arrays[f"estimator/{label}"] = predicted
-        estimator_info[label]["scores_seconds"] = time.perf_counter() - tick
-        estimator_info[label]["scores_peak_memory_bytes"] = memory.peak_increase
-        if memory.cuda_peak_bytes is not None:
-            estimator_info[label]["scores_cuda_peak_bytes"] = memory.cuda_peak_bytes
-        estimator_info[label]["settings"] = estimator.get_params()
-        estimator_info[label]["diagnostics"] = estimator.diagnostics
+        deltas[label] = predicted
+        spec = next(spec for spec in suite.estimators if spec.label == label)
+        records[label] = EstimatorRecord(
+            kind=spec.kind,
+            settings=json_ready(estimator.get_params()),
+            diagnostics=json_ready(estimator.diagnostics),
+            fit_seconds=float(timing[label]["fit_seconds"] or 0.0),
+            scores_seconds=time.perf_counter() - tick,
+            fit_peak_memory_bytes=_optional_int(timing[label]["fit_peak_memory_bytes"]),
+            scores_peak_memory_bytes=memory.peak_increase,
+            fit_cuda_peak_bytes=_optional_int(timing[label]["fit_cuda_peak_bytes"]),
+            scores_cuda_peak_bytes=memory.cuda_peak_bytes,
+        )
+    return Predictions(
+        fitted,
+        records,
+        deltas,
+        skipped,
+        checked,
+        selector if selection.top else None,
+        removed_index,
+        reasons,
+    )
 
-    response_info = {}
-    stages: list[Stage] = []
-    for spec in (spec for spec in suite.responses if spec.runs_on(*names)):
+
+def respond(
+    setup: Setup, predictions: Predictions, suite: Suite, execution: Execution
+) -> Responses:
+    """Every response stage's actual deltas for the removed points; a multi-seed response also
+    keeps its per-seed deltas and its noise ceiling."""
+    problem = setup.problem
+    removed = torch.as_tensor(predictions.removed_index, device=problem.device)
+    records, deltas, per_seed, stages = {}, {}, {}, []
+    for spec in (spec for spec in suite.responses if spec.runs_on(*setup.names)):
         response = build_component(
-            RESPONSES, spec.kind, spec.settings_for(*names), where=spec.label
+            RESPONSES, spec.kind, suite.settings_for(spec, *setup.names), where=spec.label
         )
         tick = time.perf_counter()
-        result = response.compute(trained, test, removed, execution)
+        result = response.compute(setup.trained, setup.test, removed, execution)
         actual = result.deltas.detach().cpu().numpy()
         _check_finite(actual, f"response {spec.label!r} on {problem.name!r}")
-        arrays[f"response/{spec.label}"] = actual
+        deltas[spec.label] = actual
         stages.append(Stage(spec.label, spec.kind, actual, result.thetas))
-        response_info[spec.label] = {
-            "kind": spec.kind,
-            "settings": response.get_params(),
-            "seconds": time.perf_counter() - tick,
-            "info": result.info,
-            "noise_ceiling": None,
-        }
+        ceiling: NoiseCeiling | None = None
         if result.per_seed is not None:
-            per_seed = result.per_seed.detach().cpu().numpy()
-            arrays[f"response/{spec.label}/seeds"] = per_seed
-            response_info[spec.label]["noise_ceiling"] = split_half_reliability(
-                per_seed, seed=suite.seed
-            )
+            per_seed[spec.label] = result.per_seed.detach().cpu().numpy()
+            ceiling = noise_ceiling(per_seed[spec.label], seed=suite.seed)
+        records[spec.label] = ResponseRecord(
+            kind=spec.kind,
+            settings=json_ready(response.get_params()),
+            seconds=time.perf_counter() - tick,
+            info=json_ready(result.info),
+            noise_ceiling=ceiling,
+        )
+    return Responses(records, deltas, per_seed, tuple(stages))
 
-    conformance_found = {
-        label: {
-            "reference": spec.reference,
-            **conformance(
-                arrays[f"estimator/{label}"],
-                arrays[f"estimator/{spec.reference}"],
-                tolerance=spec.tolerance,
-            ),
-        }
-        for label, spec in checked.items()
-        if spec.reference in fitted  # a skipped reference leaves nothing to compare with
-    }
-    labels = list(fitted)
-    agreement = {
-        a: {b: pearson(arrays[f"estimator/{a}"], arrays[f"estimator/{b}"]) for b in labels}
-        for a in labels
-    }
-    metrics: dict[str, dict[str, Any]] = {}
-    for estimator_label in fitted:
-        metrics[estimator_label] = {}
-        for response_label in response_info:
-            intervals = score(
-                arrays[f"estimator/{estimator_label}"],
-                arrays[f"response/{response_label}"],
+
+def score_all(predictions: Predictions, responses: Responses, suite: Suite) -> Scores:
+    """Every number the reports show about agreement: the metrics of every estimator x response
+    with bootstrap intervals, the pooled Pearson between every pair of arrays, per-test-point
+    correlations, and each checked estimator against its reference."""
+    metrics: dict[str, dict[str, dict[str, Interval]]] = {}
+    per_test = []
+    for estimator, predicted in predictions.deltas.items():
+        metrics[estimator] = {}
+        for response, actual in responses.deltas.items():
+            metrics[estimator][response] = score(
+                predicted,
+                actual,
                 n_boot=suite.metrics.bootstrap,
                 confidence=suite.metrics.confidence,
                 seed=suite.seed,
             )
-            metrics[estimator_label][response_label] = {
-                name: interval.to_dict() for name, interval in intervals.items()
-            }
-    gaps = None
-    if decomposition and any(stage.kind in LADDER for stage in stages):
-        tick = time.perf_counter()
-        predictions = {}
-        for label, estimator in fitted.items():
-            changes = estimator.parameter_changes(removed_train)
-            predictions[label] = (arrays[f"estimator/{label}"], changes)
-        gaps = decompose(trained, stages, predictions)
-        timings["decomposition_seconds"] = time.perf_counter() - tick
-    timings["total_seconds"] = time.perf_counter() - start
-    summary = {
-        "name": problem.name,
-        "requested_as": problem_name,
-        "description": problem.description.strip(),
-        "fingerprint": problem.fingerprint(),
-        "loss": problem.loss,
-        "weight_decay": problem.weight_decay,
-        "dtype": str(problem.dtype),
-        "device": str(problem.device),
-        "n_train": problem.n_train,
-        "n_test": problem.n_test,
-        "n_params": trained.n_params,
-        "training": dict(trained.info),
-        "n_test_points": len(test_index),
-        "n_removed": {
-            "top": int((reasons == "top").sum()),
-            "random": int((reasons == "random").sum()),
-        },
-        "top_by": selector if selection.top else None,
-        "estimators": estimator_info,
-        "skipped_estimators": skipped,
-        "responses": response_info,
-        "metrics": metrics,
-        "agreement": agreement,
-        "decomposition": gaps,
-        "conformance": conformance_found,
-        "most_influential": most_influential(problem, arrays, next(iter(response_info))),
-        "timings": timings,
+            per_test.append(
+                PerTestCorrelations(
+                    estimator,
+                    response,
+                    tuple(map(finite_or_none, row_pearson(predicted, actual))),
+                    tuple(map(finite_or_none, row_spearman(predicted, actual))),
+                )
+            )
+    arrays = {f"estimator/{k}": v for k, v in predictions.deltas.items()}
+    arrays.update({f"response/{k}": v for k, v in responses.deltas.items()})
+    labels = tuple(arrays)
+    correlations = CorrelationMatrix(
+        labels,
+        tuple(tuple(finite_or_none(pearson(arrays[a], arrays[b])) for b in labels) for a in labels),
+    )
+    found = {
+        label: conformance(
+            predictions.deltas[label],
+            predictions.deltas[spec.reference],
+            reference_label=spec.reference,
+            tolerance=spec.tolerance,
+        )
+        for label, spec in predictions.checked.items()
+        # a skipped reference leaves nothing to compare with
+        if spec.reference is not None and spec.reference in predictions.deltas
     }
-    return ProblemOutcome(summary, arrays)
+    return Scores(metrics, correlations, tuple(per_test), found)
+
+
+def decompose_gaps(
+    setup: Setup, predictions: Predictions, responses: Responses
+) -> Decomposition | None:
+    """The ladder's gaps and each estimator's gap to the last stage (None without a ladder)."""
+    if not any(stage.kind in LADDER for stage in responses.stages):
+        return None
+    removed_train = setup.problem.train.subset(
+        torch.as_tensor(predictions.removed_index, device=setup.problem.device)
+    )
+    changes = {
+        label: (predictions.deltas[label], estimator.parameter_changes(removed_train))
+        for label, estimator in predictions.estimators.items()
+    }
+    return decompose(setup.trained, list(responses.stages), changes)
 
 
 def most_influential(
-    problem: Any, arrays: dict[str, np.ndarray], response: str, *, count: int = 10
-) -> list[dict[str, Any]]:
+    problem: Problem,
+    predictions: Predictions,
+    response: str,
+    actual: np.ndarray,
+    *,
+    count: int = 10,
+) -> tuple[InfluentialRemoval, ...]:
     """The removed training points with the largest mean |actual delta| (under ``response``)
     over the test points, with label, text (text problems) and every estimator's mean delta."""
-    actual = arrays[f"response/{response}"]
     order = np.argsort(-np.abs(actual).mean(axis=0), kind="stable")[:count]
-    estimators = [key for key in arrays if key.startswith("estimator/")]
     found = []
     for column in order:
-        index = int(arrays["removed_index"][column])
+        index = int(predictions.removed_index[column])
         label = problem.y_train[index]
         found.append(
-            {
-                "train_index": index,
-                "reason": str(arrays["removed_reason"][column]),
-                "label": label.tolist() if label.numel() > 1 else label.item(),
-                "text": None if problem.train_texts is None else problem.train_texts[index],
-                "response": response,
-                "mean_actual": float(actual[:, column].mean()),
-                "mean_predicted": {
-                    key.split("/", 1)[1]: float(arrays[key][:, column].mean()) for key in estimators
+            InfluentialRemoval(
+                train_index=index,
+                reason=str(predictions.removed_reason[column]),
+                label=json_ready(label.tolist() if label.numel() > 1 else label.item()),
+                text=None if problem.train_texts is None else problem.train_texts[index],
+                response=response,
+                mean_actual=finite_or_none(actual[:, column].mean()),
+                mean_predicted={
+                    key: finite_or_none(values[:, column].mean())
+                    for key, values in predictions.deltas.items()
                 },
-            }
+            )
         )
-    return found
+    return tuple(found)
+
+
+def assemble(
+    setup: Setup,
+    predictions: Predictions,
+    responses: Responses,
+    scores: Scores,
+    decomposition: Decomposition | None,
+    timings: dict[str, float],
+) -> ProblemOutcome:
+    """The problem's typed results and the arrays stored beside them."""
+    problem, trained = setup.problem, setup.trained
+    first_response = next(iter(responses.deltas))
+    reasons = predictions.removed_reason
+    results = ProblemResults(
+        name=problem.name,
+        requested_as=setup.requested_as,
+        description=problem.description.strip(),
+        fingerprint=problem.fingerprint(),
+        loss=problem.loss,
+        weight_decay=problem.weight_decay,
+        dtype=str(problem.dtype),
+        device=str(problem.device),
+        n_train=problem.n_train,
+        n_test=problem.n_test,
+        n_params=trained.n_params,
+        training=json_ready(trained.info),
+        n_test_points=len(setup.test_index),
+        n_removed=RemovedCounts(int((reasons == "top").sum()), int((reasons == "random").sum())),
+        top_by=predictions.top_by,
+        estimators=predictions.records,
+        skipped_estimators=predictions.skipped,
+        responses=responses.records,
+        metrics=scores.metrics,
+        correlations=scores.correlations,
+        per_test=scores.per_test,
+        decomposition=decomposition,
+        conformance=scores.conformance,
+        most_influential=most_influential(
+            problem, predictions, first_response, responses.deltas[first_response]
+        ),
+        timings=timings,
+        arrays_file=f"arrays/{safe_filename(problem.name)}.npz",
+    )
+    arrays: dict[str, np.ndarray] = {
+        "test_index": setup.test_index,
+        "removed_index": predictions.removed_index,
+        "removed_reason": reasons,
+    }
+    arrays.update({f"estimator/{k}": v for k, v in predictions.deltas.items()})
+    for label, actual in responses.deltas.items():
+        arrays[f"response/{label}"] = actual
+        if label in responses.per_seed:
+            arrays[f"response/{label}/seeds"] = responses.per_seed[label]
+    return ProblemOutcome(results, arrays)
+
+
+def evaluate_problem(
+    problem_name: str, suite: Suite, execution: Execution, *, decomposition: bool = True
+) -> ProblemOutcome:
+    """The stages for one problem (``decomposition=False`` skips the gap decomposition)."""
+    start = time.perf_counter()
+    setup = prepare(problem_name, suite, execution)
+    predictions = predict(setup, suite)
+    responses = respond(setup, predictions, suite, execution)
+    scores = score_all(predictions, responses, suite)
+    timings = {"train_seconds": setup.train_seconds}
+    gaps = None
+    if decomposition:
+        tick = time.perf_counter()
+        gaps = decompose_gaps(setup, predictions, responses)
+        if gaps is not None:
+            timings["decomposition_seconds"] = time.perf_counter() - tick
+    timings["total_seconds"] = time.perf_counter() - start
+    return assemble(setup, predictions, responses, scores, gaps, timings)
+
+
+def _optional_int(value: float | int | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
@@ -278,22 +440,7 @@ def _check_finite(values: np.ndarray, what: str) -> None:
         raise FidelityError(f"{what} produced NaN or infinite deltas")
 
 
-def _json_ready(value: Any) -> Any:
-    """Recursively convert to JSON types; non-finite floats become null."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, int | float | str | bool) or value is None:
-        return value
-    return str(value)
-
-
-def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
+def run_suite(suite: Suite, options: RunOptions) -> RunResults:
     """Evaluate every problem of ``suite`` and write the run directory ``options.out``.
 
     The directory is assembled under a temporary name and renamed when complete, so a failed or
@@ -301,26 +448,16 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
     run is then appended to that run history (one transaction), and the HTML report shows the
     trend of the suite's last ``options.trend_runs`` runs.
     """
-    from fidelity.history import recent_runs
-    from reports import write_reports
-    from retrain import Execution
-
     out = Path(options.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FidelityError(f"output directory {str(out)!r} exists and is not empty; choose --out")
     blocking = next((a for a in (out, *out.parents) if a.exists() and not a.is_dir()), None)
     if blocking is not None and blocking != out:
         raise FidelityError(f"cannot create {str(out)!r}: {str(blocking)!r} is a file")
-    cache_dir = None if options.cache_dir is None else Path(options.cache_dir)
+    execution = options.execution
+    cache_dir = execution.cache.root
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
         raise FidelityError(f"cache directory {str(cache_dir)!r} is a file")
-    execution = Execution(
-        cache=ArtifactCache(options.cache_dir),
-        workers=options.workers,
-        backend=options.backend,
-        progress=options.progress,
-        scheduler=options.scheduler,
-    )
     started = datetime.now(UTC)
     tick = time.perf_counter()
     outcomes: dict[str, ProblemOutcome] = {}
@@ -328,46 +465,42 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
         outcome = evaluate_problem(
             problem_name, suite, execution, decomposition=options.decomposition
         )
-        name = outcome.summary["name"]
+        name = outcome.results.name
         if name in outcomes:
             raise FidelityError(f"two problems of suite {suite.name!r} are both named {name!r}")
-        outcome.summary["arrays_file"] = f"arrays/{safe_filename(name)}.npz"
         clash = [
-            n
-            for n, o in outcomes.items()
-            if o.summary["arrays_file"] == outcome.summary["arrays_file"]
+            n for n, o in outcomes.items() if o.results.arrays_file == outcome.results.arrays_file
         ]
         if clash:
             raise FidelityError(
                 f"problems {clash[0]!r} and {name!r} map to the same file name; rename one"
             )
         outcomes[name] = outcome
-    results = _json_ready(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "run_id": uuid.uuid4().hex,
-            "fidelity_version": __version__,
-            "created": started.isoformat(timespec="seconds"),
-            "suite": suite.to_dict(),
-            "git_revision": git_revision(),
-            "environment": environment(),
-            "execution": {
-                "workers": options.workers,
-                "backend": options.backend,
-                "scheduler": options.scheduler,
-                "cache_dir": None if options.cache_dir is None else str(options.cache_dir),
-            },
-            "timings": {"total_seconds": time.perf_counter() - tick},
-            "problems": {name: outcome.summary for name, outcome in outcomes.items()},
-        }
+    results = RunResults(
+        schema_version=SCHEMA_VERSION,
+        run_id=uuid.uuid4().hex,
+        fidelity_version=__version__,
+        created=started.isoformat(timespec="seconds"),
+        suite=json_ready(suite.to_dict()),
+        git_revision=git_revision(),
+        environment=json_ready(environment()),
+        execution={
+            "workers": execution.workers,
+            "backend": execution.backend,
+            "scheduler": execution.scheduler,
+            "cache_dir": None if cache_dir is None else str(cache_dir),
+        },
+        timings={"total_seconds": time.perf_counter() - tick},
+        problems={name: outcome.results for name, outcome in outcomes.items()},
     )
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         (staging / "arrays").mkdir(parents=True)
         for outcome in outcomes.values():
-            np.savez(staging / outcome.summary["arrays_file"], **outcome.arrays)
-        atomic_write_bytes(staging / "results.json", json.dumps(results, indent=2).encode())
+            np.savez(staging / outcome.results.arrays_file, **outcome.arrays)  # type: ignore[arg-type]
+        document = json.dumps(results.to_json(), indent=2)
+        atomic_write_bytes(staging / "results.json", document.encode())
         if options.reports:
             history = []
             if options.history is not None:
@@ -383,17 +516,11 @@ def run_suite(suite: Suite, options: RunOptions) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if options.history is not None:
-        _record(options.history, results, out)
+        try:
+            append_run(options.history, results, out)
+        except FidelityError as exc:
+            raise FidelityError(
+                f"the run directory {str(out)!r} is complete, but it was not recorded in the "
+                f"run history: {exc}"
+            ) from exc
     return results
-
-
-def _record(history: Path, results: dict[str, Any], out: Path) -> None:
-    from fidelity.history import append_run
-
-    try:
-        append_run(history, results, out)
-    except FidelityError as exc:
-        raise FidelityError(
-            f"the run directory {str(out)!r} is complete, but it was not recorded in the run "
-            f"history: {exc}"
-        ) from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 
 
 def choose_test_points(n_test: int, count: int, rng: np.random.Generator) -> np.ndarray:

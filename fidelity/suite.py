@@ -33,6 +33,13 @@ and how metrics are computed::
 
     [[responses]]
     kind = "cold"
+
+A suite may give one damping that every damped component (an estimator or response whose
+constructor takes ``damping``) inherits unless its own settings or overrides set ``damping``
+(or, for K-FAC, ``damping_ratio``)::
+
+    damping = 0.01                                   # every problem
+    damping = { default = 0.0, digits-mlp = 0.01 }   # per problem, with a default
 """
 
 from __future__ import annotations
@@ -46,7 +53,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fidelity.errors import FidelityError
+from estimators import ESTIMATORS
+from fidelity.core.errors import FidelityError
+from fidelity.core.registry import Registry
+from retrain import RESPONSES
 
 BUILTIN_SUITES_PACKAGE = "fidelity.suites"
 
@@ -69,6 +79,8 @@ class ComponentSpec:
     # Estimators only: modules that must be importable for it to run; otherwise it is skipped
     # and the results list it with the missing module.
     requires: tuple[str, ...] = ()
+    # Whether its constructor takes `damping`, so that it inherits the suite's damping.
+    damped: bool = False
 
     def missing_modules(self) -> list[str]:
         """The modules of ``requires`` that cannot be imported here."""
@@ -107,6 +119,36 @@ class MetricsSpec:
     confidence: float = 0.95
 
 
+#: Settings that, when a component gives one, replace the damping it would inherit.
+DAMPING_SETTINGS = ("damping", "damping_ratio")
+
+
+@dataclass(frozen=True)
+class DampingSpec:
+    """The suite's damping: ``default`` for every problem, ``problems`` per problem name."""
+
+    default: float | None = None
+    problems: Mapping[str, float] = field(default_factory=dict)
+
+    def for_problem(self, *problem_names: str) -> float | None:
+        for name in problem_names:
+            if name in self.problems:
+                return self.problems[name]
+        return self.default
+
+
+def component_settings(
+    spec: ComponentSpec, damping: DampingSpec, *problem_names: str
+) -> dict[str, Any]:
+    """A component's settings on a problem: its own (with its per-problem overrides), and the
+    suite's damping where the component is damped and sets none itself."""
+    merged = spec.settings_for(*problem_names)
+    inherited = damping.for_problem(*problem_names)
+    if spec.damped and inherited is not None and not set(DAMPING_SETTINGS) & set(merged):
+        merged["damping"] = inherited
+    return merged
+
+
 @dataclass(frozen=True)
 class Suite:
     name: str
@@ -119,6 +161,11 @@ class Suite:
     seed: int = 0
     source: str = ""
     selection_overrides: Mapping[str, SelectionSpec] = field(default_factory=dict)
+    damping: DampingSpec = DampingSpec()
+
+    def settings_for(self, spec: ComponentSpec, *problem_names: str) -> dict[str, Any]:
+        """A component's settings on a problem (see ``component_settings``)."""
+        return component_settings(spec, self.damping, *problem_names)
 
     def selection_for(self, *problem_names: str) -> SelectionSpec:
         """The selection for a problem known by any of ``problem_names``."""
@@ -190,7 +237,7 @@ def _dataclass_from_table(cls: type, table: Any, where: str) -> Any:
 
 
 def _components(
-    entries: Any, kind: str, registry: Any, where: str, *, references: bool = False
+    entries: Any, kind: str, registry: Registry[Any], where: str, *, references: bool = False
 ) -> tuple[ComponentSpec, ...]:
     _expect(entries, list, where)
     if not entries:
@@ -232,15 +279,21 @@ def _components(
             for position_, problem in enumerate(only):
                 _expect(problem, str, f"{at}.problems[{position_}]")
             only = tuple(only)
-        build_component(registry, name, settings, where=at)  # validates; does no work
         for problem, changes in overrides.items():
             _expect(changes, dict, f"{at}.overrides.{problem}")
-            build_component(
-                registry, name, {**settings, **changes}, where=f"{at}.overrides.{problem}"
-            )
+        component = build_component(registry, name, settings, where=at)  # validates; no work
+        damped = "damping" in inspect.signature(type(component).__init__).parameters
         specs.append(
             ComponentSpec(
-                name, label, settings, overrides, only, reference, tolerance, tuple(requires)
+                name,
+                label,
+                settings,
+                overrides,
+                only,
+                reference,
+                tolerance,
+                tuple(requires),
+                damped,
             )
         )
     for spec in specs:
@@ -261,7 +314,9 @@ def _components(
     return tuple(specs)
 
 
-def build_component(registry: Any, kind: str, settings: Mapping[str, Any], *, where: str) -> Any:
+def build_component(
+    registry: Registry[Any], kind: str, settings: Mapping[str, Any], *, where: str
+) -> Any:
     """Instantiate an estimator or response from its registry kind and settings."""
     cls = registry.get(kind)
     if not isinstance(cls, type):
@@ -279,9 +334,6 @@ def build_component(registry: Any, kind: str, settings: Mapping[str, Any], *, wh
 
 def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
     """Validate a parsed TOML document into a ``Suite``."""
-    from estimators import ESTIMATORS
-    from retrain import RESPONSES
-
     where = source or "suite"
     allowed = {
         "name",
@@ -292,6 +344,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         "responses",
         "selection",
         "metrics",
+        "damping",
     }
     _check_keys(data, allowed, where)
     for required in ("name", "problems", "estimators", "responses"):
@@ -346,6 +399,16 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
                 f"{where}: selection.top_by {top_by!r} is not an estimator label that runs on "
                 f"{problem!r} ({', '.join(running)})"
             )
+    damping = _damping(data.get("damping"), problems, f"{where}: damping")
+    for spec, registry in (
+        *((spec, ESTIMATORS) for spec in estimators),
+        *((spec, RESPONSES) for spec in responses),
+    ):
+        # Every problem's settings (own, overridden, inherited) must build; this does no work.
+        for problem in problems:
+            if spec.runs_on(problem):
+                settings = component_settings(spec, damping, problem)
+                build_component(registry, spec.kind, settings, where=f"{spec.label} on {problem}")
     seed = _expect(data.get("seed", 0), int, f"{where}: seed")
     if seed < 0:
         raise FidelityError(f"{where}: seed must be >= 0, got {seed}")
@@ -362,7 +425,32 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         seed=seed,
         source=source,
         selection_overrides=selection_overrides,
+        damping=damping,
     )
+
+
+def _damping(value: Any, problems: list[str], where: str) -> DampingSpec:
+    if value is None:
+        return DampingSpec()
+    if not isinstance(value, dict):
+        number = _expect(value, (int, float), where)
+        if not number >= 0:
+            raise FidelityError(f"{where} must be >= 0, got {number}")
+        return DampingSpec(float(number))
+    values = {}
+    for name, number in value.items():
+        _expect(number, (int, float), f"{where}.{name}")
+        if not number >= 0:
+            raise FidelityError(f"{where}.{name} must be >= 0, got {number}")
+        values[name] = float(number)
+    unknown = sorted(set(values) - set(problems) - {"default"})
+    if unknown:
+        raise FidelityError(
+            f"{where} names {', '.join(unknown)}, which the suite does not run "
+            f"(problems: {', '.join(problems)}; or 'default')"
+        )
+    default = values.pop("default", None)
+    return DampingSpec(default, values)
 
 
 def _selection(table: Mapping[str, Any], where: str) -> SelectionSpec:

@@ -19,23 +19,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fidelity.errors import FidelityError
-from fidelity.metrics import format_interval
+from fidelity.core.cache import ArtifactCache, default_cache_dir
+from fidelity.core.errors import FidelityError
+from fidelity.results import Interval, ProblemResults
+from fidelity.runner import evaluate_problem
+from fidelity.suite import parse_suite
+from reports.format import format_interval
+from retrain import Execution
 
 CANDIDATE = "candidate"
 
 
 @dataclass(frozen=True)
 class FidelityScore:
-    """One estimator's agreement with one response on one problem: every metric as
-    ``{value, low, high}``, and the run's summary of the problem."""
+    """One estimator's agreement with one response on one problem: the chosen metric, every
+    metric with its interval, and the problem's typed results."""
 
     metric: str
     value: float | None
     low: float | None
     high: float | None
-    metrics: dict[str, dict[str, float | None]]
-    summary: dict[str, Any]
+    metrics: dict[str, Interval]
+    results: ProblemResults
 
 
 def measure_fidelity(
@@ -58,11 +63,6 @@ def measure_fidelity(
     Removed points: the ``top`` training points with the largest mean |predicted delta| under
     the estimator itself, plus ``random`` drawn uniformly, against ``test_points`` test points.
     """
-    from fidelity.cache import ArtifactCache, default_cache_dir
-    from fidelity.runner import evaluate_problem
-    from fidelity.suite import parse_suite
-    from retrain import Execution
-
     suite = parse_suite(
         {
             "name": "fidelity.testing",
@@ -77,13 +77,11 @@ def measure_fidelity(
     )
     cache = ArtifactCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     outcome = evaluate_problem(problem, suite, Execution(cache=cache))
-    metrics = outcome.summary["metrics"][CANDIDATE][response]
+    metrics = outcome.results.metrics[CANDIDATE][response]
     if metric not in metrics:
         raise FidelityError(f"unknown metric {metric!r}; valid: {', '.join(metrics)}")
     entry = metrics[metric]
-    return FidelityScore(
-        metric, entry["value"], entry["low"], entry["high"], metrics, outcome.summary
-    )
+    return FidelityScore(metric, entry.value, entry.low, entry.high, metrics, outcome.results)
 
 
 def assert_fidelity(

@@ -14,14 +14,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
+from fidelity.history import HistoryRun
+from fidelity.results import (
+    CorrelationMatrix,
+    Decomposition,
+    PerTestCorrelations,
+    ProblemResults,
+    RunResults,
+)
+
 
 def scatter_grid(
-    problem: dict[str, Any], arrays: dict[str, np.ndarray], path: Path, *, dpi: int = 150
+    problem: ProblemResults, arrays: dict[str, np.ndarray], path: Path, *, dpi: int = 150
 ) -> Path:
     """One panel per (response row, estimator column): actual on x, predicted on y, y = x line,
     Pearson r in the title, removed points coloured by how they were chosen."""
-    estimators = list(problem["metrics"])
-    responses = list(next(iter(problem["metrics"].values())))
+    estimators = list(problem.metrics)
+    responses = list(problem.responses)
     sns.set_theme(style="whitegrid", context="paper")
     figure, axes = plt.subplots(
         len(responses),
@@ -49,7 +58,8 @@ def scatter_grid(
             low = float(min(actual.min(), predicted.min()))
             high = float(max(actual.max(), predicted.max()))
             axis.plot([low, high], [low, high], color="0.3", linewidth=0.8, linestyle="--")
-            r = problem["metrics"][estimator][response]["pearson"]["value"]
+            found = problem.metric(estimator, response, "pearson")
+            r = None if found is None else found.value
             r_text = "n/a" if r is None else f"{r:.3f}"
             axis.set_title(f"{estimator} vs {response}\nPearson r = {r_text}")
             axis.set_xlabel(f"actual change in test loss ({response})")
@@ -57,16 +67,17 @@ def scatter_grid(
             axis.ticklabel_format(style="sci", scilimits=(-3, 3))
     if axes[0, 0].get_legend() is not None:
         axes[0, 0].legend(title="removed point", loc="upper left", fontsize=7, title_fontsize=7)
-    figure.suptitle(f"{problem['name']}: predicted vs actual change in test loss")
+    figure.suptitle(f"{problem.name}: predicted vs actual change in test loss")
     return _save(figure, path, dpi=dpi)
 
 
-def decomposition_bars(problem: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
+def decomposition_bars(
+    name: str, decomposition: Decomposition, path: Path, *, dpi: int = 150
+) -> Path:
     """Bars of each ladder gap and each estimator's solver gap, measured in output space and on
     the measurement (one panel per measure)."""
-    decomposition = problem["decomposition"]
-    rows = list(decomposition["gaps"]) + list(decomposition["estimators"].values())
-    names = [f"{gap['from']} -> {gap['to']}" for gap in rows]
+    rows = [*decomposition.gaps, *decomposition.estimators.values()]
+    names = [f"{gap.source} -> {gap.target}" for gap in rows]
     measures = [
         ("output_rms", "output RMS difference"),
         ("relative_mae", "mean |delta_a - delta_b| / mean |delta_ref|"),
@@ -76,24 +87,21 @@ def decomposition_bars(problem: dict[str, Any], path: Path, *, dpi: int = 150) -
     figure, axes = plt.subplots(
         1, len(measures), figsize=(4.2 * len(measures), 0.35 * len(rows) + 1.6), squeeze=False
     )
-    ladder_rows = len(decomposition["gaps"])
+    ladder_rows = len(decomposition.gaps)
     colours = ["#4c72b0"] * ladder_rows + ["#dd8452"] * (len(rows) - ladder_rows)
     for axis, (key, title) in zip(axes[0], measures, strict=True):
-        values = [np.nan if gap[key] is None else gap[key] for gap in rows]
+        values = [_nan_for_none(getattr(gap, key)) for gap in rows]
         sns.barplot(x=values, y=names, hue=names, palette=colours, legend=False, ax=axis)
-        axis.set_title(f"{problem['name']}: {title}")
+        axis.set_title(f"{name}: {title}")
         axis.set_xlabel(title)
         axis.set_ylabel("")
     return _save(figure, path, dpi=dpi)
 
 
-def correlation_heatmap(problem: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> Path:
+def correlation_heatmap(name: str, correlations: CorrelationMatrix, path: Path) -> Path:
     """Pooled Pearson between every pair of estimators and response stages of one problem."""
-    from fidelity.metrics import pearson
-
-    labels = [f"estimator/{label}" for label in problem["metrics"]]
-    labels += [f"response/{label}" for label in problem["responses"]]
-    matrix = np.array([[pearson(arrays[a], arrays[b]) for b in labels] for a in labels])
+    labels = correlations.labels
+    matrix = np.array([[_nan_for_none(v) for v in row] for row in correlations.values])
     names = [
         label.split("/", 1)[1] + (" (response)" if "response/" in label else "") for label in labels
     ]
@@ -114,24 +122,22 @@ def correlation_heatmap(problem: dict[str, Any], arrays: dict[str, np.ndarray], 
         cbar_kws={"label": "pooled Pearson r"},
         ax=axis,
     )
-    axis.set_title(f"{problem['name']}: correlation between estimators and stages")
+    axis.set_title(f"{name}: correlation between estimators and stages")
     axis.tick_params(axis="x", rotation=45)
     plt.setp(axis.get_xticklabels(), ha="right")
     return _save(figure, path)
 
 
 def per_test_distributions(
-    problem: dict[str, Any],
-    per_test: dict[tuple[str, str], dict[str, np.ndarray]],
-    path: Path,
+    name: str, per_test: tuple[PerTestCorrelations, ...], path: Path
 ) -> Path:
     """Box and strip plots of the per-test-point Pearson and Spearman correlations (one point
     per test point, computed over the removed points), one row per estimator x response."""
     names, pearsons, spearmans = [], [], []
-    for (estimator, response), values in per_test.items():
-        names.append(f"{estimator} vs {response}")
-        pearsons.append(values["pearson"])
-        spearmans.append(values["spearman"])
+    for entry in per_test:
+        names.append(f"{entry.estimator} vs {entry.response}")
+        pearsons.append(np.array([_nan_for_none(v) for v in entry.pearson]))
+        spearmans.append(np.array([_nan_for_none(v) for v in entry.spearman]))
     sns.set_theme(style="whitegrid", context="paper")
     figure, axes = plt.subplots(
         1, 2, figsize=(9.0, 0.32 * len(names) + 1.4), squeeze=False, sharey=True
@@ -146,38 +152,42 @@ def per_test_distributions(
         sns.stripplot(x=x[keep], y=y[keep], order=names, size=2.5, color="#2f4b7c", ax=axis)
         axis.set_xlim(-1.05, 1.05)
         axis.set_xlabel(f"per-test-point {title} r (over removed points)")
-        axis.set_title(f"{problem['name']}: per-test-point {title}")
+        axis.set_title(f"{name}: per-test-point {title}")
     return _save(figure, path)
 
 
 def trend_lines(
-    results: dict[str, Any], history: list[Any], path: Path, *, metric: str = "pearson"
+    results: RunResults, history: list[HistoryRun], path: Path, *, metric: str = "pearson"
 ) -> Path:
     """Pooled ``metric`` of every estimator x response over the suite's recorded runs (oldest
     left) and this run (rightmost), one panel per problem."""
-    problems = list(results["problems"])
+    problems = list(results.problems)
     runs = [*history, None]
     sns.set_theme(style="whitegrid", context="paper")
     figure, axes = plt.subplots(len(problems), 1, figsize=(7.0, 2.1 * len(problems)), squeeze=False)
     positions = np.arange(len(runs))
-    labels = [(run.created if run else results["created"])[5:16].replace("T", " ") for run in runs]
+    labels = [(run.created if run else results.created)[5:16].replace("T", " ") for run in runs]
     for axis, name in zip(axes[:, 0], problems, strict=True):
-        for estimator, by_response in results["problems"][name]["metrics"].items():
+        for estimator, by_response in results.problems[name].metrics.items():
             for response, metrics in by_response.items():
                 values = []
                 for run in history:
                     entry = run.metrics.get((name, estimator, response, metric))
-                    values.append(np.nan if not entry or entry["value"] is None else entry["value"])
-                current = metrics.get(metric, {}).get("value")
-                values.append(np.nan if current is None else current)
+                    values.append(_nan_for_none(None if entry is None else entry.value))
+                current = metrics.get(metric)
+                values.append(_nan_for_none(None if current is None else current.value))
                 axis.plot(
                     positions, values, marker="o", markersize=3, label=f"{estimator} vs {response}"
                 )
         axis.set_xticks(positions, labels, rotation=30, ha="right")
         axis.set_ylabel(f"pooled {metric} r")
-        axis.set_title(f"{name}: last {len(runs)} runs of suite {results['suite']['name']}")
+        axis.set_title(f"{name}: last {len(runs)} runs of suite {results.suite_name}")
         axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(figure, path)
+
+
+def _nan_for_none(value: float | None) -> float:
+    return np.nan if value is None else value
 
 
 def _save(figure: Any, path: Path, *, dpi: int = 150) -> Path:

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
-from typing import Any
 
 from reports import tables
+from reports.document import (
+    Block,
+    Contents,
+    Figure,
+    Heading,
+    Paragraph,
+    Preformatted,
+    TableBlock,
+    Warnings,
+)
 from reports.tables import Table
 
 _STYLE = """
@@ -64,81 +72,32 @@ def figure_html(path: Path, caption: str) -> str:
     )
 
 
-FIGURE_CAPTIONS = {
-    "scatter": "Predicted vs actual change in test loss for every removed point (Koh & Liang "
-    "2017, Fig. 2); dashed: y = x",
-    "heatmap": "Pooled Pearson correlation between every estimator and response stage",
-    "per-test": "Per-test-point correlations over the removed points (one dot per test point)",
-    "decomposition": "Gap decomposition along the response ladder (Bae et al. 2022)",
-}
-
-
-def render_html(
-    results: dict[str, Any],
-    run_dir: Path,
-    figures: dict[str, dict[str, str]],
-    per_test: dict[str, Table] | None = None,
-    history: list[Any] | None = None,
-    trend_figure: str | None = None,
-) -> str:
-    """The report of one run; ``figures`` maps problem -> figure kind -> path in ``run_dir``."""
-    suite = results["suite"]
-    confidence = suite["metrics"]["confidence"]
-    title = f"fidelity report: {suite['name']}"
-    body = [
-        f"<h1>{escape(title)}</h1>",
-        f"<p>Created {escape(results['created'])} · fidelity "
-        f"{escape(results['fidelity_version'])} · git "
-        f"{escape(results.get('git_revision') or 'n/a')} · total "
-        f"{results['timings']['total_seconds']:.1f} s</p>",
-        "<p>delta[t, j] = change of test loss t when training point j is removed (positive: j "
-        f"helped). Intervals: {confidence:.0%} two-way bootstrap over test and removed points "
-        f"({escape(suite['metrics']['bootstrap'])} replicates). Noise ceiling: split-half "
-        "reliability of a multi-seed response (Spearman-Brown corrected); '-' for one seed.</p>",
-        "<nav>"
-        + "".join(f'<a href="#{_anchor(name)}">{escape(name)}</a>' for name in results["problems"])
-        + '<a href="#configuration">configuration</a></nav>',
-        table_html(tables.summary_table(results)),
-    ]
-    if history:
-        body.append("<h2>Trends</h2>")
-        if trend_figure:
-            body.append(figure_html(run_dir / trend_figure, "Pooled Pearson over recent runs"))
-        body.append(table_html(tables.trend_table(results, history)))
-    for name, problem in results["problems"].items():
-        body += [
-            f'<h2 id="{_anchor(name)}">{escape(name)}</h2>',
-            f"<p>{escape(tables.problem_header(problem))}</p>",
-        ]
-        description = problem.get("description")
-        if description:
-            body.append(f'<p class="note">{escape(description)}</p>')
-        warnings = tables.estimator_warnings(problem)
-        if warnings:
-            items = "".join(f"<li>{escape(w)}</li>" for w in warnings)
-            body.append(f'<div class="warning"><strong>Warnings</strong><ul>{items}</ul></div>')
-        body.append(table_html(tables.metrics_table(problem)))
-        shown = figures.get(name, {})
-        for kind in ("scatter", "heatmap", "per-test"):
-            if kind in shown:
-                body.append(figure_html(run_dir / shown[kind], FIGURE_CAPTIONS[kind]))
-        body.append(table_html((per_test or {}).get(name)))
-        body.append(table_html(tables.conformance_table(problem)))
-        body.append(table_html(tables.agreement_table(problem)))
-        body.append(table_html(tables.influential_table(problem)))
-        if "decomposition" in shown:
+def render_html(blocks: list[Block], run_dir: Path) -> str:
+    """The report's outline as one self-contained page; figures are read from ``run_dir``."""
+    title = next((b.text for b in blocks if isinstance(b, Heading) and b.level == 1), "fidelity")
+    body = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            at = f' id="{escape(block.anchor)}"' if block.anchor else ""
+            body.append(f"<h{block.level}{at}>{escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
             body.append(
-                figure_html(run_dir / shown["decomposition"], FIGURE_CAPTIONS["decomposition"])
+                f'<p class="note">{escape(block.text)}</p>'
+                if block.note
+                else f"<p>{escape(block.text)}</p>"
             )
-        body.append(table_html(tables.decomposition_table(problem)))
-        body.append(table_html(tables.diagnostics_table(problem)))
-        body.append(table_html(tables.timing_table(problem)))
-    body += [
-        '<h2 id="configuration">Configuration and environment</h2>',
-        table_html(tables.configuration_table(results)),
-        "<h3>Suite</h3>",
-        f"<pre>{escape(json.dumps(results['suite'], indent=2, default=str))}</pre>",
-    ]
+        elif isinstance(block, Warnings):
+            items = "".join(f"<li>{escape(item)}</li>" for item in block.items)
+            body.append(f'<div class="warning"><strong>Warnings</strong><ul>{items}</ul></div>')
+        elif isinstance(block, TableBlock):
+            body.append(table_html(block.table))
+        elif isinstance(block, Figure):
+            body.append(figure_html(run_dir / block.path, block.caption))
+        elif isinstance(block, Contents):
+            links = "".join(f'<a href="#{escape(a)}">{escape(text)}</a>' for a, text in block.links)
+            body.append(f"<nav>{links}</nav>")
+        elif isinstance(block, Preformatted):
+            body.append(f"<pre>{escape(block.text)}</pre>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -147,7 +106,3 @@ def render_html(
         + "\n".join(part for part in body if part)
         + "\n</body></html>\n"
     )
-
-
-def _anchor(name: str) -> str:
-    return "p-" + "".join(c if c.isalnum() else "-" for c in name)

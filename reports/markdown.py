@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import html
 import unicodedata
-from typing import Any
 
 from reports import tables
+from reports.document import Block, Figure, Heading, Paragraph, Preformatted, TableBlock, Warnings
 from reports.tables import Table
 
 
@@ -51,45 +51,22 @@ def table_lines(table: Table | None, *, title: bool = True) -> list[str]:
     return lines
 
 
-def render_markdown(
-    results: dict[str, Any],
-    figures: dict[str, dict[str, str]],
-    per_test: dict[str, Table] | None = None,
-    history: list[Any] | None = None,
-) -> str:
-    """``figures``: per problem, figure kind -> path relative to the run directory."""
-    suite = results["suite"]
-    confidence = suite["metrics"]["confidence"]
-    lines = [
-        f"# fidelity report: {md_escape(suite['name'])}",
-        "",
-        f"Created {md_escape(results['created'])}"
-        f" · fidelity {md_escape(results['fidelity_version'])}"
-        f" · git {md_escape(results.get('git_revision') or 'n/a')}"
-        f" · total {results['timings']['total_seconds']:.1f} s",
-        "",
-        "delta[t, j] = change of test loss t when training point j is removed (positive: j "
-        f"helped). Intervals: {confidence:.0%} two-way bootstrap over test and removed points "
-        f"({suite['metrics']['bootstrap']} replicates). Noise ceiling: split-half reliability of "
-        "a multi-seed response (Spearman-Brown corrected); '-' for one seed.",
-    ]
-    lines += table_lines(tables.summary_table(results))
-    if history:
-        lines += table_lines(tables.trend_table(results, history))
-    for name, problem in results["problems"].items():
-        lines += ["", f"## {md_escape(name)}", "", md_escape(tables.problem_header(problem))]
-        lines += table_lines(tables.metrics_table(problem))
-        warnings = tables.estimator_warnings(problem)
-        if warnings:
-            lines += ["", "Warnings:", ""] + [f"- {md_escape(w)}" for w in warnings]
-        lines += table_lines(tables.conformance_table(problem))
-        lines += table_lines(tables.agreement_table(problem))
-        lines += table_lines(tables.influential_table(problem))
-        lines += table_lines((per_test or {}).get(name))
-        lines += table_lines(tables.decomposition_table(problem))
-        lines += table_lines(tables.diagnostics_table(problem))
-        lines += table_lines(tables.timing_table(problem))
-        for kind, path in figures.get(name, {}).items():
-            lines += ["", f"![{md_escape(kind)} for {md_escape(name)}]({path})"]
-    lines += table_lines(tables.configuration_table(results))
-    return "\n".join(lines) + "\n"
+def render_markdown(blocks: list[Block]) -> str:
+    """The report's outline as Markdown; figures become image links."""
+    lines: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines += ["", f"{'#' * block.level} {md_escape(block.text)}"]
+        elif isinstance(block, Paragraph):
+            lines += ["", md_escape(block.text)]
+        elif isinstance(block, Warnings):
+            lines += ["", "Warnings:", ""] + [f"- {md_escape(item)}" for item in block.items]
+        elif isinstance(block, TableBlock):
+            lines += table_lines(block.table)
+        elif isinstance(block, Figure):
+            lines += ["", f"![{md_escape(block.caption)}]({block.path})"]
+        elif isinstance(block, Preformatted):
+            # Raw configuration stays out of Markdown (a code fence shows markup unescaped
+            # to a reader that ignores fences); results.json holds it.
+            lines += ["", md_escape(block.caption)]
+    return "\n".join(lines).lstrip("\n") + "\n"

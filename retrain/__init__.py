@@ -1,24 +1,21 @@
-"""Ground truth: training loops and the response-function ladder."""
+"""Ground truth: training loops and the response-function ladder.
 
-from fidelity.registry import Registry
+``response`` holds the contract every stage follows, ``execution`` how retrains are spread over
+workers and cached, ``refit`` the one refit template with its presets (cold, warm, proximal),
+``pbrf`` and ``linear`` the last two rungs.
+"""
+
+from fidelity.core.registry import Registry
+from retrain.execution import Execution
 from retrain.linear import LinearResponse
 from retrain.pbrf import PbrfResponse
-from retrain.responses import (
-    ColdResponse,
-    Execution,
-    ProximalResponse,
-    Response,
-    ResponseResult,
-    WarmResponse,
-)
-from retrain.train import train
+from retrain.refit import ColdResponse, ProximalResponse, WarmResponse
+from retrain.response import Response, ResponseResult
+from retrain.train import seeded_variant, train
 
 RESPONSES: Registry[type[Response]] = Registry("response")
-RESPONSES.register("cold")(ColdResponse)
-RESPONSES.register("warm")(WarmResponse)
-RESPONSES.register("proximal")(ProximalResponse)
-RESPONSES.register("pbrf")(PbrfResponse)
-RESPONSES.register("linear")(LinearResponse)
+for _response in (ColdResponse, WarmResponse, ProximalResponse, PbrfResponse, LinearResponse):
+    RESPONSES.register(_response.name)(_response)
 
 __all__ = [
     "RESPONSES",
@@ -30,5 +27,6 @@ __all__ = [
     "Response",
     "ResponseResult",
     "WarmResponse",
+    "seeded_variant",
     "train",
 ]

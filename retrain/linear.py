@@ -7,32 +7,20 @@ import time
 import torch
 from torch import Tensor
 
-from fidelity.curvature import (
+from fidelity.core.checks import check_nonnegative, check_positive_int
+from fidelity.core.curvature import (
+    DENSE_LIMIT,
     CurvatureOperator,
     conjugate_gradient,
+    gauss_newton_factor,
     gauss_newton_woodbury,
     woodbury_pays,
 )
-from fidelity.errors import FidelityError
-from fidelity.objective import per_example_grads
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.validation import check_nonnegative, check_positive_int
-from retrain.responses import Execution, Response, ResponseResult, check_removed
-
-DENSE_LIMIT = 6000  # parameters up to which G is formed densely; CG to 1e-10 beyond
-
-
-def gauss_newton_factor(
-    trained: TrainedProblem, damping: float, batch_size: int, owner: str
-) -> Tensor:
-    """Cholesky factor of the dense G + (wd + damping) I at theta_s (``owner`` names the stage
-    in the error when it is not positive definite)."""
-    matrix = CurvatureOperator(trained, "gnh", batch_size).dense()
-    matrix.diagonal().add_(damping)
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        raise FidelityError(f"{owner}: G + (wd + damping) I is not positive definite")
-    return factor
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import per_example_grads
+from fidelity.core.problem import Examples, TrainedProblem
+from retrain.execution import Execution
+from retrain.response import Response, ResponseResult, check_removed
 
 
 class LinearResponse(Response):

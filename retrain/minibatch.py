@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs, regulariser
-from fidelity.problem import FunctionalModel, MinibatchRecipe, OptimizerState, Problem
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs, regulariser
+from fidelity.core.problem import FunctionalModel, MinibatchRecipe, OptimizerState, Problem
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,11 @@ def train_minibatch(
     *,
     epochs: int | None = None,
     anchor: Tensor | None = None,
-    proximity: float = 0.0,
+    damping: float = 0.0,
     state: OptimizerState | None = None,
 ) -> MinibatchRun:
     """Train ``weights.shape[0]`` models from ``theta0`` for ``epochs`` (default: the recipe's)
-    epochs, adding (proximity/2) ||theta - anchor||^2 when an anchor is given, with the
+    epochs, adding (damping/2) ||theta - anchor||^2 when an anchor is given, with the
     optimizer starting from ``state`` (default: fresh, zero moments at step 0)."""
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
@@ -53,7 +53,7 @@ def train_minibatch(
 
     def minibatch_objective(theta: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         losses = loss_from_outputs(problem.loss, model(theta, x), y)
-        return (w * losses).sum() / x.shape[0] + regulariser(problem, theta, anchor, proximity)
+        return (w * losses).sum() / x.shape[0] + regulariser(problem, theta, anchor, damping)
 
     gradients = torch.func.vmap(torch.func.grad(minibatch_objective), in_dims=(0, 0, None, None))
     thetas = theta0.detach().unsqueeze(0).repeat(n_models, 1)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fidelity.errors import FidelityError
-from fidelity.objective import objective, output_hessian_factor
-from fidelity.problem import FunctionalModel, Problem
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import objective, output_hessian_factor
+from fidelity.core.problem import FunctionalModel, Problem
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,13 @@ def newton_minimize(
     gtol: float = 1e-10,
     max_iter: int = 100,
     anchor: Tensor | None = None,
-    proximity: float = 0.0,
+    damping: float = 0.0,
 ) -> NewtonResult:
     """Minimise J(theta; weights) (plus the optional proximal term) from ``theta0`` by
     ``minimize_newton``."""
 
     def value(theta: Tensor) -> Tensor:
-        return objective(model, problem, theta, weights, anchor, proximity)
+        return objective(model, problem, theta, weights, anchor, damping)
 
     return minimize_newton(value, theta0, gtol=gtol, max_iter=max_iter)
 
@@ -183,11 +183,11 @@ def refit_removals(
     gtol: float = 1e-10,
     max_iter: int = 100,
     anchor: Tensor | None = None,
-    proximity: float = 0.0,
+    damping: float = 0.0,
 ) -> RefitResult:
     """Exact minimisers of J with w_j = 0, one model per entry of ``removed``, all at once
-    (plus (proximity/2) ||theta - anchor||^2 when an anchor is given; ``hessian_cholesky`` must
-    then factor H + proximity I).
+    (plus (damping/2) ||theta - anchor||^2 when an anchor is given; ``hessian_cholesky`` must
+    then factor H + damping I).
 
     Each model iterates theta <- theta - P_j^{-1} grad J_{-j}(theta), vmapped over models. P_j is
     the Hessian at theta_s (its Cholesky factor is given) minus the removed point's Gauss-Newton
@@ -210,7 +210,7 @@ def refit_removals(
     )
 
     def value(theta: Tensor, weight: Tensor) -> Tensor:
-        return objective(model, problem, theta, weight, anchor, proximity)
+        return objective(model, problem, theta, weight, anchor, damping)
 
     batched_grad = torch.func.vmap(torch.func.grad(value))
     thetas = theta_start.detach().unsqueeze(0).repeat(removed.numel(), 1)
@@ -240,7 +240,7 @@ def refit_removals(
             gtol=gtol,
             max_iter=max_iter,
             anchor=anchor,
-            proximity=proximity,
+            damping=damping,
         )
         thetas[index] = finished.theta
         norms[index] = finished.grad_norm

@@ -14,30 +14,28 @@ the gap between this stage and `linear` is the linearisation error alone.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from fidelity.cache import cache_key
-from fidelity.curvature import CurvatureOperator, conjugate_gradient
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.validation import check_nonnegative, check_positive_int
-from retrain.linear import DENSE_LIMIT, gauss_newton_factor
-from retrain.newton import removal_preconditioner
-from retrain.responses import (
-    Execution,
-    Response,
-    ResponseResult,
-    check_removed,
-    measure,
-    retrain_indices,
-    stack_removed,
+from fidelity.core.cache import cache_key
+from fidelity.core.checks import check_nonnegative, check_positive_int
+from fidelity.core.curvature import (
+    DENSE_LIMIT,
+    CurvatureOperator,
+    conjugate_gradient,
+    gauss_newton_factor,
 )
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs
+from fidelity.core.problem import Examples, TrainedProblem
+from retrain.execution import Execution, GroupSolver, Refits
+from retrain.newton import removal_preconditioner
+from retrain.refit import Refit, run_refits
+from retrain.response import Response, ResponseResult
 from retrain.train import theta_digest
 
 CHORD_ITERATIONS = 30  # fixed-preconditioner steps before a removal not at gtol turns to Newton
@@ -90,14 +88,12 @@ class PbrfResponse(Response):
         removed: Tensor,
         execution: Execution | None = None,
     ) -> ResponseResult:
-        execution = execution or Execution()
-        start = time.perf_counter()
         problem = trained.problem
-        removed = check_removed(removed, problem.n_train)
-        unique = sorted(set(removed.tolist()))
         fingerprint, digest = problem.fingerprint(), theta_digest(trained)
-        keys = {
-            index: cache_key(
+        dense = trained.n_params <= DENSE_LIMIT
+
+        def key(index: int) -> str:
+            return cache_key(
                 kind=self.name,
                 problem=fingerprint,
                 theta_s=digest,
@@ -106,53 +102,43 @@ class PbrfResponse(Response):
                 removal_weight=self.removal_weight,
                 gtol=self.gtol,
             )
-            for index in unique
-        }
-        dense = trained.n_params <= DENSE_LIMIT
-        factor = None
-        if dense and not execution.cache.has_all(self.name, keys.values()):
-            factor = gauss_newton_factor(trained, self.damping, self.batch_size, self.name)
-        solver = partial(
-            solve_pbrf,
-            trained,
-            factor=factor,
-            damping=self.damping,
-            removal_weight=self.removal_weight,
-            gtol=self.gtol,
-            max_iter=self.max_iter,
-            batch_size=self.batch_size,
-        )
-        refits = retrain_indices(
-            trained,
-            unique,
-            keys,
-            self.name,
-            solver,
-            execution,
-            self.group_size,
-            cache_below=self.gtol,
-        )
-        unconverged = [index for index in unique if not refits.grad_norms[index] <= self.gtol]
-        if unconverged:
-            worst = max(refits.grad_norms[index] for index in unconverged)
-            raise FidelityError(
-                f"pbrf on {problem.name!r} did not converge for training indices "
-                f"{unconverged[:10]} (gradient norm {worst:.3g} > gtol {self.gtol:g} after "
-                f"{self.max_iter} iterations); raise pbrf.max_iter or pbrf.damping"
+
+        def solver(prepare: bool) -> GroupSolver:
+            factor = None
+            if dense and prepare:
+                factor = gauss_newton_factor(trained, self.damping, self.batch_size, self.name)
+            return partial(
+                solve_pbrf,
+                trained,
+                factor=factor,
+                damping=self.damping,
+                removal_weight=self.removal_weight,
+                gtol=self.gtol,
+                max_iter=self.max_iter,
+                batch_size=self.batch_size,
             )
-        thetas = stack_removed(refits.thetas, removed, trained)
-        after = measure(trained, thetas, test)
-        before = measure(trained, trained.theta.unsqueeze(0), test)
-        deltas = ((after - before) / self.removal_weight).T.contiguous()
-        info = {
-            "refits": refits.computed,
-            "cached": len(unique) - refits.computed,
-            "seconds": time.perf_counter() - start,
-            "solver": "dense" if dense else "cg",
-            "max_grad_norm": max(refits.grad_norms.values(), default=0.0),
-            "mean_iterations": (sum(refits.iterations.values()) / len(unique) if unique else 0.0),
-        }
-        return ResponseResult(deltas, info, thetas=thetas)
+
+        def check(refits: Refits, indices: list[int]) -> None:
+            unconverged = [i for i in indices if not refits.grad_norms[i] <= self.gtol]
+            if unconverged:
+                worst = max(refits.grad_norms[i] for i in unconverged)
+                raise FidelityError(
+                    f"pbrf on {problem.name!r} did not converge for training indices "
+                    f"{unconverged[:10]} (gradient norm {worst:.3g} > gtol {self.gtol:g} after "
+                    f"{self.max_iter} iterations); raise pbrf.max_iter or pbrf.damping"
+                )
+
+        refit = Refit(
+            stage=self.name,
+            key=key,
+            solver=solver,
+            group_size=self.group_size,
+            check=check,
+            cache_below=self.gtol,
+            removal_weight=self.removal_weight,
+        )
+        result = run_refits(trained, test, removed, execution or Execution(), refit)
+        return replace(result, info={**result.info, "solver": "dense" if dense else "cg"})
 
 
 def pbrf_objective(trained: TrainedProblem, damping: float) -> Callable[[Tensor, Tensor], Tensor]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import torch
 
-from fidelity.cache import ArtifactCache, cache_key
-from fidelity.errors import FidelityError
-from fidelity.objective import objective
-from fidelity.problem import (
+from fidelity.core.cache import ArtifactCache, cache_key
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import objective
+from fidelity.core.problem import (
     FunctionalModel,
     MinibatchRecipe,
     OptimizerState,
@@ -109,3 +110,12 @@ def _store(
 def theta_digest(trained: TrainedProblem) -> str:
     """Content hash of theta_s, part of every cache key derived from it."""
     return cache_key(theta=trained.theta.detach().cpu().numpy().tobytes().hex())
+
+
+def seeded_variant(problem: Problem, offset: int) -> Problem:
+    """The problem with its recipe's initialisation (and batch-order) seed shifted by ``offset``."""
+    recipe = problem.recipe
+    changes: dict[str, int] = {"init_seed": recipe.init_seed + offset}
+    if isinstance(recipe, MinibatchRecipe):
+        changes["order_seed"] = recipe.order_seed + offset
+    return replace(problem, recipe=replace(recipe, **changes))

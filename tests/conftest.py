@@ -7,8 +7,9 @@ from functools import partial
 import pytest
 import torch
 
-from fidelity.problem import NewtonRecipe, Problem
-from fidelity.problems import linear_model, load_problem
+from fidelity.core.problem import NewtonRecipe, Problem
+from fidelity.problems import load_problem
+from fidelity.problems.models import linear_model
 from retrain import train
 
 torch.set_default_dtype(torch.float64)

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from fidelity.cli import main
+from fidelity.core.cache import ArtifactCache
+from fidelity.core.errors import FidelityError
+from retrain import Execution
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +93,7 @@ def test_run_writes_a_complete_run_directory(small_suite, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "diabetes-ridge" in printed and "pearson" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2
     assert results["suite"]["name"] == "small"
     assert results["environment"]["packages"]["torch"]
     assert set(results["problems"]) == {"diabetes-ridge", "cancer-logreg"}
@@ -310,18 +313,19 @@ def test_application_input_errors_are_one_line(tmp_path, capsys):
         main(["mislabel", "cancer-logreg", "--flip", "1.5"])
 
 
-def test_cache_dir_reaches_problem_factories_for_the_command_only(tmp_path, monkeypatch):
+def test_cache_dir_reaches_problem_factories_as_an_argument(tmp_path, monkeypatch):
     seen = []
 
-    def spy(args):
-        seen.append(os.environ.get("FIDELITY_CACHE_DIR"))
-        return 0
+    def spy(spec, *, cache):
+        seen.append(cache.root)
+        raise FidelityError("stop after the problem")
 
-    monkeypatch.setenv("FIDELITY_CACHE_DIR", "/before")
-    monkeypatch.setattr("fidelity.cli.command_application", spy)
-    assert main(["prefilter", "tiny", "--cache-dir", str(tmp_path)]) == 0
-    assert seen == [str(tmp_path)]
-    assert os.environ["FIDELITY_CACHE_DIR"] == "/before"
+    monkeypatch.setenv("FIDELITY_CACHE_DIR", "/elsewhere")
+    monkeypatch.setattr("fidelity.cli.load_problem", spy)
+    assert main(["prefilter", "tiny", "--cache-dir", str(tmp_path)]) == 2
+    assert main(["prefilter", "tiny", "--no-cache"]) == 2
+    assert seen == [tmp_path, None]
+    assert os.environ["FIDELITY_CACHE_DIR"] == "/elsewhere"  # never set by the CLI
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +441,7 @@ def test_figures_from_given_runs_and_computed_koh_panels(recorded_runs, tmp_path
 
     context = FigureContext(
         out=out,
-        cache_dir=tmp_path / "cache",
+        execution=Execution(cache=ArtifactCache(tmp_path / "cache")),
         problems=("tests.fidelity.user_problems:tiny",),
         settings={"top": 8},
     )

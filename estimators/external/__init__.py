@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from fidelity.errors import FidelityError
-from fidelity.problem import Examples, Problem, TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import Examples, Problem, TrainedProblem
 
 
 def trained_module(trained: TrainedProblem) -> nn.Module:

@@ -32,10 +32,10 @@ from torch import Tensor
 
 from estimators.base import Estimator
 from estimators.external import rows_of, trained_module
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.validation import check_nonnegative, check_positive_int
+from fidelity.core.checks import check_nonnegative, check_positive_int
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs
+from fidelity.core.problem import Examples, TrainedProblem
 
 METHODS = ("naive", "arnoldi", "tracincp")
 INSTALL_HINT = (

@@ -31,7 +31,7 @@ Conventions mapped here, once (read from dattri's source and checked against our
 - EK-FAC: the Fisher is the *empirical* one (backward passes of the training loss at the training
   labels) over every ``nn.Linear`` (``layers``: fnmatch patterns of module names, of which the
   nn.Linear ones are used); other parameters are left out, as with our ``ekfac``'s ``layers``.
-  Equal to our ``ekfac(fisher="empirical", damping_mode="absolute")`` except for two defects of
+  Equal to our ``ekfac(fisher="empirical")`` except for two defects of
   dattri 0.3.0, which this adapter does not correct (measured in the tests): it rotates into the
   basis of the *rows* of torch.linalg.eigh's eigenvector matrices (Q X Q^T instead of
   Q^T X Q), and for a layer with a bias it lays the test gradient out as
@@ -65,10 +65,10 @@ from estimators.external import (
     with_parent,
 )
 from estimators.kfac import check_layers
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.validation import check_int, check_nonnegative, check_positive_int
+from fidelity.core.checks import check_int, check_nonnegative, check_positive_int
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs
+from fidelity.core.problem import Examples, TrainedProblem
 
 SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac")
 # Solvers that recompute their inverse-Hessian products for every (train batch, test batch).

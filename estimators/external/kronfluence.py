@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from estimators.base import Estimator
 from estimators.external import trained_module, with_parent
 from estimators.kfac import sampled_targets
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.validation import check_int, check_nonnegative, check_positive_int
+from fidelity.core.checks import check_int, check_nonnegative, check_positive_int
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs
+from fidelity.core.problem import Examples, TrainedProblem
 
 INSTALL_HINT = (
     "kronfluence is not installed; create the peers environment with "

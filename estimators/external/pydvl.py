@@ -37,10 +37,10 @@ from torch import Tensor
 
 from estimators.base import Estimator
 from estimators.external import examples_loader, library_context, record_scores, trained_module
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.validation import check_int, check_nonnegative, check_positive_int
+from fidelity.core.checks import check_int, check_nonnegative, check_positive_int
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs
+from fidelity.core.problem import Examples, TrainedProblem
 
 SOLVERS = ("direct", "cg", "lissa", "arnoldi", "nystroem", "ekfac")
 MODES = ("hessian", "gauss-newton")

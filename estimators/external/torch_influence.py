@@ -40,10 +40,10 @@ from estimators.external import (
     rows_of,
     trained_module,
 )
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs
-from fidelity.problem import Examples, TrainedProblem
-from fidelity.validation import check_int, check_nonnegative, check_positive_int
+from fidelity.core.checks import check_int, check_nonnegative, check_positive_int
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs
+from fidelity.core.problem import Examples, TrainedProblem
 
 SOLVERS = ("autograd", "cg", "lissa")
 INSTALL_HINT = (

@@ -10,18 +10,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fidelity.errors import FidelityError
-from fidelity.problem import Examples, Problem, TrainedProblem
-from fidelity.registry import parse_spec
+from estimators import ESTIMATORS, Estimator
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import Examples, Problem, TrainedProblem
+from fidelity.core.registry import parse_spec
+from fidelity.suite import build_component
 
 DEFAULT_ESTIMATORS = ("gnh", "ekfac", "grad-dot")
 
 
-def build_estimators(specs: Sequence[str]) -> dict[str, object]:
+def build_estimators(specs: Sequence[str]) -> dict[str, Estimator]:
     """Unfitted estimators keyed by their spec, ``kind`` or ``kind[key=value,...]``."""
-    from estimators import ESTIMATORS
-    from fidelity.suite import build_component
-
     if not specs:
         raise FidelityError("name at least one estimator")
     built = {}

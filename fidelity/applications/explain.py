@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 
 from fidelity.applications.common import labels, predictions, text_of
-from fidelity.errors import FidelityError
-from fidelity.problem import Examples, TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import Examples, TrainedProblem
+from retrain import ColdResponse
 
 LooMode = Literal["all", "shown", "none"]
 
@@ -34,7 +35,6 @@ def explain(
 
     The test point is ``test_index`` of the problem's test split, or a new ``text`` (text
     problems; its ``label`` defaults to the model's prediction)."""
-    from retrain import ColdResponse
 
     problem = trained.problem
     test, description = _test_point(trained, test_index, text, label)

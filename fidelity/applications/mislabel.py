@@ -15,9 +15,10 @@ from fidelity.applications.common import (
     summary,
     with_labels,
 )
-from fidelity.errors import FidelityError
-from fidelity.objective import per_example_loss
-from fidelity.problem import TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import per_example_loss
+from fidelity.core.problem import TrainedProblem
+from retrain import train
 
 
 def mislabel(
@@ -37,7 +38,6 @@ def mislabel(
     after retraining with the checked points' labels fixed, at each of ``check_fractions``;
     also the accuracy of the clean and of the corrupted model. Estimators are fitted anew on
     each corrupted model."""
-    from retrain import train
 
     problem = trained.problem
     check_classification(problem, "mislabel")

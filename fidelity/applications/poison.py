@@ -14,9 +14,10 @@ from fidelity.applications.common import (
     predictions,
     summary,
 )
-from fidelity.errors import FidelityError
-from fidelity.objective import per_example_loss
-from fidelity.problem import NewtonRecipe, TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import per_example_loss
+from fidelity.core.problem import NewtonRecipe, TrainedProblem
+from retrain import seeded_variant, train
 
 
 def poison(
@@ -38,8 +39,6 @@ def poison(
     seed. Accuracies are over the whole test split, before and after, with Student-t intervals
     over seeds.
     """
-    from retrain import train
-    from retrain.responses import seeded_variant
 
     problem = trained.problem
     check_classification(problem, "poison")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fidelity.errors import FidelityError
-from fidelity.problem import TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import TrainedProblem
 
 METHODS = ("tfidf", "bm25")
 # Every run of word characters is a term, one letter long included ("a", "I").

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fidelity.cache import ArtifactCache, cache_key, default_cache_dir
-from fidelity.errors import FidelityError
+from fidelity.core.cache import ArtifactCache, cache_key, default_cache_dir
+from fidelity.core.errors import FidelityError
 from fidelity.text.block import mean_pool
 
 MAX_LENGTH = 64
@@ -91,16 +91,16 @@ def sentence_embeddings(
     texts: tuple[str, ...] | list[str],
     *,
     max_length: int = MAX_LENGTH,
-    cache_dir: Path | bool | None = True,
+    cache: ArtifactCache | None = None,
     progress: bool | None = None,
 ) -> Tensor:
     """Mean-pooled final-layer token states ``[n, 384]`` (float32), the sentence embedding of
-    all-MiniLM-L6-v2 before its L2 normalisation. ``cache_dir=True`` uses the default cache,
-    ``None``/``False`` disables it."""
+    all-MiniLM-L6-v2 before its L2 normalisation. Encodings are kept in ``cache`` (``None``: the
+    default cache directory; ``ArtifactCache(None)`` keeps nothing)."""
     texts = tuple(texts)
     directory = encoder_directory()
     cache, key = (
-        _cache(cache_dir),
+        _cache(cache),
         cache_key(
             what="sentence-embeddings",
             weights=_weights_digest(directory),
@@ -128,14 +128,14 @@ def block_inputs(
     texts: tuple[str, ...] | list[str],
     *,
     max_length: int = MAX_LENGTH,
-    cache_dir: Path | bool | None = True,
+    cache: ArtifactCache | None = None,
     progress: bool | None = None,
 ) -> BlockInputs:
     """Hidden states entering the last encoder block (the output of block 5 of 6), float32."""
     texts = tuple(texts)
     directory = encoder_directory()
     cache, key = (
-        _cache(cache_dir),
+        _cache(cache),
         cache_key(
             what="block-inputs",
             weights=_weights_digest(directory),
@@ -174,10 +174,8 @@ def block_inputs(
     return BlockInputs(hidden, mask, state)
 
 
-def _cache(cache_dir: Path | bool | None) -> ArtifactCache:
-    if cache_dir is True:
-        return ArtifactCache(default_cache_dir())
-    return ArtifactCache(cache_dir or None)
+def _cache(cache: ArtifactCache | None) -> ArtifactCache:
+    return ArtifactCache(default_cache_dir()) if cache is None else cache
 
 
 def _show(progress: bool | None) -> bool:

@@ -13,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 
 DATA_PACKAGE = "fidelity.data.movie_snippets"
 DATA_FILE = "movie_review_snippets.tsv.gz"

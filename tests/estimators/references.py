@@ -2,7 +2,7 @@
 
 import torch
 
-from fidelity.objective import per_example_grads
+from fidelity.core.objective import per_example_grads
 
 
 def relative_error(actual, expected) -> float:

@@ -8,7 +8,7 @@ import torch
 
 from estimators import ExactEstimator
 from estimators.external.captum import CaptumEstimator
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
 

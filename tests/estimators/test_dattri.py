@@ -11,8 +11,8 @@ import torch
 from estimators import ESTIMATORS, ExactEstimator
 from estimators.external.dattri import DattriEstimator
 from estimators.kfac import select_layers
-from fidelity.errors import FidelityError
-from fidelity.objective import per_example_grads
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import per_example_grads
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.references import relative_error
@@ -186,7 +186,7 @@ def test_ekfac_deviates_from_ours_by_two_measured_defects(mlp):
     equals our `ekfac`. Measured: max relative difference 0.78, Pearson 0.959."""
     problem = mlp.problem
     ours = (
-        ESTIMATORS.get("ekfac")(fisher="empirical", damping_mode="absolute", damping=DAMPING)
+        ESTIMATORS.get("ekfac")(fisher="empirical", damping=DAMPING)
         .fit(mlp)
         .scores(problem.test, problem.train)
     )

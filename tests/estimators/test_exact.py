@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from estimators import ExactEstimator, GaussNewtonEstimator
-from fidelity.errors import FidelityError
-from fidelity.objective import objective, per_example_loss
-from fidelity.problem import FunctionalModel, NewtonRecipe, Problem, TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import objective, per_example_loss
+from fidelity.core.problem import FunctionalModel, NewtonRecipe, Problem, TrainedProblem
 from retrain.newton import newton_minimize
 
 
@@ -94,12 +94,28 @@ def test_non_positive_definite_hessian_without_damping_is_an_error():
 
 def test_enough_damping_makes_an_indefinite_hessian_usable():
     trained = saddle_problem()
-    scores = (
-        ExactEstimator(damping=10.0)
-        .fit(trained)
-        .scores(trained.problem.test, trained.problem.train)
+    problem, model = trained.problem, trained.model
+    hessian = torch.autograd.functional.hessian(
+        lambda t: objective(model, problem, t), trained.theta
     )
-    assert bool(torch.isfinite(scores).all())
+    assert float(torch.linalg.eigvalsh(hessian).min()) < 0  # the premise: indefinite
+
+    def gradients(examples):
+        return torch.stack(
+            [
+                torch.autograd.functional.jacobian(
+                    lambda t, i=i: per_example_loss(model, problem.loss, t, examples)[i],
+                    trained.theta,
+                )
+                for i in range(len(examples))
+            ]
+        )
+
+    test_grads, train_grads = gradients(problem.test), gradients(problem.train)
+    damped = hessian + 10.0 * torch.eye(hessian.shape[0])
+    expected = test_grads @ torch.linalg.solve(damped, train_grads.T) / problem.n_train
+    scores = ExactEstimator(damping=10.0).fit(trained).scores(problem.test, problem.train)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("damping", [-1.0, float("nan"), "0.1"])

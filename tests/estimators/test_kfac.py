@@ -10,10 +10,10 @@ from torch import nn
 
 from estimators import EkfacEstimator, GaussNewtonEstimator, KfacEstimator
 from estimators.kfac import layer_statistics, select_layers
-from fidelity.curvature import CurvatureOperator
-from fidelity.errors import FidelityError
-from fidelity.objective import output_hessian_factor, per_example_grads
-from fidelity.problem import NewtonRecipe, Problem
+from fidelity.core.curvature import CurvatureOperator
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import output_hessian_factor, per_example_grads
+from fidelity.core.problem import NewtonRecipe, Problem
 from retrain import train
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
 
@@ -45,7 +45,7 @@ def test_kfac_equals_the_explicit_dense_kronecker_inverse(softmax):
     """One linear softmax layer: A = E[[x, 1][x, 1]^T], S = E[H_out] (expected Fisher)."""
     problem = softmax.problem
     damping = 0.03
-    estimator = KfacEstimator(damping=damping, damping_mode="absolute").fit(softmax)
+    estimator = KfacEstimator(damping=damping).fit(softmax)
     x = torch.cat([problem.x_train, torch.ones(problem.n_train, 1, dtype=torch.float64)], 1)
     activation = x.T @ x / problem.n_train
     outputs = softmax.model(softmax.theta, problem.x_train)
@@ -184,7 +184,7 @@ def test_kfac_and_ekfac_track_gnh_on_a_convex_model(softmax):
     problem = softmax.problem
     reference = GaussNewtonEstimator(damping=0.01).fit(softmax).scores(problem.test, problem.train)
     for cls in (KfacEstimator, EkfacEstimator):
-        scores = cls(damping=0.01, damping_mode="absolute").fit(softmax)
+        scores = cls(damping=0.01).fit(softmax)
         predicted = scores.scores(problem.test, problem.train)
         r = torch.corrcoef(torch.stack([predicted.flatten(), reference.flatten()]))[0, 1]
         assert float(r) > 0.95
@@ -193,8 +193,8 @@ def test_kfac_and_ekfac_track_gnh_on_a_convex_model(softmax):
 def test_bad_settings():
     with pytest.raises(FidelityError, match=r"ekfac\.fisher"):
         EkfacEstimator(fisher="true")
-    with pytest.raises(FidelityError, match=r"kfac\.damping_mode"):
-        KfacEstimator(damping_mode="scaled")
+    with pytest.raises(FidelityError, match=r"kfac\.damping_ratio"):
+        KfacEstimator(damping_ratio=-0.1)
     with pytest.raises(FidelityError, match=r"kfac\.layers"):
         KfacEstimator(layers=3)
 
@@ -218,7 +218,7 @@ def test_kfac_on_digits_mlp_equals_factors_computed_densely(trained_problems):
     the outputs with respect to each layer's pre-activations and the output Hessians."""
     trained = trained_problems("digits-mlp")
     problem, n = trained.problem, trained.problem.n_train
-    estimator = KfacEstimator(damping=0.01, damping_mode="absolute").fit(trained)
+    estimator = KfacEstimator(damping=0.01).fit(trained)
     params = trained.model.spec.unflatten(trained.theta)
     w0, b0, w1, b1 = (params[k] for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
     x = problem.x_train
@@ -249,3 +249,15 @@ def test_kfac_on_digits_mlp_equals_factors_computed_densely(trained_problems):
     expected = torch.linalg.solve(dense, vectors.T).T
     actual = estimator._inverse_curvature_product(vectors)
     torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_damping_is_absolute_and_the_ratio_relative(trained_problems):
+    trained = trained_problems("digits-mlp")
+    means = [float(v.mean()) for v in KfacEstimator(damping=0.0).fit(trained).eigenvalues_]
+    assert KfacEstimator(damping=0.02).fit(trained).dampings_ == [0.02] * len(means)
+    relative = KfacEstimator(damping_ratio=0.5).fit(trained).dampings_
+    assert relative == pytest.approx([0.5 * m for m in means], rel=1e-12)
+    default = KfacEstimator().fit(trained).dampings_
+    assert default == pytest.approx([0.1 * m for m in means], rel=1e-12)
+    both = KfacEstimator(damping=0.02, damping_ratio=0.5).fit(trained).dampings_
+    assert both == pytest.approx([0.02 + 0.5 * m for m in means], rel=1e-12)

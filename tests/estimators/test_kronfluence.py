@@ -9,7 +9,7 @@ import torch
 
 from estimators import EkfacEstimator, KfacEstimator
 from estimators.external.kronfluence import KronfluenceEstimator
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 
 HAS_KRONFLUENCE = importlib.util.find_spec("kronfluence") is not None
 
@@ -36,11 +36,7 @@ def test_kronecker_scores_agree_with_kronfluence(trained_problems, ours, strateg
     trained = trained_problems("digits-mlp")
     problem = trained.problem
     test = problem.test.subset(torch.arange(20))
-    ours_scores = (
-        ours(damping=0.01, damping_mode="absolute", fisher=fisher)
-        .fit(trained)
-        .scores(test, problem.train)
-    )
+    ours_scores = ours(damping=0.01, fisher=fisher).fit(trained).scores(test, problem.train)
     theirs = (
         KronfluenceEstimator(strategy=strategy, fisher=fisher, damping=0.01)
         .fit(trained)
@@ -59,7 +55,7 @@ def test_a_model_that_is_one_layer_is_scored_like_ours(trained_problems):
     trained = trained_problems("digits-logreg")
     problem = trained.problem
     test = problem.test.subset(torch.arange(10))
-    ours = EkfacEstimator(damping=0.0, damping_mode="absolute", fisher="empirical")
+    ours = EkfacEstimator(damping=0.0, fisher="empirical")
     theirs = KronfluenceEstimator(strategy="ekfac", fisher="empirical", damping=0.0)
     expected = ours.fit(trained).scores(test, problem.train)
     torch.testing.assert_close(

@@ -10,11 +10,11 @@ import torch
 from estimators import ExactEstimator
 from estimators.external.pydvl import PydvlEstimator
 from estimators.kfac import EkfacEstimator, KfacEstimator
-from fidelity.curvature import CurvatureOperator
-from fidelity.errors import FidelityError
+from fidelity.core.curvature import CurvatureOperator
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs
+from fidelity.core.problem import Examples
 from fidelity.metrics import pearson
-from fidelity.objective import loss_from_outputs
-from fidelity.problem import Examples
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.references import relative_error, solve_scores

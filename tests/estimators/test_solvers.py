@@ -12,8 +12,8 @@ from estimators import (
     GradDotEstimator,
     LissaEstimator,
 )
-from fidelity.curvature import CurvatureOperator
-from fidelity.errors import FidelityError
+from fidelity.core.curvature import CurvatureOperator
+from fidelity.core.errors import FidelityError
 from retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.test_exact import saddle_problem

@@ -8,7 +8,7 @@ from estimators import ExactEstimator
 from fidelity.applications import build_estimators, explain, mislabel, poison, prefilter
 from fidelity.applications.common import flip_labels, self_influence
 from fidelity.applications.prefilter import bm25_similarity, tfidf_similarity
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from fidelity.problems import load_problem
 from retrain import ColdResponse, train
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem

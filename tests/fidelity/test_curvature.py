@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fidelity.curvature import CurvatureOperator
-from fidelity.objective import loss_from_outputs, objective
-from fidelity.problem import FunctionalModel, TrainedProblem
+from fidelity.core.curvature import CurvatureOperator
+from fidelity.core.objective import loss_from_outputs, objective
+from fidelity.core.problem import FunctionalModel, TrainedProblem
 from tests.conftest import make_tiny_mlp_problem
 
 LOSSES = ["cross_entropy", "bce", "mse"]

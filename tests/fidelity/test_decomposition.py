@@ -77,17 +77,17 @@ def test_on_a_convex_model_only_the_linearisation_gap_remains(trained_problems):
         "grad-cos": (cosine.scores(test, train_removed).numpy(), None),
     }
     result = decompose(trained, stages, estimators)
-    assert result["stages"] == ["cold", "warm", "proximal", "pbrf", "linear"]
-    by_component = {tuple(gap["components"]): gap for gap in result["gaps"]}
+    assert result.stages == ("cold", "warm", "proximal", "pbrf", "linear")
+    by_component = {gap.components: gap for gap in result.gaps}
     for component in ("warm vs cold start", "proximity", "non-convergence"):
         gap = by_component[(component,)]
-        assert gap["output_rms"] < 1e-8 and gap["relative_mae"] < 1e-6
+        assert gap.output_rms < 1e-8 and gap.relative_mae < 1e-6
     linearisation = by_component[("linearisation",)]
-    assert linearisation["output_rms"] > 1e-6 and linearisation["relative_mae"] > 1e-3
-    solver = result["estimators"]["exact"]
-    assert solver["components"] == ["solver error"]
-    assert solver["output_rms"] < 1e-10 and solver["relative_mae"] < 1e-8
-    assert result["estimators"]["grad-cos"]["output_rms"] is None
+    assert linearisation.output_rms > 1e-6 and linearisation.relative_mae > 1e-3
+    solver = result.estimators["exact"]
+    assert solver.components == ("solver error",)
+    assert solver.output_rms < 1e-10 and solver.relative_mae < 1e-8
+    assert result.estimators["grad-cos"].output_rms is None
 
 
 def test_skipped_stages_are_merged_and_a_lone_stage_gives_nothing(trained_problems):
@@ -96,13 +96,13 @@ def test_skipped_stages_are_merged_and_a_lone_stage_gives_nothing(trained_proble
     cold = Stage("cold", "cold", deltas, None)
     linear = Stage("lin", "linear", 2 * deltas, None)
     result = decompose(trained, [linear, cold], {})
-    assert result["stages"] == ["cold", "lin"]
-    assert result["gaps"][0]["components"] == [
+    assert result.stages == ("cold", "lin")
+    assert result.gaps[0].components == (
         "warm vs cold start",
         "proximity",
         "non-convergence",
         "linearisation",
-    ]
-    assert result["gaps"][0]["output_rms"] is None
-    assert result["gaps"][0]["relative_mae"] == pytest.approx(1.0)
+    )
+    assert result.gaps[0].output_rms is None
+    assert result.gaps[0].relative_mae == pytest.approx(1.0)
     assert decompose(trained, [cold], {}) is None

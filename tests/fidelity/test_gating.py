@@ -1,20 +1,21 @@
 """Regression gating: a drop beyond tolerance and interval fails; noise and equality pass."""
 
-import copy
-
 import pytest
 
-from fidelity.errors import FidelityError
-from fidelity.gating import compare
+from fidelity.core.errors import FidelityError
+from fidelity.gate import compare
+from fidelity.results import Interval
 
 
 def problems(pearson=0.90, low=0.85, high=0.93, spearman=0.80):
-    entry = {
-        "pearson": {"value": pearson, "low": low, "high": high},
-        "spearman": {"value": spearman, "low": spearman - 0.05, "high": spearman + 0.05},
-        "kendall": {"value": 0.6, "low": 0.5, "high": 0.7},
-    }
-    return {"p": {"metrics": {"exact": {"cold": entry}, "cg": {"cold": copy.deepcopy(entry)}}}}
+    def entry():
+        return {
+            "pearson": Interval(pearson, low, high),
+            "spearman": Interval(spearman, spearman - 0.05, spearman + 0.05),
+            "kendall": Interval(0.6, 0.5, 0.7),
+        }
+
+    return {"p": {"exact": {"cold": entry()}, "cg": {"cold": entry()}}}
 
 
 def statuses(findings):
@@ -28,7 +29,7 @@ def test_identical_runs_pass():
 
 def test_a_drop_beyond_tolerance_and_interval_fails():
     current = problems()
-    current["p"]["metrics"]["cg"]["cold"]["pearson"]["value"] = 0.80
+    current["p"]["cg"]["cold"]["pearson"] = Interval(0.80, 0.75, 0.85)
     found = statuses(compare(current, problems(), tolerance=0.02))
     assert found[("cg", "pearson")] == "regressed"
     assert sum(status != "ok" for status in found.values()) == 1
@@ -50,8 +51,8 @@ def test_a_drop_inside_the_baseline_interval_or_tolerance_passes():
 
 def test_missing_and_undefined_metrics_fail_and_metric_choice_is_honoured():
     current = problems()
-    del current["p"]["metrics"]["cg"]
-    current["p"]["metrics"]["exact"]["cold"]["spearman"]["value"] = None
+    del current["p"]["cg"]
+    current["p"]["exact"]["cold"]["spearman"] = Interval(None)
     found = statuses(compare(current, problems()))
     assert found[("cg", "pearson")] == "missing"
     assert found[("exact", "spearman")] == "undefined"

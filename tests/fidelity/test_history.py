@@ -2,42 +2,20 @@
 
 import multiprocessing
 import sqlite3
-import uuid
 
 import pytest
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from fidelity.history import (
     append_run,
-    as_results_metrics,
+    as_metric_table,
     connect,
     count_runs,
     metric_rows,
     recent_runs,
 )
-
-
-def fake_results(suite="nightly", created="2026-12-01T00:00:00+00:00", pearson=0.9, run_id=None):
-    interval = {"value": pearson, "low": pearson - 0.05, "high": pearson + 0.02}
-    metrics = {"pearson": interval, "spearman": {"value": 0.8, "low": None, "high": None}}
-    problem = {
-        "metrics": {"exact": {"cold": metrics, "pbrf": metrics}, "cg": {"cold": metrics}},
-        "timings": {"train_seconds": 1.5, "total_seconds": 4.0},
-        "estimators": {
-            "exact": {"fit_seconds": 0.5, "scores_seconds": 0.25},
-            "cg": {"fit_seconds": 0.1, "scores_seconds": 0.1},
-        },
-        "responses": {"cold": {"seconds": 2.0}, "pbrf": {"seconds": 1.0}},
-    }
-    return {
-        "run_id": run_id or uuid.uuid4().hex,
-        "suite": {"name": suite},
-        "created": created,
-        "git_revision": "abc123",
-        "fidelity_version": "0.1.0",
-        "timings": {"total_seconds": 5.0},
-        "problems": {"digits-logreg": problem, "cancer-logreg": problem},
-    }
+from fidelity.results import Interval
+from tests.fakes import fake_results
 
 
 def test_a_run_round_trips_with_intervals_and_timings(tmp_path):
@@ -45,12 +23,11 @@ def test_a_run_round_trips_with_intervals_and_timings(tmp_path):
     results = fake_results(pearson=0.93)
     append_run(path, results, tmp_path / "run")
     (run,) = recent_runs(path)
-    assert run.run_id == results["run_id"] and run.suite == "nightly"
+    assert run.run_id == results.run_id and run.suite == "nightly"
     assert run.run_dir == str((tmp_path / "run").resolve())
-    assert run.metrics["digits-logreg", "exact", "pbrf", "pearson"] == pytest.approx(
-        {"value": 0.93, "low": 0.88, "high": 0.95}
-    )
-    assert run.metrics["cancer-logreg", "cg", "cold", "spearman"]["low"] is None
+    stored = run.metrics["digits-logreg", "exact", "pbrf", "pearson"]
+    assert (stored.value, stored.low, stored.high) == pytest.approx((0.93, 0.88, 0.95))
+    assert run.metrics["cancer-logreg", "cg", "cold", "spearman"] == Interval(0.8)
     assert len(run.metrics) == len(list(metric_rows(results))) == 12
     with connect(path) as connection:
         timings = dict(
@@ -66,9 +43,7 @@ def test_a_run_round_trips_with_intervals_and_timings(tmp_path):
         "response/cold": 2.0,
         "response/pbrf": 1.0,
     }
-    assert as_results_metrics(run)["digits-logreg"]["metrics"]["exact"]["cold"]["pearson"][
-        "value"
-    ] == pytest.approx(0.93)
+    assert as_metric_table(run)["digits-logreg"]["exact"]["cold"]["pearson"] == stored
 
 
 def test_selection_by_suite_time_exclusion_and_count(tmp_path):
@@ -94,8 +69,10 @@ def test_a_run_is_recorded_once(tmp_path):
 def test_a_failing_run_leaves_nothing_behind(tmp_path):
     path = tmp_path / "h.db"
     results = fake_results()
-    results["problems"]["digits-logreg"]["estimators"]["exact"] = {"fit_seconds": 1.0}
-    with pytest.raises(KeyError):
+    # a value sqlite cannot store fails the run's transaction after the first rows went in
+    problem = results.problems["digits-logreg"]
+    problem.timings["train_seconds"] = object()  # type: ignore[assignment]
+    with pytest.raises(sqlite3.Error):
         append_run(path, results)
     assert count_runs(path) == (0, 0)
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from fidelity.metrics import (
     kendall,
     mean_row_pearson,
@@ -82,8 +82,7 @@ def test_perfect_agreement_and_constant_predictions():
     assert perfect["pearson"].value == pytest.approx(1.0)
     assert perfect["kendall"].low == pytest.approx(1.0)
     constant = score(np.ones_like(actual), actual, n_boot=20)
-    assert np.isnan(constant["pearson"].value)
-    assert constant["pearson"].to_dict()["value"] is None
+    assert constant["pearson"].value is None  # undefined, never NaN
 
 
 def test_bad_shapes_are_rejected():
@@ -102,10 +101,10 @@ def test_split_half_reliability_matches_the_closed_form(n_seeds):
     per_seed = signal + 1.5 * rng.standard_normal((n_seeds, 40, 300))
     expected = 1 / (1 + 1.5**2 / n_seeds)
     result = split_half_reliability(per_seed)
-    assert result["pearson"] == pytest.approx(expected, abs=0.03)
-    assert result["spearman"] == pytest.approx(expected, abs=0.05)
-    assert result["max_correlation"] == pytest.approx(np.sqrt(result["pearson"]))
-    assert result["seeds"] == n_seeds
+    assert result.pearson == pytest.approx(expected, abs=0.03)
+    assert result.spearman == pytest.approx(expected, abs=0.05)
+    assert result.max_correlation == pytest.approx(np.sqrt(result.pearson))
+    assert result.seeds == n_seeds
 
 
 def test_split_half_reliability_needs_two_seeds():
@@ -120,19 +119,24 @@ def test_conformance_flags_disagreement_and_non_finite_values():
 
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(4, 30))
-    same = conformance(reference.copy(), reference)
-    assert same["pearson"] == pytest.approx(1.0) and same["max_relative_difference"] == 0
-    assert not same["flagged"] and same["reason"] is None
-    scaled = conformance(1.002 * reference, reference)  # correlated perfectly, off in scale
-    assert not scaled["flagged"]
-    assert scaled["max_relative_difference"] == pytest.approx(0.002)
-    strict = conformance(1.002 * reference, reference, tolerance=1e-6)
-    assert strict["flagged"] and strict["reason"] == "max relative difference 2.00e-03 > 1e-06"
-    assert not conformance(1.002 * reference, reference, tolerance=0.01)["flagged"]
-    noisy = conformance(reference + 0.1 * rng.normal(size=reference.shape), reference)
-    assert noisy["flagged"] and noisy["reason"].startswith("Pearson 0.99")
+    same = conformance(reference.copy(), reference, reference_label="r")
+    assert same.pearson == pytest.approx(1.0) and same.max_relative_difference == 0
+    assert not same.flagged and same.reason is None
+    # correlated perfectly, off in scale
+    scaled = conformance(1.002 * reference, reference, reference_label="r")
+    assert not scaled.flagged
+    assert scaled.max_relative_difference == pytest.approx(0.002)
+    strict = conformance(1.002 * reference, reference, tolerance=1e-6, reference_label="r")
+    assert strict.flagged and strict.reason == "max relative difference 2.00e-03 > 1e-06"
+    assert not conformance(
+        1.002 * reference, reference, tolerance=0.01, reference_label="r"
+    ).flagged
+    noisy = conformance(
+        reference + 0.1 * rng.normal(size=reference.shape), reference, reference_label="r"
+    )
+    assert noisy.flagged and noisy.reason.startswith("Pearson 0.99")
     broken = reference.copy()
     broken[0, :3] = np.nan
-    found = conformance(broken, reference)
-    assert found["flagged"] and not found["finite"]
-    assert found["reason"] == "3 NaN or infinite value(s)"
+    found = conformance(broken, reference, reference_label="r")
+    assert found.flagged and not found.finite
+    assert found.reason == "3 NaN or infinite value(s)"

@@ -1,8 +1,11 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from fidelity.errors import FidelityError
-from fidelity.problem import ParamSpec
+from fidelity.core.errors import FidelityError
+from fidelity.core.problem import ParamSpec
 from fidelity.problems import PROBLEMS, load_problem
 
 
@@ -38,7 +41,7 @@ def test_standardisation_uses_train_statistics_only():
 
 
 def test_split_depends_on_seed():
-    from fidelity.problems import digits_logreg
+    from fidelity.problems.tabular import digits_logreg
 
     assert not torch.equal(digits_logreg(seed=0).x_train, digits_logreg(seed=1).x_train)
     assert digits_logreg(seed=0).fingerprint() != digits_logreg(seed=1).fingerprint()
@@ -87,7 +90,7 @@ def test_param_spec_round_trip():
     ],
 )
 def test_network_problems(name, n_params, data_from):
-    from fidelity.problem import MinibatchRecipe
+    from fidelity.core.problem import MinibatchRecipe
 
     problem = load_problem(name)
     assert ParamSpec.of(problem.build_model()).numel == n_params
@@ -111,7 +114,7 @@ def test_fingerprint_changes_with_everything_that_determines_training():
     from dataclasses import replace
     from functools import partial
 
-    from fidelity.problem import NewtonRecipe
+    from fidelity.core.problem import NewtonRecipe
 
     base = load_problem("diabetes-ridge")
     reference = base.fingerprint()
@@ -150,7 +153,7 @@ def test_fingerprint_handles_zero_dimensional_buffers():
 def test_failing_model_factory_is_an_input_error():
     from dataclasses import replace
 
-    from fidelity.errors import FidelityError
+    from fidelity.core.errors import FidelityError
 
     def broken():
         raise ValueError("bad width")
@@ -181,7 +184,7 @@ def test_bad_problem_options(spec, message):
 
 
 def test_spec_values_are_literals_or_bare_words():
-    from fidelity.registry import parse_spec
+    from fidelity.core.registry import parse_spec
 
     name, options = parse_spec(
         "ekfac[layers=['a.b', 'c'], damping=1e-3, fisher=empirical]", kind="x"
@@ -193,3 +196,25 @@ def test_spec_values_are_literals_or_bare_words():
 
 def test_text_problems_are_registered():
     assert {"movies-minilm-logreg", "movies-minilm-finetune"} <= set(PROBLEMS.names())
+
+
+def test_the_cache_reaches_a_factory_that_takes_one_as_an_argument(tmp_path):
+    from fidelity.core.cache import ArtifactCache
+
+    probe = "tests.fidelity.user_problems:cache_probe"
+    given = load_problem(probe, cache=ArtifactCache(tmp_path))
+    assert given.description == f"cache {tmp_path}"
+    assert load_problem(probe).description == "cache None"
+    assert load_problem("tests.fidelity.user_problems:tiny", cache=ArtifactCache(tmp_path))
+    with pytest.raises(FidelityError, match="'cache' is not an option"):
+        load_problem(f"{probe}[cache=1]")
+
+
+def test_listing_problems_imports_no_problem_module():
+    code = (
+        "import sys; from fidelity.problems import PROBLEMS; names = PROBLEMS.names(); "
+        "assert 'digits-mlp' in names and 'movies-minilm-logreg' in names; "
+        "assert not [m for m in sys.modules if m.startswith('fidelity.problems.')], sys.modules; "
+        "assert 'sklearn' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fidelity.objective import objective_hessian, per_example_grads, per_example_loss
+from fidelity.core.objective import objective_hessian, per_example_grads, per_example_loss
 from fidelity.problems import load_problem
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import load_suite

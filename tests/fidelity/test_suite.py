@@ -1,6 +1,6 @@
 import pytest
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from fidelity.suite import build_component, builtin_suites, load_suite
 
 VALID = """
@@ -141,9 +141,10 @@ def test_overrides_apply_to_their_problem_only(tmp_path):
     text = VALID.replace(
         'problems = ["diabetes-ridge"]', 'problems = ["diabetes-ridge", "cancer-logreg"]'
     ).replace("damping = 0.01", "damping = 0.01\noverrides = { cancer-logreg = { damping = 0.5 } }")
-    spec = load_suite(write(tmp_path, text)).estimators[0]
-    assert spec.settings_for("cancer-logreg") == {"damping": 0.5}
-    assert spec.settings_for("diabetes-ridge") == {"damping": 0.01}
+    suite = load_suite(write(tmp_path, text))
+    spec = suite.estimators[0]
+    assert suite.settings_for(spec, "cancer-logreg") == {"damping": 0.5}
+    assert suite.settings_for(spec, "diabetes-ridge") == {"damping": 0.01}
 
 
 TWO_PROBLEMS = VALID.replace(
@@ -207,7 +208,13 @@ def test_every_bundled_component_builds_for_every_problem(name):
     for problem in suite.problems:
         for registry, specs in ((ESTIMATORS, suite.estimators), (RESPONSES, suite.responses)):
             for spec in (spec for spec in specs if spec.runs_on(problem)):
-                build_component(registry, spec.kind, spec.settings_for(problem), where=spec.label)
+                settings = suite.settings_for(spec, problem)
+                component = build_component(registry, spec.kind, settings, where=spec.label)
+                params = component.get_params()
+                for key, value in settings.items():  # configured as the suite says
+                    expected = tuple(value) if isinstance(value, list) else value
+                    found = params[key]
+                    assert (tuple(found) if isinstance(found, list) else found) == expected
 
 
 DAMPED = {"exact", "gnh", "cg", "lissa", "kfac", "ekfac", "proximal", "pbrf", "linear"}
@@ -220,11 +227,91 @@ def test_ladder_suites_share_one_damping_per_problem(name):
     suite = load_suite(name)
     for problem in suite.problems:
         dampings = {
-            spec.label: spec.settings_for(problem).get("damping", 0.0)
+            spec.label: suite.settings_for(spec, problem).get("damping", 0.0)
             for spec in (*suite.estimators, *suite.responses)
             if spec.kind in DAMPED and spec.runs_on(problem)
         }
         assert len(set(dampings.values())) == 1, (problem, dampings)
+
+
+@pytest.mark.parametrize("name", ["ladder", "nightly"])
+def test_the_ladder_suites_state_their_damping_once(name):
+    """The shared damping is the suite's, not a copy in every component."""
+    suite = load_suite(name)
+    assert suite.damping.default == 0.0 and suite.damping.problems["digits-mlp"] == 0.01
+    for spec in (*suite.estimators, *suite.responses):
+        if spec.kind in DAMPED:
+            given = [spec.settings, *spec.overrides.values()]
+            assert not any("damping" in settings for settings in given), spec.label
+
+
+DAMPING_SUITE = """
+name = "damped"
+problems = ["diabetes-ridge", "cancer-logreg"]
+damping = { default = 0.5, cancer-logreg = 0.25 }
+[[estimators]]
+kind = "exact"
+[[estimators]]
+kind = "cg"
+damping = 0.125
+[[estimators]]
+kind = "ekfac"
+damping_ratio = 0.1
+[[estimators]]
+kind = "lissa"
+overrides = { cancer-logreg = { damping = 2.0 } }
+[[estimators]]
+kind = "grad-dot"
+[[responses]]
+kind = "cold"
+[[responses]]
+kind = "linear"
+"""
+
+
+def test_damped_components_inherit_the_suite_damping_unless_they_set_one(tmp_path):
+    suite = load_suite(write(tmp_path, DAMPING_SUITE))
+    exact, cg, ekfac, lissa, grad_dot = suite.estimators
+    cold, linear = suite.responses
+    assert suite.settings_for(exact, "diabetes-ridge") == {"damping": 0.5}
+    assert suite.settings_for(exact, "cancer-logreg") == {"damping": 0.25}
+    assert suite.settings_for(linear, "cancer-logreg") == {"damping": 0.25}
+    assert suite.settings_for(cg, "cancer-logreg") == {"damping": 0.125}
+    assert suite.settings_for(ekfac, "cancer-logreg") == {"damping_ratio": 0.1}
+    assert suite.settings_for(lissa, "cancer-logreg") == {"damping": 2.0}
+    assert suite.settings_for(lissa, "diabetes-ridge") == {"damping": 0.5}
+    assert suite.settings_for(grad_dot, "cancer-logreg") == {}
+    assert suite.settings_for(cold, "cancer-logreg") == {}
+    scalar = load_suite(
+        write(
+            tmp_path,
+            DAMPING_SUITE.replace(
+                "damping = { default = 0.5, cancer-logreg = 0.25 }", "damping = 0.75"
+            ),
+        )
+    )
+    assert scalar.settings_for(scalar.estimators[0], "cancer-logreg") == {"damping": 0.75}
+    none = load_suite(
+        write(
+            tmp_path, DAMPING_SUITE.replace("damping = { default = 0.5, cancer-logreg = 0.25 }", "")
+        )
+    )
+    assert none.settings_for(none.estimators[0], "cancer-logreg") == {}
+
+
+@pytest.mark.parametrize(
+    ("damping", "message"),
+    [
+        ("damping = -1.0", "damping must be >= 0"),
+        ("damping = { digits-mlp = 0.1 }", "names digits-mlp, which the suite does not run"),
+        ('damping = "high"', "damping must be"),
+        ("damping = { default = -0.5 }", r"damping.default must be >= 0"),
+    ],
+)
+def test_bad_suite_damping(tmp_path, damping, message):
+    text = DAMPING_SUITE.replace("damping = { default = 0.5, cancer-logreg = 0.25 }", damping)
+    with pytest.raises(FidelityError, match=message):
+        load_suite(write(tmp_path, text))
 
 
 def test_estimator_references_are_checked():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from fidelity.testing import assert_fidelity, measure_fidelity
 
 TINY = "tests.fidelity.user_problems:tiny"
@@ -13,7 +13,7 @@ def test_a_faithful_estimator_passes_and_ground_truth_is_cached(tmp_path):
         "exact", problem=TINY, at_least=0.9, top=6, random=6, test_points=4, cache_dir=tmp_path
     )
     assert 0.9 <= first.value <= 1 and first.low <= first.value <= first.high
-    assert first.summary["responses"]["cold"]["info"]["refits"] == 12
+    assert first.results.responses["cold"].info["refits"] == 12
     again = measure_fidelity(
         "estimators.exact:ExactEstimator",
         problem=TINY,
@@ -22,7 +22,7 @@ def test_a_faithful_estimator_passes_and_ground_truth_is_cached(tmp_path):
         test_points=4,
         cache_dir=tmp_path,
     )
-    assert again.summary["responses"]["cold"]["info"]["cached"] == 12
+    assert again.results.responses["cold"].info["cached"] == 12
     assert again.value == pytest.approx(first.value, rel=1e-12)
 
 

@@ -3,7 +3,7 @@
 from torch import Tensor
 
 from estimators.baselines import GradDotEstimator
-from fidelity.problem import Examples
+from fidelity.core.problem import Examples
 
 
 class NanAfterFirstColumn(GradDotEstimator):

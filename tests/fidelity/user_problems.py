@@ -26,7 +26,7 @@ def broken() -> object:
 
 def tiny_network() -> object:
     """A tiny MLP trained by minibatch SGD (non-convex, seed-dependent)."""
-    from fidelity.problem import MinibatchRecipe
+    from fidelity.core.problem import MinibatchRecipe
     from tests.conftest import make_tiny_mlp_problem
 
     problem = make_tiny_mlp_problem("cross_entropy", n_train=30)
@@ -40,8 +40,8 @@ def tiny_text_problem() -> object:
     import numpy as np
     import torch
 
-    from fidelity.problem import Problem
-    from fidelity.problems import linear_model
+    from fidelity.core.problem import Problem
+    from fidelity.problems.models import linear_model
 
     rng = np.random.default_rng(0)
     positive = ["great", "moving", "funny", "smart", "<b>bold</b>"]
@@ -80,3 +80,11 @@ def markup_text_problem() -> object:
         for text in problem.train_texts
     )
     return type(problem)(**{**vars(problem), "name": "markup-text", "train_texts": texts})
+
+
+def cache_probe(cache=None) -> object:
+    """The tiny problem, its description naming the cache it was given."""
+    from dataclasses import replace
+
+    root = None if cache is None else cache.root
+    return replace(make_tiny_logreg(), description=f"cache {root}")

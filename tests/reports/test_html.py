@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fidelity.results import RunResults
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import parse_suite
 from reports import write_reports
@@ -27,7 +28,7 @@ MARKUP_SUITE = {
 @pytest.fixture(scope="module")
 def markup_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("html") / "run"
-    run_suite(parse_suite(MARKUP_SUITE), RunOptions(out=out, progress=False))
+    run_suite(parse_suite(MARKUP_SUITE), RunOptions(out=out))
     return out
 
 
@@ -87,8 +88,7 @@ def test_rerendering_reproduces_the_reports(markup_run, tmp_path):
     shutil.copytree(markup_run, copy)
     for name in ("report.md", "report.html"):
         (copy / name).unlink()
-    results = json.loads((copy / "results.json").read_text())
-    write_reports(copy, results)
+    write_reports(copy, RunResults.load(copy))
     assert (copy / "report.md").read_text() == (markup_run / "report.md").read_text()
     assert (copy / "report.html").stat().st_size > 10_000
 
@@ -189,25 +189,25 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
         }
     )
     out = tmp_path / "run"
-    results = run_suite(suite, RunOptions(out=out, progress=False))
-    (problem,) = results["problems"].values()
-    found = problem["conformance"]
+    results = run_suite(suite, RunOptions(out=out))
+    (problem,) = results.problems.values()
+    found = problem.conformance
     assert set(found) == {"cg", "grad-dot", "broken"}
-    assert problem["skipped_estimators"] == {
+    assert problem.skipped_estimators == {
         "grad-cos": "not importable here: fidelity_no_such_library"
     }
-    assert "grad-cos" not in problem["estimators"]
-    arrays = np.load(out / problem["arrays_file"])
+    assert "grad-cos" not in problem.estimators
+    arrays = np.load(out / problem.arrays_file)
     exact, cg = arrays["estimator/exact"], arrays["estimator/cg"]
-    assert found["cg"]["max_relative_difference"] == pytest.approx(
+    assert found["cg"].max_relative_difference == pytest.approx(
         np.abs(cg - exact).max() / np.abs(exact).max()
     )
-    assert not found["cg"]["flagged"] and found["cg"]["pearson"] > 0.999999
-    assert found["cg"]["tolerance"] == 1e-6 and found["grad-dot"]["tolerance"] is None
-    assert found["grad-dot"]["flagged"] and found["grad-dot"]["reason"].startswith("Pearson")
-    assert found["broken"]["flagged"] and found["broken"]["finite"] is False
-    assert found["broken"]["reason"] == f"{3 * 7} NaN or infinite value(s)"
-    assert problem["metrics"]["broken"]["cold"]["pearson"]["value"] is None
+    assert not found["cg"].flagged and found["cg"].pearson > 0.999999
+    assert found["cg"].tolerance == 1e-6 and found["grad-dot"].tolerance is None
+    assert found["grad-dot"].flagged and found["grad-dot"].reason.startswith("Pearson")
+    assert found["broken"].flagged and found["broken"].finite is False
+    assert found["broken"].reason == f"{3 * 7} NaN or infinite value(s)"
+    assert problem.metrics["broken"]["cold"]["pearson"].value is None
     markdown = (out / "report.md").read_text()
     assert "PROBABLE DEFECT: 21 NaN or infinite value(s)" in markdown
     assert "| cg | cg | exact | 1.000000 |" in markdown and "| 1e-06 |" in markdown

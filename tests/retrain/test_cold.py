@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fidelity.cache import ArtifactCache
-from fidelity.errors import FidelityError
+from fidelity.core.cache import ArtifactCache
+from fidelity.core.errors import FidelityError
 from retrain import ColdResponse, Execution
 
 
@@ -59,7 +59,7 @@ def test_second_run_retrains_nothing_and_gives_identical_deltas(trained_problems
 
 
 def test_interrupted_run_resumes(trained_problems, tmp_path, monkeypatch):
-    import retrain.responses as responses
+    import retrain.refit as responses
 
     trained = trained_problems("cancer-logreg")
     test = trained.problem.test.subset(torch.arange(10))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from retrain import Execution, PbrfResponse, WarmResponse
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from estimators import ExactEstimator, GaussNewtonEstimator
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from retrain import LinearResponse, train
 from retrain import linear as linear_module
 from tests.conftest import make_tiny_mlp_problem

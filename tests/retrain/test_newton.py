@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fidelity.objective import objective, objective_hessian
-from fidelity.problem import FunctionalModel
+from fidelity.core.objective import objective, objective_hessian
+from fidelity.core.problem import FunctionalModel
 from fidelity.problems import load_problem
 from retrain.newton import newton_minimize, refit_removals, removal_weights
 from tests.conftest import make_tiny_logreg
@@ -66,7 +66,7 @@ def test_refit_is_independent_of_group_composition():
 
 
 def test_problem_with_nan_is_rejected():
-    from fidelity.errors import FidelityError
+    from fidelity.core.errors import FidelityError
 
     problem = load_problem("cancer-logreg")
     x_train = problem.x_train.clone()

@@ -4,9 +4,9 @@ limit that is the linear stage, convergence checks, cache and solver paths."""
 import pytest
 import torch
 
-from fidelity.cache import ArtifactCache
-from fidelity.errors import FidelityError
-from fidelity.objective import objective
+from fidelity.core.cache import ArtifactCache
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import objective
 from retrain import (
     ColdResponse,
     Execution,

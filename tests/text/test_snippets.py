@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 from fidelity.text.snippets import load_snippets, split_snippets
 
 

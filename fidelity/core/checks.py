@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 
 
 def check_positive_int(value: object, name: str) -> int:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fidelity.problem import Examples, FunctionalModel, Problem
+from fidelity.core.problem import Examples, FunctionalModel, Problem
 
 
 def loss_from_outputs(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -38,22 +38,22 @@ def objective(
     theta: Tensor,
     weights: Tensor | None = None,
     anchor: Tensor | None = None,
-    proximity: float = 0.0,
+    damping: float = 0.0,
 ) -> Tensor:
     """J(theta) with per-example weights (all ones when ``weights`` is None), plus the proximal
-    term (proximity/2) ||theta - anchor||^2 when an ``anchor`` is given."""
+    term (damping/2) ||theta - anchor||^2 when an ``anchor`` is given."""
     losses = per_example_loss(model, problem.loss, theta, problem.train)
     total = losses.sum() if weights is None else (weights * losses).sum()
-    return total / problem.n_train + regulariser(problem, theta, anchor, proximity)
+    return total / problem.n_train + regulariser(problem, theta, anchor, damping)
 
 
 def regulariser(
-    problem: Problem, theta: Tensor, anchor: Tensor | None = None, proximity: float = 0.0
+    problem: Problem, theta: Tensor, anchor: Tensor | None = None, damping: float = 0.0
 ) -> Tensor:
-    """(wd/2) ||theta||^2, plus (proximity/2) ||theta - anchor||^2 when an anchor is given."""
+    """(wd/2) ||theta||^2, plus (damping/2) ||theta - anchor||^2 when an anchor is given."""
     value = 0.5 * problem.weight_decay * theta.pow(2).sum()
-    if anchor is not None and proximity:
-        value = value + 0.5 * proximity * (theta - anchor).pow(2).sum()
+    if anchor is not None and damping:
+        value = value + 0.5 * damping * (theta - anchor).pow(2).sum()
     return value
 
 
@@ -63,11 +63,11 @@ def objective_hessian(
     theta: Tensor,
     weights: Tensor | None = None,
     anchor: Tensor | None = None,
-    proximity: float = 0.0,
+    damping: float = 0.0,
 ) -> Tensor:
     """Dense Hessian of J (with the optional proximal term) at theta, ``[p, p]``."""
     hessian = torch.func.jacrev(torch.func.grad(objective, argnums=2), argnums=2)(
-        model, problem, theta, weights, anchor, proximity
+        model, problem, theta, weights, anchor, damping
     )
     return 0.5 * (hessian + hessian.T)
 

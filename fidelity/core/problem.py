@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 
 LossName = Literal["cross_entropy", "bce", "mse"]
 LOSSES: tuple[str, ...] = ("cross_entropy", "bce", "mse")

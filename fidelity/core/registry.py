@@ -5,10 +5,11 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from fidelity.errors import FidelityError
+from fidelity.core.errors import FidelityError
 
 T = TypeVar("T")
 
@@ -40,20 +41,32 @@ def constructor_params(obj: object) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in names if name != "self"}
 
 
-class Registry(Generic[T]):
-    """A named collection of factories (problems, estimators, responses)."""
+@dataclass(frozen=True)
+class Entry:
+    """One registered name: the object itself, or an import path ``module:attribute`` that is
+    imported only when the entry is looked up (listing a registry imports nothing)."""
 
-    def __init__(self, kind: str) -> None:
+    target: object
+    description: str = ""
+
+
+class Registry(Generic[T]):
+    """A named collection of factories (problems, estimators, responses).
+
+    Entries are given when the registry is built (``Registry(kind, {name: Entry(...)})``) or
+    added with ``register``; an entry whose target is an import path string is resolved lazily.
+    """
+
+    def __init__(self, kind: str, entries: Mapping[str, Entry] | None = None) -> None:
         self.kind = kind
-        self._entries: dict[str, T] = {}
-        self._descriptions: dict[str, str] = {}
+        self._entries: dict[str, Entry] = dict(entries or {})
 
     def register(self, name: str, *, description: str = "") -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = obj
-            self._descriptions[name] = description or (getattr(obj, "__doc__", "") or "").strip()
+            text = description or (getattr(obj, "__doc__", "") or "").strip()
+            self._entries[name] = Entry(obj, text)
             return obj
 
         return decorator
@@ -62,7 +75,8 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def description(self, name: str) -> str:
-        return self._descriptions[name].splitlines()[0] if self._descriptions[name] else ""
+        text = self._entries[name].description
+        return text.splitlines()[0] if text else ""
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -73,7 +87,10 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The entry registered as ``name``, or the object at import path ``name``."""
         if name in self._entries:
-            return self._entries[name]
+            target = self._entries[name].target
+            if isinstance(target, str):
+                return import_object(target, kind=self.kind)  # type: ignore[return-value]
+            return target  # type: ignore[return-value]
         if ":" in name:
             return import_object(name, kind=self.kind)  # type: ignore[return-value]
         valid = ", ".join(self.names()) or "(none)"

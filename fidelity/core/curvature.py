@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fidelity.errors import FidelityError
-from fidelity.objective import loss_from_outputs, output_hessian_factor, per_example_grads
-from fidelity.problem import Examples, TrainedProblem
+from fidelity.core.errors import FidelityError
+from fidelity.core.objective import loss_from_outputs, output_hessian_factor, per_example_grads
+from fidelity.core.problem import Examples, TrainedProblem
 
 Curvature = Literal["hessian", "gnh", "empirical-fisher"]
 CURVATURES: tuple[str, ...] = ("hessian", "gnh", "empirical-fisher")
@@ -291,3 +291,19 @@ def woodbury_pays(trained: TrainedProblem, n_params: int | None = None) -> bool:
     """Whether N k (training outputs) is below the number of parameters solved for."""
     outputs = trained.model(trained.theta, trained.problem.x_train[:1]).shape[-1]
     return trained.problem.n_train * outputs < (n_params or trained.n_params)
+
+
+DENSE_LIMIT = 6000  # parameters up to which G is formed densely by the responses
+
+
+def gauss_newton_factor(
+    trained: TrainedProblem, damping: float, batch_size: int, owner: str
+) -> Tensor:
+    """Cholesky factor of the dense G + (wd + damping) I at theta_s (``owner`` names the stage
+    in the error when it is not positive definite)."""
+    matrix = CurvatureOperator(trained, "gnh", batch_size).dense()
+    matrix.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise FidelityError(f"{owner}: G + (wd + damping) I is not positive definite")
+    return factor

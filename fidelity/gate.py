@@ -9,13 +9,11 @@ not a pass.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from fidelity.errors import FidelityError
-from fidelity.metrics import format_interval
+from fidelity.core.errors import FidelityError
+from fidelity.results import Interval, MetricTable
+from reports.format import format_interval
 
 DEFAULT_METRICS = ("pearson", "spearman")
 
@@ -28,15 +26,15 @@ class Finding:
     estimator: str
     response: str
     metric: str
-    baseline: dict[str, float | None]
-    current: dict[str, float | None] | None
+    baseline: Interval
+    current: Interval | None
     status: str  # "ok", "regressed", "missing", "undefined"
 
     @property
     def drop(self) -> float | None:
-        if self.current is None or None in (self.current["value"], self.baseline["value"]):
+        if self.current is None or self.current.value is None or self.baseline.value is None:
             return None
-        return self.baseline["value"] - self.current["value"]
+        return self.baseline.value - self.current.value
 
     def describe(self) -> str:
         where = f"{self.problem} {self.estimator} vs {self.response} {self.metric}"
@@ -50,30 +48,25 @@ class Finding:
 
 
 def compare(
-    current: dict[str, Any],
-    baseline: dict[str, Any],
+    current: MetricTable,
+    baseline: MetricTable,
     *,
     tolerance: float = 0.02,
     metrics: tuple[str, ...] = DEFAULT_METRICS,
 ) -> list[Finding]:
-    """Compare ``results["problems"]``-shaped mappings; one finding per baseline metric."""
+    """Compare two metric tables (problem -> estimator -> response -> metric); one finding per
+    baseline metric."""
     if not tolerance >= 0:
         raise FidelityError(f"--tolerance must be >= 0, got {tolerance}")
     findings = []
-    for problem, stored in baseline.items():
-        for estimator, by_response in stored["metrics"].items():
+    for problem, by_estimator in baseline.items():
+        for estimator, by_response in by_estimator.items():
             for response, entries in by_response.items():
                 for metric in metrics:
-                    if metric not in entries or entries[metric].get("value") is None:
+                    base = entries.get(metric)
+                    if base is None or base.value is None:
                         continue
-                    base = entries[metric]
-                    now = (
-                        current.get(problem, {})
-                        .get("metrics", {})
-                        .get(estimator, {})
-                        .get(response, {})
-                        .get(metric)
-                    )
+                    now = current.get(problem, {}).get(estimator, {}).get(response, {}).get(metric)
                     status = _status(now, base, tolerance)
                     findings.append(
                         Finding(problem, estimator, response, metric, base, now, status)
@@ -81,26 +74,11 @@ def compare(
     return findings
 
 
-def _status(now: dict | None, base: dict, tolerance: float) -> str:
+def _status(now: Interval | None, base: Interval, tolerance: float) -> str:
     if now is None:
         return "missing"
-    if now.get("value") is None:
+    if now.value is None or base.value is None:
         return "undefined"
-    drop = base["value"] - now["value"]
-    below_interval = base.get("low") is None or now["value"] < base["low"]
+    drop = base.value - now.value
+    below_interval = base.low is None or now.value < base.low
     return "regressed" if drop > tolerance and below_interval else "ok"
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    """``results.json`` of a run directory, or the file itself."""
-    path = Path(path)
-    file = path / "results.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FidelityError(f"no results.json at {str(path)!r}")
-    try:
-        results = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FidelityError(f"{str(file)!r} is not a results.json: {exc}") from exc
-    if not isinstance(results, dict) or "problems" not in results:
-        raise FidelityError(f"{str(file)!r} is not a fidelity results.json (no 'problems')")
-    return results

@@ -1,0 +1,429 @@
+"""Typed results of a run: what results.json holds, as frozen dataclasses.
+
+The runner builds a ``RunResults``; reports, the history, ``fidelity check``, the paper figures
+and ``fidelity.testing`` read these objects, never raw keys. ``RunResults.to_json`` writes the
+document that ``fidelity/results.schema.json`` describes (checked in the tests) and
+``RunResults.from_json`` reads it back, validating every field's type.
+
+Numbers that are undefined (a correlation of a constant) are ``None``, never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import numpy as np
+
+from fidelity.core.errors import FidelityError
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (2,)
+
+#: The metrics of every estimator x response, in the order reports show them.
+METRIC_NAMES = ("pearson", "spearman", "kendall", "mean_test_pearson", "mean_test_spearman")
+
+Scalar = float | int | str | bool | None
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap confidence interval (None where undefined)."""
+
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+
+    @classmethod
+    def of(cls, value: float, low: float = math.nan, high: float = math.nan) -> Interval:
+        """From floats, NaN meaning undefined."""
+        return cls(finite_or_none(value), finite_or_none(low), finite_or_none(high))
+
+
+@dataclass(frozen=True)
+class NoiseCeiling:
+    """Split-half reliability of a multi-seed response (Spearman-Brown corrected) and
+    ``max_correlation`` = sqrt(Pearson reliability), the bound on a noise-free predictor's
+    Pearson against the seed mean."""
+
+    pearson: float | None
+    spearman: float | None
+    max_correlation: float | None
+    seeds: int
+    splits: int
+
+
+@dataclass(frozen=True)
+class EstimatorRecord:
+    kind: str
+    settings: dict[str, Any]
+    diagnostics: dict[str, Any]
+    fit_seconds: float
+    scores_seconds: float
+    fit_peak_memory_bytes: int | None = None
+    scores_peak_memory_bytes: int | None = None
+    fit_cuda_peak_bytes: int | None = None
+    scores_cuda_peak_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ResponseRecord:
+    kind: str
+    settings: dict[str, Any]
+    seconds: float
+    info: dict[str, Any]
+    noise_ceiling: NoiseCeiling | None = None
+
+
+@dataclass(frozen=True)
+class Conformance:
+    """An estimator against the reference whose estimand it claims to compute."""
+
+    reference: str
+    pearson: float | None
+    max_relative_difference: float | None
+    finite: bool
+    flagged: bool
+    reason: str | None
+    threshold: float
+    tolerance: float | None = None
+
+
+@dataclass(frozen=True)
+class Gap:
+    """The gap between two steps of the ladder (or the last stage and an estimator)."""
+
+    source: str = field(metadata={"json": "from"})
+    target: str = field(metadata={"json": "to"})
+    components: tuple[str, ...]
+    output_rms: float | None
+    relative_mae: float | None
+    one_minus_pearson: float | None
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Bae et al.'s gaps: ``stages`` in ladder order, one gap per consecutive pair, and each
+    estimator's gap to the last stage; measurement gaps are relative to ``reference``."""
+
+    reference: str
+    stages: tuple[str, ...]
+    gaps: tuple[Gap, ...]
+    estimators: dict[str, Gap]
+
+
+@dataclass(frozen=True)
+class InfluentialRemoval:
+    train_index: int
+    reason: str
+    label: Any
+    text: str | None
+    response: str
+    mean_actual: float | None
+    mean_predicted: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class PerTestCorrelations:
+    """Pearson and Spearman over the removed points, one per test point (None: undefined)."""
+
+    estimator: str
+    response: str
+    pearson: tuple[float | None, ...]
+    spearman: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class CorrelationMatrix:
+    """Pooled Pearson between every pair of arrays of a problem (``estimator/LABEL``,
+    ``response/LABEL``)."""
+
+    labels: tuple[str, ...]
+    values: tuple[tuple[float | None, ...], ...]
+
+    def get(self, first: str, second: str) -> float | None:
+        return self.values[self.labels.index(first)][self.labels.index(second)]
+
+
+@dataclass(frozen=True)
+class RemovedCounts:
+    top: int
+    random: int
+
+    @property
+    def total(self) -> int:
+        return self.top + self.random
+
+
+@dataclass(frozen=True)
+class ProblemResults:
+    name: str
+    requested_as: str
+    description: str
+    fingerprint: str
+    loss: str
+    weight_decay: float
+    dtype: str
+    device: str
+    n_train: int
+    n_test: int
+    n_params: int
+    training: dict[str, Any]
+    n_test_points: int
+    n_removed: RemovedCounts
+    top_by: str | None
+    estimators: dict[str, EstimatorRecord]
+    skipped_estimators: dict[str, str]
+    responses: dict[str, ResponseRecord]
+    #: metrics[estimator][response][metric name]
+    metrics: dict[str, dict[str, dict[str, Interval]]]
+    correlations: CorrelationMatrix
+    per_test: tuple[PerTestCorrelations, ...]
+    decomposition: Decomposition | None
+    conformance: dict[str, Conformance]
+    most_influential: tuple[InfluentialRemoval, ...]
+    timings: dict[str, float]
+    arrays_file: str
+
+    def metric(self, estimator: str, response: str, name: str) -> Interval | None:
+        return self.metrics.get(estimator, {}).get(response, {}).get(name)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (estimator, response) scored, in the order of the run."""
+        return [(e, r) for e, by_response in self.metrics.items() for r in by_response]
+
+
+#: problem -> estimator -> response -> metric name -> interval
+MetricTable = dict[str, dict[str, dict[str, dict[str, Interval]]]]
+
+
+@dataclass(frozen=True)
+class RunResults:
+    schema_version: int
+    run_id: str
+    fidelity_version: str
+    created: str
+    suite: dict[str, Any]
+    git_revision: str | None
+    environment: dict[str, Any]
+    execution: dict[str, Any]
+    timings: dict[str, float]
+    problems: dict[str, ProblemResults]
+
+    @property
+    def suite_name(self) -> str:
+        return str(self.suite["name"])
+
+    def metric_table(self) -> MetricTable:
+        return {name: problem.metrics for name, problem in self.problems.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The results.json document (JSON types only)."""
+        return _encode(self)
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str = "results") -> RunResults:
+        """Validate and read a results.json document."""
+        if not isinstance(data, dict):
+            raise FidelityError(f"{source}: expected a JSON object")
+        version = data.get("schema_version")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise FidelityError(
+                f"{source}: results schema version {version!r} cannot be read by this fidelity "
+                f"(reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); rerun the suite"
+            )
+        return _decode(cls, data, source)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunResults:
+        """``RUN_DIR/results.json`` (or a results.json path)."""
+        path = Path(run_dir)
+        path = path / "results.json" if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FidelityError(f"no results.json at {str(path)!r}") from None
+        except (OSError, ValueError) as exc:
+            raise FidelityError(f"cannot read {str(path)!r}: {exc}") from exc
+        return cls.from_json(data, source=str(path))
+
+
+def finite_or_none(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+SCHEMA_FILE = "results.schema.json"
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of results.json kept in the repository (``fidelity/results.schema.json``)."""
+    text = resources.files("fidelity").joinpath(SCHEMA_FILE).read_text("utf-8")
+    return json.loads(text)
+
+
+def derived_schema() -> dict[str, Any]:
+    """The JSON Schema that the dataclasses above define; the stored schema must equal it
+    (``python -m fidelity.results`` rewrites the file)."""
+    definitions: dict[str, Any] = {}
+    _schema_of(RunResults, definitions)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "fidelity results.json",
+        "description": "The results of one fidelity run (see fidelity/results.py).",
+        "type": "object",
+        "properties": {
+            **definitions.pop("RunResults")["properties"],
+            "schema_version": {"const": SCHEMA_VERSION},
+        },
+        "required": list(_required(RunResults)),
+        "additionalProperties": False,
+        "$defs": definitions,
+    }
+
+
+def _required(cls: type) -> tuple[str, ...]:
+    return tuple(
+        _json_name(f)
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+
+
+def _schema_of(kind: Any, definitions: dict[str, Any]) -> dict[str, Any]:
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return {}
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [_schema_of(option, definitions) for option in typing.get_args(kind)]}
+    if kind is type(None):
+        return {"type": "null"}
+    if dataclasses.is_dataclass(kind):
+        name = kind.__name__
+        if name not in definitions:
+            definitions[name] = {}  # placeholder against recursion
+            hints = _hints(kind)
+            definitions[name] = {
+                "type": "object",
+                "properties": {
+                    _json_name(f): _schema_of(hints[f.name], definitions)
+                    for f in dataclasses.fields(kind)
+                },
+                "required": list(_required(kind)),
+                "additionalProperties": False,
+            }
+        return {"$ref": f"#/$defs/{name}"}
+    if origin is dict:
+        return {
+            "type": "object",
+            "additionalProperties": _schema_of(typing.get_args(kind)[1], definitions),
+        }
+    if origin is tuple:
+        return {"type": "array", "items": _schema_of(typing.get_args(kind)[0], definitions)}
+    names = {float: "number", int: "integer", str: "string", bool: "boolean"}
+    if kind in names:
+        return {"type": names[kind]}
+    raise TypeError(f"no JSON Schema for {kind!r}")
+
+
+# --- encoding and decoding by the dataclasses' type hints ---------------------------------
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` in JSON types (tuples as lists, NumPy scalars as numbers, NaN as None), so that
+    a free-form mapping (settings, diagnostics) reads back from results.json unchanged."""
+    return _encode(value)
+
+
+def _json_name(item: dataclasses.Field[Any]) -> str:
+    return item.metadata.get("json", item.name)
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {_json_name(f): _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_encode(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode(kind: Any, data: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return data
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(kind)
+        if data is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _decode(option, data, where)
+            except FidelityError as exc:
+                errors.append(str(exc))
+        raise FidelityError(errors[0] if errors else f"{where}: unexpected null")
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(data, dict):
+            raise FidelityError(f"{where}: expected an object for {kind.__name__}")
+        hints, values = _hints(kind), {}
+        for item in dataclasses.fields(kind):
+            name = _json_name(item)
+            if name not in data:
+                if item.default is not dataclasses.MISSING:
+                    continue
+                raise FidelityError(f"{where}: missing {name!r}")
+            values[item.name] = _decode(hints[item.name], data[name], f"{where}.{name}")
+        return kind(**values)
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise FidelityError(f"{where}: expected an object")
+        _, value_kind = typing.get_args(kind)
+        return {k: _decode(value_kind, v, f"{where}.{k}") for k, v in data.items()}
+    if origin is tuple:
+        if not isinstance(data, list):
+            raise FidelityError(f"{where}: expected an array")
+        element = typing.get_args(kind)[0]
+        return tuple(_decode(element, v, f"{where}[{i}]") for i, v in enumerate(data))
+    if kind is float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            raise FidelityError(f"{where}: expected a number")
+        return float(data)
+    if kind is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise FidelityError(f"{where}: expected an integer")
+        return data
+    if kind in (str, bool):
+        if not isinstance(data, kind):
+            raise FidelityError(f"{where}: expected {kind.__name__}")
+        return data
+    raise TypeError(f"cannot decode {kind!r}")  # a type hint this decoder does not know
+
+
+if __name__ == "__main__":
+    target = Path(__file__).with_name(SCHEMA_FILE)
+    target.write_text(json.dumps(derived_schema(), indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {target}")
