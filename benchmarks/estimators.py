@@ -42,7 +42,7 @@ def main() -> None:
     suite = load_suite("solvers")
     results = {}
     for spec in suite.estimators:
-        settings = spec.settings_for(args.problem)
+        settings = suite.settings_for(spec, args.problem)
         estimator = build_component(ESTIMATORS, spec.kind, settings, where=spec.label)
         start = time.perf_counter()
         scores = estimator.fit(trained).scores(test, problem.train)

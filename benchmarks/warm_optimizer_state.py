@@ -13,8 +13,6 @@ compare with its results.json; retrains are cached in ``--cache-dir`` like a run
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from fidelity.core.cache import ArtifactCache
 from fidelity.metrics import pearson
 from fidelity.problems import load_problem
+from fidelity.results import RunResults
 from reports import load_problem_arrays
 from retrain import Execution, WarmResponse, train
 
@@ -41,15 +40,12 @@ def main() -> None:
         "--setting", action="append", help="EPOCHS:resume|fresh (repeatable)", default=None
     )
     args = parser.parse_args()
-    # The text problems find their cached encodings through the same cache directory.
-    os.environ["FIDELITY_CACHE_DIR"] = str(args.cache_dir)
-    results = json.loads((args.run / "results.json").read_text())
-    summary = next(
-        p for p in results["problems"].values() if args.problem in (p["name"], p["requested_as"])
-    )
+    results = RunResults.load(args.run)
+    summary = next(p for p in results.problems.values() if args.problem in (p.name, p.requested_as))
     arrays = load_problem_arrays(args.run, summary)
     cache = ArtifactCache(args.cache_dir)
-    problem = load_problem(args.problem)
+    # The text problems keep their encodings in the same cache.
+    problem = load_problem(args.problem, cache=cache)
     trained = train(problem, cache=cache)
     test = problem.test.subset(torch.as_tensor(arrays["test_index"]))
     removed = torch.as_tensor(arrays["removed_index"])

@@ -52,7 +52,7 @@ class ConjugateGradientEstimator(InverseCurvatureEstimator):
 
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
         self.operator_ = CurvatureOperator(trained, self.curvature, self.batch_size)
-        self.inverse_diagonal_ = None
+        self.inverse_diagonal_: Tensor | None = None
         if self.preconditioner == "jacobi":
             diagonal = self.operator_.gauss_newton_diagonal() + self.damping
             if bool((diagonal <= 0).any()):
@@ -69,6 +69,8 @@ class ConjugateGradientEstimator(InverseCurvatureEstimator):
             return self.operator_.matvec(v) + self.damping * v
 
         def precondition(r: Tensor) -> Tensor:
+            if self.inverse_diagonal_ is None:
+                return r
             return r * self.inverse_diagonal_
 
         result = conjugate_gradient(

@@ -12,6 +12,7 @@ from estimators.kfac import check_layers, parameter_subset
 from fidelity.core.checks import check_nonnegative
 from fidelity.core.curvature import (
     CurvatureOperator,
+    GaussNewtonWoodbury,
     check_curvature,
     gauss_newton_woodbury,
     woodbury_pays,
@@ -70,11 +71,12 @@ class ExactEstimator(InverseCurvatureEstimator):
         self.solver = solver
 
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
-        self.subset_, uncovered = None, []
+        self.subset_: Tensor | None = None
+        uncovered: list[str] = []
         if self.layers is not None:
             self.subset_, uncovered = parameter_subset(trained.model, self.layers)
         size = trained.n_params if self.subset_ is None else len(self.subset_)
-        self.woodbury_ = None
+        self.woodbury_: GaussNewtonWoodbury | None = None
         if self.solver == "woodbury" or (
             self.solver == "auto" and self.curvature == "gnh" and woodbury_pays(trained, size)
         ):
@@ -106,11 +108,12 @@ class ExactEstimator(InverseCurvatureEstimator):
         }
 
     def _fit_woodbury(self, trained: TrainedProblem, uncovered: list[str]) -> dict[str, Any]:
-        self.woodbury_ = gauss_newton_woodbury(trained, self.damping, self.batch_size, self.subset_)
+        woodbury = gauss_newton_woodbury(trained, self.damping, self.batch_size, self.subset_)
+        self.woodbury_ = woodbury
         weight_decay = trained.problem.weight_decay
-        above = self.woodbury_.eigenvalues
+        above = woodbury.eigenvalues
         return {
-            "n_params": int(self.woodbury_.factors.shape[1]),
+            "n_params": int(woodbury.factors.shape[1]),
             "uncovered_parameters": uncovered,
             "solver": "woodbury",
             "min_eigenvalue": weight_decay + min(float(above[0]), 0.0),

@@ -140,7 +140,7 @@ def layer_inputs(block: LayerBlock, inputs: Tensor) -> Tensor:
             inputs,
             module.kernel_size,
             dilation=module.dilation,
-            padding=module.padding,
+            padding=module.padding,  # type: ignore[arg-type]  # a tuple here: see select_layers
             stride=module.stride,
         ).transpose(1, 2)
     else:

@@ -62,7 +62,7 @@ class LissaEstimator(InverseCurvatureEstimator):
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
         self.operator_ = CurvatureOperator(trained, self.curvature, self.batch_size)
         largest = self._largest_eigenvalue()
-        self.scale_ = largest if self.scale == "auto" else self.scale
+        self.scale_ = largest if isinstance(self.scale, str) else float(self.scale)
         if self.scale_ <= largest / 2:
             # The full-batch recursion provably diverges; catching it here beats waiting for
             # the iterate to grow, which takes long when the scale is just below the limit.

@@ -1,8 +1,8 @@
 """fidelity: validate influence-function estimators against retraining.
 
-This package's top level holds only light, shared types; the runner and CLI are imported from
-their modules (``fidelity.runner``, ``fidelity.cli``) so that ``estimators`` and ``retrain`` can
-import from here without an import cycle.
+The top level re-exports the core's problem types (``fidelity.core``), which ``estimators`` and
+``retrain`` import; the harness (``fidelity.runner``, ``fidelity.cli``, ...) is imported from
+its own modules and never from here.
 """
 
 from fidelity.core.errors import FidelityError

@@ -12,6 +12,7 @@ from pathlib import Path
 from estimators import ESTIMATORS
 from fidelity import applications
 from fidelity.applications.common import DEFAULT_ESTIMATORS
+from fidelity.applications.explain import LooMode
 from fidelity.core.cache import ArtifactCache, default_cache_dir
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import NewtonRecipe
@@ -383,7 +384,7 @@ def command_application(args: argparse.Namespace) -> int:
     if args.command == "explain":
         for estimator in estimators.values():
             estimator.fit(trained)
-        loo = args.loo or ("shown" if isinstance(problem.recipe, NewtonRecipe) else "none")
+        loo: LooMode = args.loo or ("shown" if isinstance(problem.recipe, NewtonRecipe) else "none")
         result = applications.explain(
             trained,
             estimators,

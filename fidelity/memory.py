@@ -57,7 +57,7 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
             rss = current_rss() or 0
-            self.peak_increase = max(self._peak, rss) - self._start
+            self.peak_increase = max(self._peak, rss) - (self._start or 0)
         else:
             self.peak_increase = max(_maxrss() - self._start_maxrss, 0)
         if self._cuda:

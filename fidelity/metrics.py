@@ -136,16 +136,19 @@ def split_half_reliability(
     rng = np.random.default_rng(seed)
     half = n_seeds // 2
     k = n_seeds / half
-    splits: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    splits: set[tuple[tuple[int, ...], ...]] = set()
     for _ in range(max_splits * 4):
         order = rng.permutation(n_seeds)
-        first, second = sorted(order[:half].tolist()), sorted(order[half : 2 * half].tolist())
-        splits.add(tuple(sorted((tuple(first), tuple(second)))))
+        halves = (
+            tuple(sorted(order[:half].tolist())),
+            tuple(sorted(order[half : 2 * half].tolist())),
+        )
+        splits.add(tuple(sorted(halves)))
         if len(splits) >= max_splits:
             break
     values: dict[str, list[float]] = {"pearson": [], "spearman": []}
-    for first, second in splits:
-        a, b = per_seed[list(first)].mean(0), per_seed[list(second)].mean(0)
+    for one, other in splits:
+        a, b = per_seed[list(one)].mean(0), per_seed[list(other)].mean(0)
         for name, fn in (("pearson", pearson), ("spearman", spearman)):
             r = fn(a, b)
             values[name].append(k * r / (1 + (k - 1) * r) if r > -1 / (k - 1) else float("nan"))

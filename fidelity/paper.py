@@ -79,7 +79,7 @@ def koh2017_fig2(context: FigureContext) -> list[Path]:
     """For each panel's problem: one test point (drawn by the suite seed), its ``top`` (default
     100) training points by |predicted delta|, each removed and retrained (``cold``)."""
     top = int(context.settings.get("top", 100))
-    panels_spec = KOH_PANELS
+    panels_spec: tuple[tuple[str, dict[str, object], str], ...] = KOH_PANELS
     if context.problems is not None:
         panels_spec = tuple(
             (name, dict(context.settings.get("estimator", {"kind": "exact"})), name)

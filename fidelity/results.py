@@ -291,7 +291,7 @@ def derived_schema() -> dict[str, Any]:
     }
 
 
-def _required(cls: type) -> tuple[str, ...]:
+def _required(cls: Any) -> tuple[str, ...]:
     return tuple(
         _json_name(f)
         for f in dataclasses.fields(cls)
@@ -307,7 +307,7 @@ def _schema_of(kind: Any, definitions: dict[str, Any]) -> dict[str, Any]:
         return {"anyOf": [_schema_of(option, definitions) for option in typing.get_args(kind)]}
     if kind is type(None):
         return {"type": "null"}
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         name = kind.__name__
         if name not in definitions:
             definitions[name] = {}  # placeholder against recursion
@@ -367,7 +367,7 @@ def _encode(value: Any) -> Any:
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -386,7 +386,7 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
             except FidelityError as exc:
                 errors.append(str(exc))
         raise FidelityError(errors[0] if errors else f"{where}: unexpected null")
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         if not isinstance(data, dict):
             raise FidelityError(f"{where}: expected an object for {kind.__name__}")
         hints, values = _hints(kind), {}

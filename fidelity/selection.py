@@ -30,7 +30,7 @@ def choose_removals(
     if top and predicted is None:
         raise FidelityError("top-|influence| selection needs an estimator's predictions")
     chosen = np.empty(0, dtype=np.int64)
-    if top:
+    if top and predicted is not None:
         strength = np.abs(predicted).mean(axis=0)
         # Stable sort with index tie-break keeps the choice deterministic.
         chosen = np.argsort(-strength, kind="stable")[:top]

@@ -321,7 +321,7 @@ def build_component(
     cls = registry.get(kind)
     if not isinstance(cls, type):
         raise FidelityError(f"{where}: {registry.kind} {kind!r} is not a class")
-    parameters = inspect.signature(cls.__init__).parameters
+    parameters = inspect.signature(cls).parameters
     allowed = {n for n, p in parameters.items() if n != "self" and p.kind is p.KEYWORD_ONLY}
     _check_keys(settings, allowed, f"{where} ({registry.kind} {kind!r})")
     try:
@@ -400,10 +400,11 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
                 f"{problem!r} ({', '.join(running)})"
             )
     damping = _damping(data.get("damping"), problems, f"{where}: damping")
-    for spec, registry in (
+    checked: list[tuple[ComponentSpec, Registry[Any]]] = [
         *((spec, ESTIMATORS) for spec in estimators),
         *((spec, RESPONSES) for spec in responses),
-    ):
+    ]
+    for spec, registry in checked:
         # Every problem's settings (own, overridden, inherited) must build; this does no work.
         for problem in problems:
             if spec.runs_on(problem):

@@ -110,7 +110,7 @@ def outline(
         shown = figures.get(name, {})
         blocks += [Heading(2, name, anchor(name)), Paragraph(tables.problem_header(problem))]
         if problem.description:
-            blocks.append(Paragraph(problem.description, note=True))
+            blocks.append(Paragraph(" ".join(problem.description.split()), note=True))
         warnings = tables.estimator_warnings(problem)
         if warnings:
             blocks.append(Warnings(tuple(warnings)))

@@ -149,7 +149,12 @@ def per_test_distributions(
         y = np.repeat(names, [len(v) for v in values])
         keep = np.isfinite(x)
         sns.boxplot(x=x[keep], y=y[keep], order=names, color="#c6d3e6", fliersize=0, ax=axis)
-        sns.stripplot(x=x[keep], y=y[keep], order=names, size=2.5, color="#2f4b7c", ax=axis)
+        # The strip's jitter is drawn from a seeded generator (seaborn's stripplot takes the
+        # global one), so that the same results draw the same figure.
+        rows = np.repeat(np.arange(len(names)), [len(v) for v in values])[keep]
+        jitter = np.random.default_rng(0).uniform(-0.2, 0.2, rows.size)
+        axis.scatter(x[keep], rows + jitter, s=6, color="#2f4b7c", linewidths=0, zorder=3)
+        axis.set_ylim(len(names) - 0.5, -0.5)  # the categorical axis, top row first
         axis.set_xlim(-1.05, 1.05)
         axis.set_xlabel(f"per-test-point {title} r (over removed points)")
         axis.set_title(f"{name}: per-test-point {title}")

@@ -330,18 +330,7 @@ class WarmResponse(Response):
         removed: Tensor,
         execution: Execution | None = None,
     ) -> ResponseResult:
-        plan = continued_plan(
-            self.name, trained.problem, damping=0.0, epochs=self.epochs, optimizer=self.optimizer
-        )
-        return retrain_stage(
-            trained,
-            test,
-            removed,
-            execution or Execution(),
-            plan,
-            group_size=self.group_size,
-            subtract_drift=self.subtract_drift,
-        )
+        return _continue_training(self, 0.0, trained, test, removed, execution)
 
 
 class ProximalResponse(Response):
@@ -374,22 +363,30 @@ class ProximalResponse(Response):
         removed: Tensor,
         execution: Execution | None = None,
     ) -> ResponseResult:
-        plan = continued_plan(
-            self.name,
-            trained.problem,
-            damping=self.damping,
-            epochs=self.epochs,
-            optimizer=self.optimizer,
-        )
-        return retrain_stage(
-            trained,
-            test,
-            removed,
-            execution or Execution(),
-            plan,
-            group_size=self.group_size,
-            subtract_drift=self.subtract_drift,
-        )
+        return _continue_training(self, self.damping, trained, test, removed, execution)
+
+
+def _continue_training(
+    stage: WarmResponse | ProximalResponse,
+    damping: float,
+    trained: TrainedProblem,
+    test: Examples,
+    removed: Tensor,
+    execution: Execution | None,
+) -> ResponseResult:
+    """`warm` (damping 0) and `proximal`: the template with a continued-training plan."""
+    plan = continued_plan(
+        stage.name, trained.problem, damping=damping, epochs=stage.epochs, optimizer=stage.optimizer
+    )
+    return retrain_stage(
+        trained,
+        test,
+        removed,
+        execution or Execution(),
+        plan,
+        group_size=stage.group_size,
+        subtract_drift=stage.subtract_drift,
+    )
 
 
 def _refit_group(

@@ -17,6 +17,7 @@ from fidelity.core.problem import (
     MinibatchRecipe,
     OptimizerState,
     Problem,
+    Recipe,
     TrainedProblem,
 )
 from retrain.minibatch import train_minibatch
@@ -52,7 +53,7 @@ def train(problem: Problem, *, cache: ArtifactCache | None = None) -> TrainedPro
             )
         return TrainedProblem(problem, model, as_tensor(stored["theta"]), info, state)
     start = time.perf_counter()
-    if minibatch:
+    if isinstance(recipe, MinibatchRecipe):
         weights = torch.ones(1, problem.n_train, dtype=problem.dtype, device=problem.device)
         run = train_minibatch(model, problem, recipe, model.initial_theta(), weights)
         theta = run.thetas[0]
@@ -94,7 +95,7 @@ def _store(
 ) -> None:
     if cache is None:
         return
-    arrays = {
+    arrays: dict[str, np.ndarray | np.generic] = {
         "theta": theta.detach().cpu().numpy(),
         "iterations": np.int64(info["iterations"]),
         "grad_norm": np.float64(info["grad_norm"]),
@@ -115,7 +116,11 @@ def theta_digest(trained: TrainedProblem) -> str:
 def seeded_variant(problem: Problem, offset: int) -> Problem:
     """The problem with its recipe's initialisation (and batch-order) seed shifted by ``offset``."""
     recipe = problem.recipe
-    changes: dict[str, int] = {"init_seed": recipe.init_seed + offset}
+    shifted: Recipe
     if isinstance(recipe, MinibatchRecipe):
-        changes["order_seed"] = recipe.order_seed + offset
-    return replace(problem, recipe=replace(recipe, **changes))
+        shifted = replace(
+            recipe, init_seed=recipe.init_seed + offset, order_seed=recipe.order_seed + offset
+        )
+    else:
+        shifted = replace(recipe, init_seed=recipe.init_seed + offset)
+    return replace(problem, recipe=shifted)

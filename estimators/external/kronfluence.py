@@ -49,7 +49,7 @@ def _import_kronfluence():
 
 
 def _make_task(task_base: type, loss: str) -> Any:
-    class LossTask(task_base):  # type: ignore[misc, valid-type]
+    class LossTask(task_base):
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
             # Training batches carry (x, y, sampled y); the sampled labels were drawn up front.
             x, y = batch[0], batch[2] if sample else batch[1]

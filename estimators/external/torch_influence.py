@@ -64,7 +64,7 @@ def _import_torch_influence() -> Any:
 def _objective(base: type, trained: TrainedProblem) -> Any:
     problem = trained.problem
 
-    class ProblemObjective(base):  # type: ignore[misc, valid-type]
+    class ProblemObjective(base):
         def train_outputs(self, model: nn.Module, batch: Any) -> Tensor:
             return model(batch[0])
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from estimators import Estimator
 from fidelity.applications.common import labels, predictions, text_of
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, TrainedProblem
@@ -17,7 +18,7 @@ LooMode = Literal["all", "shown", "none"]
 
 def explain(
     trained: TrainedProblem,
-    estimators: Mapping[str, object],
+    estimators: Mapping[str, Estimator],
     *,
     test_index: int | None = None,
     text: str | None = None,
@@ -115,7 +116,7 @@ def _test_point(
         else:
             y = torch.tensor([chosen], device=problem.device)
         return Examples(x, y), {"text": text, "label": chosen, "predicted": predicted}
-    if not 0 <= test_index < problem.n_test:
+    if test_index is None or not 0 <= test_index < problem.n_test:
         raise FidelityError(f"test index must lie in [0, {problem.n_test}), got {test_index}")
     point = problem.test.subset(torch.tensor([test_index], device=problem.device))
     return point, {

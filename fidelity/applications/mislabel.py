@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from estimators import Estimator
 from fidelity.applications.common import (
     accuracy,
     check_classification,
@@ -23,7 +24,7 @@ from retrain import train
 
 def mislabel(
     trained: TrainedProblem,
-    estimators: Mapping[str, object],
+    estimators: Mapping[str, Estimator],
     *,
     flip: float = 0.1,
     seeds: Sequence[int] = (0, 1, 2),
@@ -51,8 +52,10 @@ def mislabel(
     n = problem.n_train
     flipped_count = max(1, round(flip * n))
     names = [*estimators, "training loss", "random"]
-    curves = {name: [] for name in names}
-    fixed_accuracy = {name: {f: [] for f in check_fractions} for name in names}
+    curves: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    fixed_accuracy: dict[str, dict[float, list[float]]] = {
+        name: {f: [] for f in check_fractions} for name in names
+    }
     corrupted_accuracy = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(int(seed))

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from estimators import Estimator
 from fidelity.applications.common import (
     accuracy,
     check_classification,
@@ -22,7 +23,7 @@ from retrain import seeded_variant, train
 
 def poison(
     trained: TrainedProblem,
-    estimators: Mapping[str, object],
+    estimators: Mapping[str, Estimator],
     *,
     budget: int,
     seeds: Sequence[int] = (0, 1, 2),
@@ -63,7 +64,8 @@ def poison(
     # measured once (one value, no interval) rather than repeated into a zero-width interval.
     # Multiclass flips draw the new class from the seed, so those are retrained per seed.
     seed_free = deterministic and problem.loss == "bce"
-    before, after = [], {name: [] for name in [*chosen, "random"]}
+    before: list[float] = []
+    after: dict[str, list[float]] = {name: [] for name in [*chosen, "random"]}
     for seed in seeds:
         variant = problem if deterministic else seeded_variant(problem, seed)
         generator = torch.Generator().manual_seed(int(seed))

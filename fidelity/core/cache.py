@@ -9,6 +9,7 @@ complete entry or none.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -78,13 +79,11 @@ class ArtifactCache:
             return False
         return all(self._path(kind, key).exists() for key in keys)
 
-    def save(self, kind: str, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+    def save(self, kind: str, key: str, arrays: Mapping[str, np.ndarray | np.generic]) -> None:
         if self.root is None:
             return
-        import io
-
         buffer = io.BytesIO()
-        np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+        np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})  # type: ignore[arg-type]
         atomic_write_bytes(self._path(kind, key), buffer.getvalue())
 
     def count(self, kind: str) -> int:

@@ -283,7 +283,7 @@ class ParamSpec:
         return torch.cat([params[name].reshape(-1) for name in self.names])
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        chunks = torch.split(theta, self.sizes)
+        chunks = torch.split(theta, list(self.sizes))
         return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
 
 

@@ -22,9 +22,10 @@ def setting(trained_problems):
 @pytest.mark.parametrize("label", ["cg", "cg-gnh", "lissa", "gnh"])
 def test_suite_settings_reach_exact(setting, label):
     trained, test, reference = setting
-    spec = next(s for s in load_suite("solvers").estimators if s.label == label)
+    suite = load_suite("solvers")
+    spec = next(s for s in suite.estimators if s.label == label)
     estimator = build_component(
-        ESTIMATORS, spec.kind, spec.settings_for("digits-logreg"), where=label
+        ESTIMATORS, spec.kind, suite.settings_for(spec, "digits-logreg"), where=label
     )
     predicted = estimator.fit(trained).scores(test, trained.problem.train).flatten().numpy()
     assert np.corrcoef(predicted, reference)[0, 1] >= 0.98

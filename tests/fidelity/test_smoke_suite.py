@@ -7,17 +7,17 @@ leave-one-out Hessian H_{-j} in one Newton step recovers r > 0.999, so the gap i
 influence function's, not the harness's.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from fidelity.core.cache import ArtifactCache
 from fidelity.core.objective import objective_hessian, per_example_grads, per_example_loss
 from fidelity.problems import load_problem
+from fidelity.results import RemovedCounts, RunResults
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import load_suite
-from retrain import train
+from retrain import Execution, train
 
 pytestmark = pytest.mark.slow
 
@@ -25,24 +25,23 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
-    results = run_suite(
-        load_suite("smoke"), RunOptions(out=root / "run", cache_dir=root / "cache", progress=False)
-    )
+    execution = Execution(cache=ArtifactCache(root / "cache"))
+    results = run_suite(load_suite("smoke"), RunOptions(out=root / "run", execution=execution))
     return root / "run", results
 
 
 def test_results_file_is_complete(smoke_run):
     run_dir, results = smoke_run
-    assert json.loads((run_dir / "results.json").read_text()) == results
-    assert set(results["problems"]) == {"digits-logreg", "cancer-logreg", "diabetes-ridge"}
-    for problem in results["problems"].values():
-        assert problem["n_removed"] == {"top": 50, "random": 50}
-        assert problem["n_test_points"] == 20
-        assert problem["training"]["grad_norm"] <= 1e-10
-        assert problem["responses"]["cold"]["info"]["max_grad_norm"] <= 1e-10
-        metrics = problem["metrics"]["exact"]["cold"]
+    assert RunResults.load(run_dir) == results
+    assert set(results.problems) == {"digits-logreg", "cancer-logreg", "diabetes-ridge"}
+    for problem in results.problems.values():
+        assert problem.n_removed == RemovedCounts(top=50, random=50)
+        assert problem.n_test_points == 20
+        assert problem.training["grad_norm"] <= 1e-10
+        assert problem.responses["cold"].info["max_grad_norm"] <= 1e-10
+        metrics = problem.metrics["exact"]["cold"]
         for name in ("pearson", "spearman", "kendall", "mean_test_pearson", "mean_test_spearman"):
-            assert metrics[name]["low"] <= metrics[name]["value"] <= metrics[name]["high"]
+            assert metrics[name].low <= metrics[name].value <= metrics[name].high
 
 
 @pytest.mark.parametrize(
@@ -50,15 +49,15 @@ def test_results_file_is_complete(smoke_run):
     [("diabetes-ridge", 0.99, 0.99), ("digits-logreg", 0.95, 0.99), ("cancer-logreg", 0.95, 0.99)],
 )
 def test_exact_tracks_leave_one_out(smoke_run, name, min_pearson, min_spearman):
-    metrics = smoke_run[1]["problems"][name]["metrics"]["exact"]["cold"]
-    assert metrics["pearson"]["value"] >= min_pearson
-    assert metrics["spearman"]["value"] >= min_spearman
+    metrics = smoke_run[1].problems[name].metrics["exact"]["cold"]
+    assert metrics["pearson"].value >= min_pearson
+    assert metrics["spearman"].value >= min_spearman
 
 
 @pytest.mark.parametrize("name", ["digits-logreg", "cancer-logreg"])
 def test_logistic_gap_is_the_leave_one_out_curvature(smoke_run, name):
     run_dir, results = smoke_run
-    with np.load(run_dir / results["problems"][name]["arrays_file"]) as arrays:
+    with np.load(run_dir / results.problems[name].arrays_file) as arrays:
         removed, test_index = arrays["removed_index"], arrays["test_index"]
         cold, exact = arrays["response/cold"], arrays["estimator/exact"]
     trained = train(load_problem(name))

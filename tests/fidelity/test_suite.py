@@ -380,5 +380,7 @@ def test_peers_compare_like_with_like():
     for spec in external:
         assert spec.reference in labels and not labels[spec.reference].kind.startswith("estim")
         for problem in suite.problems:
-            ours = labels[spec.reference].settings_for(problem).get("damping", 0.0)
-            assert spec.settings_for(problem).get("damping", 0.0) == ours, (spec.label, problem)
+            reference = suite.settings_for(labels[spec.reference], problem)
+            ours = reference.get("damping", 0.0)
+            found = suite.settings_for(spec, problem).get("damping", 0.0)
+            assert found == ours, (spec.label, problem)

@@ -88,8 +88,14 @@ def test_rerendering_reproduces_the_reports(markup_run, tmp_path):
     shutil.copytree(markup_run, copy)
     for name in ("report.md", "report.html"):
         (copy / name).unlink()
+    for figure in (copy / "figures").glob("*.png"):
+        figure.unlink()
     write_reports(copy, RunResults.load(copy))
     assert (copy / "report.md").read_text() == (markup_run / "report.md").read_text()
+    drawn = sorted((markup_run / "figures").glob("*.png"))
+    assert len(drawn) == 4
+    for figure in drawn:  # the same results draw the same figures, byte for byte
+        assert (copy / "figures" / figure.name).read_bytes() == figure.read_bytes(), figure.name
     assert (copy / "report.html").stat().st_size > 10_000
 
 

@@ -28,14 +28,14 @@ pytestmark = pytest.mark.text
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("encodings")
+def cache(tmp_path_factory):
+    return ArtifactCache(tmp_path_factory.mktemp("encodings"))
 
 
-def test_embeddings_equal_sentence_transformers_after_normalisation(cache_dir):
+def test_embeddings_equal_sentence_transformers_after_normalisation(cache):
     from sentence_transformers import SentenceTransformer
 
-    ours = sentence_embeddings(SENTENCES, cache_dir=cache_dir)
+    ours = sentence_embeddings(SENTENCES, cache=cache)
     model = SentenceTransformer(str(encoder_module.encoder_directory()), device="cpu")
     reference = model.encode(list(SENTENCES), convert_to_tensor=True)
     torch.testing.assert_close(
@@ -43,27 +43,27 @@ def test_embeddings_equal_sentence_transformers_after_normalisation(cache_dir):
     )
 
 
-def test_encodings_are_cached_by_content(cache_dir, monkeypatch):
-    first = sentence_embeddings(SENTENCES, cache_dir=cache_dir)
-    entries = ArtifactCache(cache_dir).count("text-encodings")
+def test_encodings_are_cached_by_content(cache, monkeypatch):
+    first = sentence_embeddings(SENTENCES, cache=cache)
+    entries = cache.count("text-encodings")
 
     def no_model(directory):
         raise AssertionError("the encoder ran although the encoding was cached")
 
     monkeypatch.setattr(encoder_module, "_load", no_model)
-    torch.testing.assert_close(sentence_embeddings(SENTENCES, cache_dir=cache_dir), first)
-    assert ArtifactCache(cache_dir).count("text-encodings") == entries
+    torch.testing.assert_close(sentence_embeddings(SENTENCES, cache=cache), first)
+    assert cache.count("text-encodings") == entries
     with pytest.raises(AssertionError, match="encoder ran"):
-        sentence_embeddings(SENTENCES[:2], cache_dir=cache_dir)
+        sentence_embeddings(SENTENCES[:2], cache=cache)
 
 
-def test_the_written_out_block_reproduces_the_encoder(cache_dir):
+def test_the_written_out_block_reproduces_the_encoder(cache):
     """Our last block on the cached block inputs gives the encoder's final token states."""
-    inputs = block_inputs(SENTENCES, cache_dir=cache_dir)
+    inputs = block_inputs(SENTENCES, cache=cache)
     block = MiniLMBlock().load_bert_layer(inputs.block_state).float()
     with torch.no_grad():
         pooled = mean_pool(block(inputs.hidden, inputs.mask), inputs.mask)
-    expected = sentence_embeddings(SENTENCES, cache_dir=cache_dir)
+    expected = sentence_embeddings(SENTENCES, cache=cache)
     torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-5)
     assert inputs.mask.sum(1).tolist() == [float(n) for n in _token_counts()]
 

@@ -1,0 +1,120 @@
+"""The import graph: data flows one way (DESIGN.md's layers), with no cycle and no project
+import hidden inside a function."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fidelity", "estimators", "retrain", "reports")
+
+
+def project_imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported project module, whether the import sits inside a function) of one file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nested = {
+        id(node)
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+        for node in ast.walk(function)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # "from package import name": the submodule when name is one, else the package
+            names = [
+                f"{node.module}.{alias.name}"
+                if (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").exists()
+                or (ROOT / node.module.replace(".", "/") / alias.name / "__init__.py").exists()
+                else node.module
+                for alias in node.names
+            ]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in PACKAGES:
+                found.append((name, id(node) in nested))
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def graph() -> dict[str, list[tuple[str, bool]]]:
+    return {
+        module_name(path): project_imports(path)
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+
+
+def layer(module: str) -> str:
+    if module == "fidelity" or module.startswith("fidelity.core"):
+        return "core"  # fidelity/__init__ re-exports core types only
+    return module.split(".")[0] if not module.startswith("fidelity") else "harness"
+
+
+ALLOWED = {
+    "core": {"core"},
+    "estimators": {"core", "estimators"},
+    "retrain": {"core", "retrain"},
+    "harness": {"core", "estimators", "retrain", "harness", "reports"},
+    "reports": {"core", "harness", "reports"},
+}
+
+
+def test_every_import_goes_down_a_layer_or_stays_in_its_own():
+    modules = graph()
+    assert ("fidelity.core.errors", False) in modules["estimators.base"]  # the graph sees imports
+    assert ("retrain.refit", False) in modules["retrain"]
+    wrong = [
+        f"{module} -> {target}"
+        for module, imports in modules.items()
+        for target, _ in imports
+        if layer(target) not in ALLOWED[layer(module)]
+    ]
+    assert wrong == []
+
+
+def test_no_project_import_hides_in_a_function():
+    hidden = [
+        f"{module} -> {target}"
+        for module, imports in graph().items()
+        for target, inside in imports
+        if inside
+    ]
+    assert hidden == []
+
+
+def test_the_import_graph_has_no_cycle():
+    modules = graph()
+
+    def resolve(target: str) -> str | None:
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    edges = {
+        module: {t for t in (resolve(target) for target, _ in imports) if t and t != module}
+        for module, imports in modules.items()
+    }
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                cycle = [*path[path.index(target) :], target] if target in path else [target]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
