@@ -102,14 +102,20 @@ def test_arnoldi_at_the_krylov_dimension_equals_exact(mlp, exact):
 
 @needs_dattri
 @pytest.mark.filterwarnings("ignore")
-def test_arnoldi_at_full_rank_gives_nan_scores(mlp):
+def test_arnoldi_at_full_rank_gives_unusable_scores(mlp, exact):
     """dattri defect, measured: past the Krylov dimension its basis (no re-orthogonalisation)
-    yields a spurious Ritz value of about 0 (-3e-17); its guard warns and lowers proj_dim to the
-    33 positive values but keeps the spurious one, and 1/sqrt of it makes every score NaN."""
+    yields a spurious Ritz value of about 0; its guard warns and lowers proj_dim to the positive
+    values but keeps the spurious one, and 1/sqrt of it ruins every score. Its sign is rounding:
+    -3e-17 on one machine made every score NaN (240 non-finite), a tiny positive value on another
+    made them about 1e15 (the exact scores are below 1)."""
     estimator, actual = dattri_scores(mlp, solver="arnoldi", rank=38, iterations=39)
-    assert estimator.diagnostics["nonfinite_scores"] == actual.numel() == 240
-    assert bool(torch.isnan(actual).all())
     assert any("negative eigenvalues" in m for m in estimator.diagnostics["library_warnings"])
+    nonfinite = estimator.diagnostics["nonfinite_scores"]
+    assert nonfinite == int((~torch.isfinite(actual)).sum())
+    if nonfinite:
+        assert nonfinite == actual.numel() == 240
+    else:
+        assert float(actual.abs().min()) > 1e6 * float(exact.abs().max())
 
 
 def layer_indices(mlp):
