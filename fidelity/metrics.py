@@ -118,10 +118,43 @@ def score(
     return result
 
 
+def subset_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``[n_subsets, n_test]``: an estimator's additive prediction for each subset, the sum of its
+    deltas ``scores`` ``[n_test, N]`` over the dropped points weighted by the dropped weight
+    ``1 - mask`` (DESIGN.md: the first-order change for w_j 1 -> mask_j)."""
+    return (1.0 - np.asarray(masks, float)) @ np.asarray(scores, float).T
+
+
+def lds(
+    predicted: np.ndarray,
+    measured: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """The linear datamodeling score of predictions ``[n_subsets, n_test]`` against measured
+    changes of the same shape: per test point the Spearman (``lds``, the field's LDS) and the
+    Pearson (``lds_pearson``) correlation over subsets, averaged over test points, with a
+    two-way bootstrap interval (test points and subsets resampled)."""
+    found = score(
+        np.asarray(predicted, float).T,
+        np.asarray(measured, float).T,
+        n_boot=n_boot,
+        confidence=confidence,
+        seed=seed,
+    )
+    return {"lds": found["mean_test_spearman"], "lds_pearson": found["mean_test_pearson"]}
+
+
 def split_half_reliability(
-    per_seed: np.ndarray, *, max_splits: int = 100, seed: int = 0
+    per_seed: np.ndarray, *, max_splits: int = 100, seed: int = 0, per_row: bool = False
 ) -> NoiseCeiling:
     """Reliability of the seed-averaged deltas from ``per_seed`` ``[n_seeds, ...]``.
+
+    ``per_row``: the halves are compared row by row (``per_seed`` ``[n_seeds, rows, cols]``,
+    the mean over rows of the correlation over columns), the reliability of a per-row score such
+    as LDS (rows: test points, columns: subsets) instead of a pooled one.
 
     Two disjoint halves of h = floor(S / 2) seeds are drawn; the correlation r between the
     halves' means is corrected to all S seeds by the Spearman-Brown formula k r / (1 + (k - 1) r),
@@ -147,9 +180,14 @@ def split_half_reliability(
         if len(splits) >= max_splits:
             break
     values: dict[str, list[float]] = {"pearson": [], "spearman": []}
+    correlations: tuple[tuple[str, Callable[[np.ndarray, np.ndarray], float]], ...] = (
+        (("pearson", mean_row_pearson), ("spearman", mean_row_spearman))
+        if per_row
+        else (("pearson", pearson), ("spearman", spearman))
+    )
     for one, other in splits:
         a, b = per_seed[list(one)].mean(0), per_seed[list(other)].mean(0)
-        for name, fn in (("pearson", pearson), ("spearman", spearman)):
+        for name, fn in correlations:
             r = fn(a, b)
             values[name].append(k * r / (1 + (k - 1) * r) if r > -1 / (k - 1) else float("nan"))
     reliability = {name: _finite_mean(np.array(v)) for name, v in values.items()}

@@ -155,6 +155,28 @@ class CorrelationMatrix:
 
 
 @dataclass(frozen=True)
+class LdsResults:
+    """The linear datamodeling score of every estimator against one subset stage at one alpha:
+    ``metrics[estimator]`` holds ``lds`` (mean over test points of the Spearman correlation over
+    subsets between the additive prediction and the retrained change) and ``lds_pearson``;
+    ``noise_ceiling`` is the split-half reliability of the seed-mean measurements per test point
+    (None with one seed)."""
+
+    response: str
+    alpha: float
+    subsets: int
+    seeds: int
+    target: str
+    metrics: dict[str, dict[str, Interval]]
+    noise_ceiling: NoiseCeiling | None = None
+
+    @property
+    def label(self) -> str:
+        """How history and ``fidelity check`` name it: ``RESPONSE@ALPHA``."""
+        return f"{self.response}@{self.alpha:g}"
+
+
+@dataclass(frozen=True)
 class RemovedCounts:
     top: int
     random: int
@@ -193,6 +215,7 @@ class ProblemResults:
     most_influential: tuple[InfluentialRemoval, ...]
     timings: dict[str, float]
     arrays_file: str
+    lds: tuple[LdsResults, ...] = ()
 
     def metric(self, estimator: str, response: str, name: str) -> Interval | None:
         return self.metrics.get(estimator, {}).get(response, {}).get(name)
@@ -224,7 +247,16 @@ class RunResults:
         return str(self.suite["name"])
 
     def metric_table(self) -> MetricTable:
-        return {name: problem.metrics for name, problem in self.problems.items()}
+        """Every metric by problem, estimator, response and name; an LDS appears as response
+        ``SUBSETS@ALPHA`` with metrics ``lds`` and ``lds_pearson``."""
+        table: MetricTable = {}
+        for name, problem in self.problems.items():
+            by_estimator = {e: dict(by_response) for e, by_response in problem.metrics.items()}
+            for entry in problem.lds:
+                for estimator, metrics in entry.metrics.items():
+                    by_estimator.setdefault(estimator, {})[entry.label] = metrics
+            table[name] = by_estimator
+        return table
 
     def to_json(self) -> dict[str, Any]:
         """The results.json document (JSON types only)."""

@@ -3,8 +3,10 @@
     prepare  -> Setup        train theta_s, draw the test points
     predict  -> Predictions  fit every estimator, choose the removals, score them
     respond  -> Responses    every response stage's actual deltas (and noise ceilings)
+    retrain_subsets -> Datamodels  subset retraining and every estimator's scores on the whole
+                             training set (when the suite has subset stages)
     score    -> Scores       metrics with intervals, correlations, per-test correlations,
-                             conformance
+                             conformance, LDS
     decompose_gaps           the ladder's gaps (when the suite has ladder stages)
     assemble -> ProblemResults and the arrays of arrays/<problem>.npz
 
@@ -37,7 +39,15 @@ from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
 from fidelity.history import append_run, recent_runs
 from fidelity.memory import PeakMemory
-from fidelity.metrics import conformance, pearson, row_pearson, row_spearman, score
+from fidelity.metrics import (
+    conformance,
+    lds,
+    pearson,
+    row_pearson,
+    row_spearman,
+    score,
+    subset_predictions,
+)
 from fidelity.metrics import split_half_reliability as noise_ceiling
 from fidelity.problems import load_problem
 from fidelity.results import (
@@ -48,6 +58,7 @@ from fidelity.results import (
     EstimatorRecord,
     InfluentialRemoval,
     Interval,
+    LdsResults,
     NoiseCeiling,
     PerTestCorrelations,
     ProblemResults,
@@ -60,7 +71,7 @@ from fidelity.results import (
 from fidelity.selection import choose_removals, choose_test_points
 from fidelity.suite import ComponentSpec, SelectionSpec, Suite, build_component
 from reports import write_reports
-from retrain import RESPONSES, Execution, train
+from retrain import RESPONSES, SUBSET_RESPONSES, Execution, SubsetResult, SubsetsResponse, train
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,8 @@ class Predictions:
     top_by: str | None
     removed_index: np.ndarray
     removed_reason: np.ndarray
+    # deltas for every training point [n_test, N] where they were computed (the ranking)
+    full_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,11 +131,22 @@ class Responses:
 
 
 @dataclass(frozen=True)
+class Datamodels:
+    """Subset retraining (by stage label) and every estimator's deltas for every training point
+    ``[n_test, N]`` (by estimator label), from which its additive subset predictions follow."""
+
+    subsets: dict[str, SubsetResult]
+    settings: dict[str, SubsetsResponse]
+    full_scores: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
 class Scores:
     metrics: dict[str, dict[str, dict[str, Interval]]]
     correlations: CorrelationMatrix
     per_test: tuple[PerTestCorrelations, ...]
     conformance: dict[str, Conformance]
+    lds: tuple[LdsResults, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,6 +252,7 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
         selector if selection.top else None,
         removed_index,
         reasons,
+        {} if ranking is None else {selector: ranking},
     )
 
 
@@ -263,7 +288,74 @@ def respond(
     return Responses(records, deltas, per_seed, tuple(stages))
 
 
-def score_all(predictions: Predictions, responses: Responses, suite: Suite) -> Scores:
+def retrain_subsets(
+    setup: Setup, predictions: Predictions, suite: Suite, execution: Execution
+) -> Datamodels:
+    """Every subset stage that runs here, and the deltas of every estimator for every training
+    point (an LDS needs them all; the ranking estimator's are reused)."""
+    found, settings = {}, {}
+    for spec in (spec for spec in suite.subsets if spec.runs_on(*setup.names)):
+        stage = build_component(
+            SUBSET_RESPONSES, spec.kind, suite.settings_for(spec, *setup.names), where=spec.label
+        )
+        result = stage.compute(setup.trained, setup.test, execution)
+        _check_finite(result.per_seed.numpy(), f"subsets {spec.label!r} on {setup.problem.name!r}")
+        found[spec.label], settings[spec.label] = result, stage
+    full_scores = {}
+    if found:
+        train = setup.problem.train
+        for label, estimator in predictions.estimators.items():
+            scores = predictions.full_scores.get(label)
+            if scores is None:
+                scores = estimator.scores(setup.test, train).detach().cpu().numpy()
+            full_scores[label] = scores
+    return Datamodels(found, settings, full_scores)
+
+
+def score_lds(datamodels: Datamodels, suite: Suite) -> tuple[LdsResults, ...]:
+    """LDS of every estimator against every subset stage, per alpha, with the noise ceiling of
+    the seed-mean measurements (two or more seeds)."""
+    found = []
+    for label, result in datamodels.subsets.items():
+        stage = datamodels.settings[label]
+        masks = result.masks.numpy()
+        for alpha in stage.alphas:
+            rows = np.flatnonzero(np.isclose(result.alphas.numpy(), alpha))
+            per_seed = result.per_seed.numpy()[:, rows]  # [seeds, subsets, n_test]
+            measured = per_seed.mean(0)
+            metrics = {
+                estimator: lds(
+                    subset_predictions(scores, masks[rows]),
+                    measured,
+                    n_boot=suite.metrics.bootstrap,
+                    confidence=suite.metrics.confidence,
+                    seed=suite.seed,
+                )
+                for estimator, scores in datamodels.full_scores.items()
+            }
+            ceiling = None
+            if per_seed.shape[0] > 1:
+                ceiling = noise_ceiling(per_seed.transpose(0, 2, 1), seed=suite.seed, per_row=True)
+            found.append(
+                LdsResults(
+                    response=label,
+                    alpha=alpha,
+                    subsets=len(rows),
+                    seeds=int(per_seed.shape[0]),
+                    target=stage.target,
+                    metrics=metrics,
+                    noise_ceiling=ceiling,
+                )
+            )
+    return tuple(found)
+
+
+def score_all(
+    predictions: Predictions,
+    responses: Responses,
+    suite: Suite,
+    datamodels: Datamodels | None = None,
+) -> Scores:
     """Every number the reports show about agreement: the metrics of every estimator x response
     with bootstrap intervals, the pooled Pearson between every pair of arrays, per-test-point
     correlations, and each checked estimator against its reference."""
@@ -305,7 +397,8 @@ def score_all(predictions: Predictions, responses: Responses, suite: Suite) -> S
         # a skipped reference leaves nothing to compare with
         if spec.reference is not None and spec.reference in predictions.deltas
     }
-    return Scores(metrics, correlations, tuple(per_test), found)
+    lds_found = () if datamodels is None else score_lds(datamodels, suite)
+    return Scores(metrics, correlations, tuple(per_test), found, lds_found)
 
 
 def decompose_gaps(
@@ -363,6 +456,7 @@ def assemble(
     scores: Scores,
     decomposition: Decomposition | None,
     timings: dict[str, float],
+    datamodels: Datamodels | None = None,
 ) -> ProblemOutcome:
     """The problem's typed results and the arrays stored beside them."""
     problem, trained = setup.problem, setup.trained
@@ -397,6 +491,7 @@ def assemble(
         ),
         timings=timings,
         arrays_file=f"arrays/{safe_filename(problem.name)}.npz",
+        lds=scores.lds,
     )
     arrays: dict[str, np.ndarray] = {
         "test_index": setup.test_index,
@@ -408,6 +503,13 @@ def assemble(
         arrays[f"response/{label}"] = actual
         if label in responses.per_seed:
             arrays[f"response/{label}/seeds"] = responses.per_seed[label]
+    if datamodels is not None and datamodels.subsets:
+        for label, result in datamodels.subsets.items():
+            arrays[f"subsets/{label}/masks"] = result.masks.numpy()
+            arrays[f"subsets/{label}/alphas"] = result.alphas.numpy()
+            arrays[f"subsets/{label}/seeds"] = result.per_seed.numpy()
+        for label, full in datamodels.full_scores.items():
+            arrays[f"scores/{label}"] = full
     return ProblemOutcome(results, arrays)
 
 
@@ -419,8 +521,13 @@ def evaluate_problem(
     setup = prepare(problem_name, suite, execution)
     predictions = predict(setup, suite)
     responses = respond(setup, predictions, suite, execution)
-    scores = score_all(predictions, responses, suite)
+    tick = time.perf_counter()
+    datamodels = retrain_subsets(setup, predictions, suite, execution)
+    subsets_seconds = time.perf_counter() - tick
+    scores = score_all(predictions, responses, suite, datamodels)
     timings = {"train_seconds": setup.train_seconds}
+    if datamodels.subsets:
+        timings["subsets_seconds"] = subsets_seconds
     gaps = None
     if decomposition:
         tick = time.perf_counter()
@@ -428,7 +535,7 @@ def evaluate_problem(
         if gaps is not None:
             timings["decomposition_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - start
-    return assemble(setup, predictions, responses, scores, gaps, timings)
+    return assemble(setup, predictions, responses, scores, gaps, timings, datamodels)
 
 
 def _optional_int(value: float | int | None) -> int | None:

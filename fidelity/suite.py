@@ -56,7 +56,7 @@ from typing import Any
 from estimators import ESTIMATORS
 from fidelity.core.errors import FidelityError
 from fidelity.core.registry import Registry
-from retrain import RESPONSES
+from retrain import RESPONSES, SUBSET_RESPONSES
 
 BUILTIN_SUITES_PACKAGE = "fidelity.suites"
 
@@ -156,6 +156,8 @@ class Suite:
     estimators: tuple[ComponentSpec, ...]
     responses: tuple[ComponentSpec, ...]
     selection: SelectionSpec = SelectionSpec()
+    # Subset retraining for the linear datamodeling score (retrain.subsets); optional.
+    subsets: tuple[ComponentSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
     description: str = ""
     seed: int = 0
@@ -176,7 +178,7 @@ class Suite:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for group in ("estimators", "responses"):
+        for group in ("estimators", "responses", "subsets"):
             data[group] = [
                 {
                     **dict(c["settings"]),
@@ -345,6 +347,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         "selection",
         "metrics",
         "damping",
+        "subsets",
     }
     _check_keys(data, allowed, where)
     for required in ("name", "problems", "estimators", "responses"):
@@ -363,6 +366,17 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         data["estimators"], "estimator", ESTIMATORS, f"{where}: estimators", references=True
     )
     responses = _components(data["responses"], "response", RESPONSES, f"{where}: responses")
+    subsets: tuple[ComponentSpec, ...] = ()
+    if "subsets" in data:
+        subsets = _components(
+            data["subsets"], "subset response", SUBSET_RESPONSES, f"{where}: subsets"
+        )
+        taken = {spec.label for spec in responses} & {spec.label for spec in subsets}
+        if taken:
+            raise FidelityError(
+                f"{where}: subsets label(s) {', '.join(sorted(taken))} are response labels too; "
+                "give each a unique label"
+            )
     selection_table = dict(_expect(data.get("selection", {}), dict, f"{where}: selection"))
     selection_changes = _expect(
         selection_table.pop("overrides", {}), dict, f"{where}: selection.overrides"
@@ -376,7 +390,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         for problem, changes in selection_changes.items()
     }
     metrics = _dataclass_from_table(MetricsSpec, data.get("metrics", {}), f"{where}: metrics")
-    for spec in (*estimators, *responses):
+    for spec in (*estimators, *responses, *subsets):
         for what, named in (("overrides", spec.overrides), ("problems", spec.problems or ())):
             unknown = sorted(set(named) - set(problems))
             if unknown:
@@ -403,6 +417,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
     checked: list[tuple[ComponentSpec, Registry[Any]]] = [
         *((spec, ESTIMATORS) for spec in estimators),
         *((spec, RESPONSES) for spec in responses),
+        *((spec, SUBSET_RESPONSES) for spec in subsets),
     ]
     for spec, registry in checked:
         # Every problem's settings (own, overridden, inherited) must build; this does no work.
@@ -421,6 +436,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         estimators=estimators,
         responses=responses,
         selection=selection,
+        subsets=subsets,
         metrics=metrics,
         description=_expect(data.get("description", ""), str, f"{where}: description"),
         seed=seed,

@@ -115,6 +115,7 @@ def outline(
         if warnings:
             blocks.append(Warnings(tuple(warnings)))
         blocks.append(TableBlock(tables.metrics_table(problem)))
+        blocks.append(TableBlock(tables.lds_table(problem)))
         blocks += [
             Figure(shown[kind], FIGURE_CAPTIONS[kind])
             for kind in ("scatter", "heatmap", "per-test")

@@ -84,6 +84,40 @@ def summary_table(results: RunResults) -> Table:
     return Table("Summary", header, rows)
 
 
+def lds_table(problem: ProblemResults) -> Table | None:
+    """The linear datamodeling score of every estimator against every subset stage and alpha."""
+    if not problem.lds:
+        return None
+    rows = [
+        (
+            estimator,
+            entry.label,
+            entry.target,
+            f"{entry.subsets} x {entry.seeds}",
+            format_interval(metrics.get("lds")),
+            format_interval(metrics.get("lds_pearson")),
+            format_ceiling(entry.noise_ceiling),
+        )
+        for entry in problem.lds
+        for estimator, metrics in entry.metrics.items()
+    ]
+    header = (
+        "estimator",
+        "subsets@alpha",
+        "target",
+        "subsets x seeds",
+        "LDS (Spearman)",
+        "LDS (Pearson)",
+        "noise ceiling (P / S)",
+    )
+    note = (
+        "per test point, the correlation over subsets between the estimator's additive "
+        "prediction (the sum of its deltas over the dropped points) and the retrained change, "
+        "averaged over test points; intervals resample test points and subsets"
+    )
+    return Table("Linear datamodeling score", header, rows, note)
+
+
 def agreement_table(problem: ProblemResults) -> Table | None:
     """The estimators' block of the correlation matrix."""
     labels = list(problem.estimators)
@@ -207,6 +241,11 @@ def timing_table(problem: ProblemResults) -> Table:
                 f"{response.seconds:.2f}",
                 f"{detail.get('refits', 0)} retrained, {detail.get('cached', 0)} cached",
             )
+        )
+    if "subsets_seconds" in problem.timings:
+        retrained = sum(entry.subsets * entry.seeds for entry in problem.lds)
+        rows.append(
+            ("subsets", f"{problem.timings['subsets_seconds']:.2f}", f"{retrained} subset models")
         )
     if "decomposition_seconds" in problem.timings:
         rows.append(("decomposition", f"{problem.timings['decomposition_seconds']:.2f}", ""))

@@ -11,14 +11,19 @@ from retrain.linear import LinearResponse
 from retrain.pbrf import PbrfResponse
 from retrain.refit import ColdResponse, ProximalResponse, WarmResponse
 from retrain.response import Response, ResponseResult
+from retrain.subsets import SubsetResult, SubsetsResponse
 from retrain.train import seeded_variant, train
 
 RESPONSES: Registry[type[Response]] = Registry("response")
 for _response in (ColdResponse, WarmResponse, ProximalResponse, PbrfResponse, LinearResponse):
     RESPONSES.register(_response.name)(_response)
+# Subset retraining has its own result (masks and measured changes, not per-point deltas).
+SUBSET_RESPONSES: Registry[type[SubsetsResponse]] = Registry("subset response")
+SUBSET_RESPONSES.register(SubsetsResponse.name)(SubsetsResponse)
 
 __all__ = [
     "RESPONSES",
+    "SUBSET_RESPONSES",
     "ColdResponse",
     "Execution",
     "LinearResponse",
@@ -26,6 +31,8 @@ __all__ = [
     "ProximalResponse",
     "Response",
     "ResponseResult",
+    "SubsetResult",
+    "SubsetsResponse",
     "WarmResponse",
     "seeded_variant",
     "train",

@@ -140,3 +140,44 @@ def test_conformance_flags_disagreement_and_non_finite_values():
     found = conformance(broken, reference, reference_label="r")
     assert found.flagged and not found.finite
     assert found.reason == "3 NaN or infinite value(s)"
+
+
+def test_lds_equals_the_hand_computed_value_on_three_subsets():
+    from fidelity.metrics import lds
+
+    predicted = np.array([[1.0, 2.0], [2.0, 1.0], [3.0, 3.0]])  # [subsets, test points]
+    measured = np.array([[0.1, 0.3], [0.2, 0.2], [0.3, 0.1]])
+    # test point 0: perfectly ranked (1); test point 1: ranks (2, 1, 3) vs (3, 2, 1), sum of
+    # squared rank differences 6, Spearman 1 - 6 * 6 / (3 * 8) = -0.5; Pearson also -0.5
+    found = lds(predicted, measured, n_boot=50)
+    assert found["lds"].value == pytest.approx(0.25)
+    assert found["lds_pearson"].value == pytest.approx(0.25)
+    assert found["lds"].low <= found["lds"].value <= found["lds"].high
+
+
+def test_subset_predictions_sum_the_dropped_deltas():
+    from fidelity.metrics import subset_predictions
+
+    scores = np.array([[1.0, 10.0, 100.0], [2.0, 20.0, 200.0]])  # [test points, N]
+    masks = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 0.5]])
+    expected = np.array([[10.0, 20.0], [1.0 + 10.0 + 50.0, 2.0 + 20.0 + 100.0]])
+    np.testing.assert_allclose(subset_predictions(scores, masks), expected)
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3, 4])
+def test_per_row_reliability_matches_the_closed_form(n_seeds):
+    """The LDS ceiling: per test point (row) the correlation over subsets (columns) of two half
+    means; for seeds = signal + noise it is var_signal / (var_signal + var_noise / S)."""
+    from fidelity.metrics import split_half_reliability
+
+    rng = np.random.default_rng(n_seeds)
+    signal = rng.standard_normal((30, 400))
+    per_seed = signal + 1.5 * rng.standard_normal((n_seeds, 30, 400))
+    expected = 1 / (1 + 1.5**2 / n_seeds)
+    result = split_half_reliability(per_seed, per_row=True)
+    assert result.pearson == pytest.approx(expected, abs=0.03)
+    assert result.spearman == pytest.approx(expected, abs=0.05)
+    # a signal shared by every column of a row is no signal over the columns
+    shared = np.repeat(rng.standard_normal((30, 1)), 400, axis=1)
+    flat = shared + 1.5 * rng.standard_normal((n_seeds, 30, 400))
+    assert abs(split_half_reliability(flat, per_row=True).pearson) < 0.1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fidelity.core.errors import FidelityError
-from retrain import Execution, PbrfResponse, WarmResponse
+from retrain import Execution, PbrfResponse, SubsetsResponse, WarmResponse
 
 
 def _network_stages(trained, execution, group_size):
@@ -14,7 +14,10 @@ def _network_stages(trained, execution, group_size):
     pbrf = PbrfResponse(damping=0.01, group_size=group_size).compute(
         trained, test, removed, execution
     )
-    return warm.deltas, pbrf.deltas
+    subsets = SubsetsResponse(alphas=[0.9], subsets=3, group_size=group_size).compute(
+        trained, test, execution
+    )
+    return warm.deltas, pbrf.deltas, subsets.per_seed
 
 
 @pytest.mark.slow
@@ -33,9 +36,10 @@ def test_network_stages_do_not_depend_on_group_size_workers_or_backend(trained_p
     ) as cluster:
         execution = Execution(workers=2, backend="dask", scheduler=cluster.scheduler_address)
         runs["dask LocalCluster"] = _network_stages(trained, execution, group_size=2)
-    for name, (warm, pbrf) in runs.items():
+    for name, (warm, pbrf, subsets) in runs.items():
         torch.testing.assert_close(warm, reference[0], rtol=1e-10, atol=1e-15, msg=name)
         torch.testing.assert_close(pbrf, reference[1], rtol=1e-10, atol=1e-15, msg=name)
+        torch.testing.assert_close(subsets, reference[2], rtol=1e-10, atol=1e-15, msg=name)
 
 
 def test_dask_settings_are_checked():

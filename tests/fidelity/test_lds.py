@@ -1,0 +1,93 @@
+"""LDS in a run: subset stages in a suite, the score in results, history rows, the report."""
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+
+from fidelity.core.errors import FidelityError
+from fidelity.history import append_run, recent_runs
+from fidelity.metrics import subset_predictions
+from fidelity.results import RunResults, schema
+from fidelity.runner import RunOptions, run_suite
+from fidelity.suite import parse_suite
+
+LDS_SUITE = {
+    "name": "lds-ridge",
+    "problems": ["diabetes-ridge"],
+    "selection": {"test_points": 8, "top": 5, "random": 5},
+    "metrics": {"bootstrap": 100},
+    "estimators": [{"kind": "exact"}, {"kind": "grad-dot"}],
+    "responses": [{"kind": "cold"}],
+    "subsets": [{"kind": "subsets", "alphas": [0.99, 0.5], "subsets": 30}],
+}
+
+
+@pytest.fixture(scope="module")
+def lds_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lds") / "run"
+    return run_suite(parse_suite(LDS_SUITE), RunOptions(out=out)), out
+
+
+def test_exact_influence_on_ridge_has_lds_near_one_at_small_drops(lds_run):
+    results, _ = lds_run
+    (problem,) = results.problems.values()
+    by_alpha = {entry.alpha: entry for entry in problem.lds}
+    assert set(by_alpha) == {0.99, 0.5}
+    near = by_alpha[0.99]
+    assert near.subsets == 30 and near.seeds == 1 and near.noise_ceiling is None
+    assert near.metrics["exact"]["lds"].value >= 0.99
+    assert near.metrics["exact"]["lds"].low <= near.metrics["exact"]["lds"].value
+    # grad-dot ignores the curvature: a worse additive model of the same refits
+    assert near.metrics["grad-dot"]["lds"].value < near.metrics["exact"]["lds"].value
+
+
+def test_the_run_stores_what_the_lds_was_computed_from(lds_run):
+    results, out = lds_run
+    (problem,) = results.problems.values()
+    document = json.loads((out / "results.json").read_text())
+    jsonschema.validate(document, schema())
+    assert RunResults.from_json(document) == results
+    arrays = np.load(out / problem.arrays_file)
+    masks, alphas = arrays["subsets/subsets/masks"], arrays["subsets/subsets/alphas"]
+    assert masks.shape == (60, problem.n_train) and list(np.unique(alphas)) == [0.5, 0.99]
+    assert arrays["subsets/subsets/seeds"].shape == (1, 60, problem.n_test_points)
+    assert arrays["scores/exact"].shape == (problem.n_test_points, problem.n_train)
+    # the stored numbers give the stored LDS back
+    from fidelity.metrics import lds
+
+    rows = alphas == 0.99
+    again = lds(
+        subset_predictions(arrays["scores/exact"], masks[rows]),
+        arrays["subsets/subsets/seeds"][0, rows],
+        n_boot=100,
+    )
+    entry = next(e for e in problem.lds if e.alpha == 0.99)
+    assert again["lds"] == entry.metrics["exact"]["lds"]
+
+
+def test_history_check_and_reports_carry_the_lds(lds_run, tmp_path):
+    results, out = lds_run
+    table = results.metric_table()["diabetes-ridge"]
+    assert table["exact"]["subsets@0.99"]["lds"].value >= 0.99
+    append_run(tmp_path / "h.db", results, out)
+    (run,) = recent_runs(tmp_path / "h.db")
+    assert run.metrics["diabetes-ridge", "exact", "subsets@0.99", "lds"].value >= 0.99
+    report = (out / "report.md").read_text()
+    assert "Linear datamodeling score" in report and "subsets@0.99" in report
+    assert "Linear datamodeling score" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"subsets": [{"kind": "subsets", "alphas": [1.2]}]}, r"alphas must lie in \(0, 1\)"),
+        ({"subsets": [{"kind": "subsets", "label": "cold"}]}, "are response labels too"),
+        ({"subsets": [{"kind": "subsets", "problems": ["digits-mlp"]}]}, "does not run"),
+        ({"subsets": [{"kind": "subsets", "fraction": 0.5}]}, "unknown key"),
+    ],
+)
+def test_bad_subset_stages_name_the_problem(change, message):
+    with pytest.raises(FidelityError, match=message):
+        parse_suite({**LDS_SUITE, **change})
