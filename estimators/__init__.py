@@ -7,6 +7,7 @@ from estimators.cg import ConjugateGradientEstimator
 from estimators.exact import ExactEstimator, GaussNewtonEstimator
 from estimators.kfac import EkfacEstimator, KfacEstimator
 from estimators.lissa import LissaEstimator
+from estimators.precomputed import PrecomputedEstimator
 from fidelity.core.registry import Registry
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
@@ -20,6 +21,7 @@ for _estimator in (
     EkfacEstimator,
     GradDotEstimator,
     GradCosEstimator,
+    PrecomputedEstimator,
 ):
     ESTIMATORS.register(_estimator.name)(_estimator)
 
@@ -36,4 +38,5 @@ __all__ = [
     "InverseCurvatureEstimator",
     "KfacEstimator",
     "LissaEstimator",
+    "PrecomputedEstimator",
 ]

@@ -22,7 +22,7 @@ from fidelity.paper import PAPER_FIGURES, FigureContext
 from fidelity.problems import PROBLEMS, load_problem
 from fidelity.results import RunResults
 from fidelity.runner import RunOptions, run_suite
-from fidelity.suite import builtin_suites, load_suite
+from fidelity.suite import Suite, builtin_suites, load_suite
 from reports import applications as render
 from reports import write_reports
 from reports.format import format_interval
@@ -47,35 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a suite and write a run directory")
-    run.add_argument("suite", help="bundled suite name (e.g. smoke) or path to a suite .toml")
-    run.add_argument(
-        "--problem",
-        action="append",
-        metavar="NAME",
-        help="run only these problems (registry name or package.module:function); repeatable",
+    _add_run_options(run)
+
+    score = commands.add_parser(
+        "score",
+        help="score a matrix of influence scores computed elsewhere against a suite's ground "
+        "truth, written as a run",
     )
-    run.add_argument("--out", type=Path, help="run directory (default runs/<suite>-<time>)")
-    run.add_argument("--workers", type=_positive_int, default=1, help="retraining processes")
-    run.add_argument(
-        "--backend",
-        default="loky",
-        help="joblib backend: loky (default), threading, sequential, or dask (needs --scheduler "
-        "and the [dask] extra)",
-    )
-    run.add_argument(
-        "--scheduler", metavar="ADDRESS", help="dask scheduler address, e.g. tcp://host:8786"
-    )
-    run.add_argument(
-        "--cache-dir",
+    _add_run_options(score)
+    score.add_argument(
+        "--scores",
         type=Path,
-        help="artefact cache (default $FIDELITY_CACHE_DIR or ~/.cache/fidelity)",
+        required=True,
+        metavar="FILE",
+        help="the scores: .npy [n_test, n_train], or .npz/.safetensors with 'scores' and "
+        "optionally 'test_index' and 'train_index'",
     )
-    run.add_argument("--no-cache", action="store_true", help="recompute everything, store nothing")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_history_option(run)
-    run.add_argument(
-        "--no-history", action="store_true", help="do not record this run in the run history"
+    score.add_argument(
+        "--sign",
+        choices=("removal", "upweighting"),
+        default="removal",
+        help="removal: change of the test loss when the point is removed (ours, default); "
+        "upweighting: d loss / d upweighting (converted by -1/N)",
     )
+    score.add_argument("--label", default="scores", help="the scores' label in the results")
+    score.add_argument("--key", default="scores", help="the array's name in .npz/.safetensors")
 
     commands.add_parser("list", help="list problems, estimators, responses and bundled suites")
 
@@ -147,6 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--workers", type=_positive_int, default=1, help="retraining processes")
     _add_applications(commands)
     return parser
+
+
+def _add_run_options(command: argparse.ArgumentParser) -> None:
+    """The suite and the execution options of `run` (and of `score`, which is a run)."""
+    command.add_argument("suite", help="bundled suite name (e.g. smoke) or path to a suite .toml")
+    command.add_argument(
+        "--problem",
+        action="append",
+        metavar="NAME",
+        help="run only these problems (registry name or package.module:function); repeatable",
+    )
+    command.add_argument("--out", type=Path, help="run directory (default runs/<suite>-<time>)")
+    command.add_argument("--workers", type=_positive_int, default=1, help="retraining processes")
+    command.add_argument(
+        "--backend",
+        default="loky",
+        help="joblib backend: loky (default), threading, sequential, or dask (needs --scheduler "
+        "and the [dask] extra)",
+    )
+    command.add_argument(
+        "--scheduler", metavar="ADDRESS", help="dask scheduler address, e.g. tcp://host:8786"
+    )
+    command.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="artefact cache (default $FIDELITY_CACHE_DIR or ~/.cache/fidelity)",
+    )
+    command.add_argument(
+        "--no-cache", action="store_true", help="recompute everything, store nothing"
+    )
+    command.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_history_option(command)
+    command.add_argument(
+        "--no-history", action="store_true", help="do not record this run in the run history"
+    )
 
 
 def _add_history_option(command: argparse.ArgumentParser) -> None:
@@ -232,6 +263,27 @@ def command_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if args.problem:
         suite = suite.with_problems(tuple(args.problem))
+    return _run(suite, args)
+
+
+def command_score(args: argparse.Namespace) -> int:
+    """A run of the suite with the score file as one more estimator: the ground truth comes from
+    (and goes to) the cache like any run's, and the results, report and history rows are a
+    run's."""
+    suite = load_suite(args.suite)
+    if args.problem:
+        suite = suite.with_problems(tuple(args.problem))
+    if len(suite.problems) != 1:
+        raise FidelityError(
+            f"a score file is for one problem; suite {suite.name!r} runs "
+            f"{', '.join(suite.problems)}: name one with --problem"
+        )
+    settings = {"path": str(args.scores), "sign": args.sign, "key": args.key}
+    suite = suite.with_estimator("scores", args.label, settings)
+    return _run(suite, args)
+
+
+def _run(suite: Suite, args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{suite.name}-{datetime.now():%Y%m%d-%H%M%S}"
     execution = Execution(
         cache=_cache(args),
@@ -436,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "run": command_run,
+        "score": command_score,
         "list": command_list,
         "report": command_report,
         "history": command_history,

@@ -196,6 +196,14 @@ class Suite:
     def with_problems(self, problems: tuple[str, ...]) -> Suite:
         return Suite(**{**vars(self), "problems": problems})
 
+    def with_estimator(self, kind: str, label: str, settings: Mapping[str, Any]) -> Suite:
+        """The suite with one more estimator (validated as a suite entry would be)."""
+        if label in {spec.label for spec in self.estimators}:
+            raise FidelityError(f"estimator label {label!r} is taken in suite {self.name!r}")
+        component = build_component(ESTIMATORS, kind, settings, where=label)
+        spec = ComponentSpec(kind, label, dict(settings), damped=_takes_damping(component))
+        return Suite(**{**vars(self), "estimators": (*self.estimators, spec)})
+
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     # bool is an int in Python; a suite saying `top = true` is a mistake, not 1.
@@ -284,7 +292,7 @@ def _components(
         for problem, changes in overrides.items():
             _expect(changes, dict, f"{at}.overrides.{problem}")
         component = build_component(registry, name, settings, where=at)  # validates; no work
-        damped = "damping" in inspect.signature(type(component).__init__).parameters
+        damped = _takes_damping(component)
         specs.append(
             ComponentSpec(
                 name,
@@ -314,6 +322,11 @@ def _components(
                 f"{where}: {spec.label} runs on problems its reference {target.label!r} does not"
             )
     return tuple(specs)
+
+
+def _takes_damping(component: object) -> bool:
+    """Whether a component inherits the suite's damping: its constructor takes ``damping``."""
+    return "damping" in inspect.signature(type(component)).parameters
 
 
 def build_component(

@@ -1,5 +1,6 @@
 """One contract test over every registered estimator."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,11 +14,22 @@ def tiny_trained():
     return train(make_tiny_logreg())
 
 
+@pytest.fixture(scope="module")
+def required_settings(tiny_trained, tmp_path_factory):
+    """Settings without a default: the `scores` estimator reads a file (exact's scores here)."""
+    problem = tiny_trained.problem
+    path = tmp_path_factory.mktemp("scores") / "exact.npy"
+    exact = ESTIMATORS.get("exact")().fit(tiny_trained).scores(problem.test, problem.train)
+    np.save(path, exact.numpy())
+    return {"scores": {"path": str(path)}}
+
+
 @pytest.mark.parametrize("name", ESTIMATORS.names())
-def test_estimator_contract(name, tiny_trained):
+def test_estimator_contract(name, tiny_trained, required_settings):
     problem = tiny_trained.problem
     cls = ESTIMATORS.get(name)
-    estimator = cls()
+    settings = required_settings.get(name, {})
+    estimator = cls(**settings)
     assert isinstance(estimator, Estimator)
     assert not any(attr.endswith("_") and not attr.startswith("_") for attr in vars(estimator))
     params_before = {k: v.clone() for k, v in tiny_trained.model.module.state_dict().items()}
@@ -26,7 +38,7 @@ def test_estimator_contract(name, tiny_trained):
     assert estimator.fit(tiny_trained) is estimator
     test, train_subset = problem.test.subset(torch.arange(5)), problem.train.subset(torch.arange(7))
     first = estimator.scores(test, train_subset)
-    second = cls().fit(tiny_trained).scores(test, train_subset)
+    second = cls(**settings).fit(tiny_trained).scores(test, train_subset)
 
     assert first.shape == (5, 7)
     assert first.dtype == problem.dtype
@@ -40,9 +52,9 @@ def test_estimator_contract(name, tiny_trained):
 
 
 @pytest.mark.parametrize("name", ESTIMATORS.names())
-def test_scores_rows_follow_test_and_columns_follow_train(name, tiny_trained):
+def test_scores_rows_follow_test_and_columns_follow_train(name, tiny_trained, required_settings):
     problem = tiny_trained.problem
-    estimator = ESTIMATORS.get(name)().fit(tiny_trained)
+    estimator = ESTIMATORS.get(name)(**required_settings.get(name, {})).fit(tiny_trained)
     full = estimator.scores(problem.test, problem.train)
     rows, cols = torch.tensor([4, 1]), torch.tensor([9, 0, 3])
     part = estimator.scores(problem.test.subset(rows), problem.train.subset(cols))
