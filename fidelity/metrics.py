@@ -118,6 +118,22 @@ def score(
     return result
 
 
+def mean_interval(
+    values: np.ndarray, *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> Interval:
+    """The mean of ``values`` (one per test point) with a percentile bootstrap interval."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return Interval(None)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    if not n_boot:
+        return Interval.of(float(values.mean()))
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Interval.of(float(values.mean()), float(low), float(high))
+
+
 def subset_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """``[n_subsets, n_test]``: an estimator's additive prediction for each subset, the sum of its
     deltas ``scores`` ``[n_test, N]`` over the dropped points weighted by the dropped weight

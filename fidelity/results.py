@@ -177,6 +177,39 @@ class LdsResults:
 
 
 @dataclass(frozen=True)
+class CounterfactualPoint:
+    """One budget k of a ranking: the mean change of the target on the test point when its top-k
+    points are dropped (interval over test points), and the fraction of correctly classified
+    test points whose prediction flips (None for regression)."""
+
+    k: int
+    change: Interval
+    flipped: float | None
+
+
+@dataclass(frozen=True)
+class Brittleness:
+    """dattri's brittleness: over the correctly classified (test point, seed) pairs, the fraction
+    that some k of the grid flips, and the median smallest such k among those flipped."""
+
+    correct: int
+    flipped_within_budget: float | None
+    median_k: float | None
+
+
+@dataclass(frozen=True)
+class CounterfactualResults:
+    """Top-k counterfactual removal per ranking (estimators, then `random` and `highest loss`)."""
+
+    response: str
+    target: str
+    seeds: int
+    ks: tuple[int, ...]
+    curves: dict[str, tuple[CounterfactualPoint, ...]]
+    brittleness: dict[str, Brittleness]
+
+
+@dataclass(frozen=True)
 class RemovedCounts:
     top: int
     random: int
@@ -216,6 +249,7 @@ class ProblemResults:
     timings: dict[str, float]
     arrays_file: str
     lds: tuple[LdsResults, ...] = ()
+    counterfactuals: tuple[CounterfactualResults, ...] = ()
 
     def metric(self, estimator: str, response: str, name: str) -> Interval | None:
         return self.metrics.get(estimator, {}).get(response, {}).get(name)
@@ -248,13 +282,23 @@ class RunResults:
 
     def metric_table(self) -> MetricTable:
         """Every metric by problem, estimator, response and name; an LDS appears as response
-        ``SUBSETS@ALPHA`` with metrics ``lds`` and ``lds_pearson``."""
+        ``SUBSETS@ALPHA`` with metrics ``lds`` and ``lds_pearson``, a counterfactual budget as
+        ``COUNTERFACTUAL@kK`` with ``change`` and ``flipped`` (baselines as estimators
+        ``random`` and ``highest loss``)."""
         table: MetricTable = {}
         for name, problem in self.problems.items():
             by_estimator = {e: dict(by_response) for e, by_response in problem.metrics.items()}
             for entry in problem.lds:
                 for estimator, metrics in entry.metrics.items():
                     by_estimator.setdefault(estimator, {})[entry.label] = metrics
+            for found in problem.counterfactuals:
+                for method, curve in found.curves.items():
+                    for point in curve:
+                        measured = {"change": point.change}
+                        if point.flipped is not None:
+                            measured["flipped"] = Interval(point.flipped)
+                        label = f"{found.response}@k{point.k}"
+                        by_estimator.setdefault(method, {})[label] = measured
             table[name] = by_estimator
         return table
 

@@ -42,6 +42,7 @@ from fidelity.memory import PeakMemory
 from fidelity.metrics import (
     conformance,
     lds,
+    mean_interval,
     pearson,
     row_pearson,
     row_spearman,
@@ -52,8 +53,11 @@ from fidelity.metrics import split_half_reliability as noise_ceiling
 from fidelity.problems import load_problem
 from fidelity.results import (
     SCHEMA_VERSION,
+    Brittleness,
     Conformance,
     CorrelationMatrix,
+    CounterfactualPoint,
+    CounterfactualResults,
     Decomposition,
     EstimatorRecord,
     InfluentialRemoval,
@@ -71,7 +75,16 @@ from fidelity.results import (
 from fidelity.selection import choose_removals, choose_test_points
 from fidelity.suite import ComponentSpec, SelectionSpec, Suite, build_component
 from reports import write_reports
-from retrain import RESPONSES, SUBSET_RESPONSES, Execution, SubsetResult, SubsetsResponse, train
+from retrain import (
+    COUNTERFACTUAL_RESPONSES,
+    RESPONSES,
+    SUBSET_RESPONSES,
+    CounterfactualResult,
+    Execution,
+    SubsetResult,
+    SubsetsResponse,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -132,12 +145,14 @@ class Responses:
 
 @dataclass(frozen=True)
 class Datamodels:
-    """Subset retraining (by stage label) and every estimator's deltas for every training point
-    ``[n_test, N]`` (by estimator label), from which its additive subset predictions follow."""
+    """Subset retraining and top-k counterfactual removal (by stage label), and every
+    estimator's deltas for every training point ``[n_test, N]`` (by estimator label), from which
+    its additive subset predictions and its top-k rankings follow."""
 
     subsets: dict[str, SubsetResult]
     settings: dict[str, SubsetsResponse]
     full_scores: dict[str, np.ndarray]
+    counterfactuals: dict[str, CounterfactualResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,7 @@ class Scores:
     per_test: tuple[PerTestCorrelations, ...]
     conformance: dict[str, Conformance]
     lds: tuple[LdsResults, ...] = ()
+    counterfactuals: tuple[CounterfactualResults, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -291,8 +307,9 @@ def respond(
 def retrain_subsets(
     setup: Setup, predictions: Predictions, suite: Suite, execution: Execution
 ) -> Datamodels:
-    """Every subset stage that runs here, and the deltas of every estimator for every training
-    point (an LDS needs them all; the ranking estimator's are reused)."""
+    """Every subset and counterfactual stage that runs here, and the deltas of every estimator
+    for every training point (an LDS and a top-k ranking need them all; the ranking estimator's
+    are reused)."""
     found, settings = {}, {}
     for spec in (spec for spec in suite.subsets if spec.runs_on(*setup.names)):
         stage = build_component(
@@ -301,15 +318,78 @@ def retrain_subsets(
         result = stage.compute(setup.trained, setup.test, execution)
         _check_finite(result.per_seed.numpy(), f"subsets {spec.label!r} on {setup.problem.name!r}")
         found[spec.label], settings[spec.label] = result, stage
+    counterfactual_specs = [s for s in suite.counterfactuals if s.runs_on(*setup.names)]
     full_scores = {}
-    if found:
+    if found or counterfactual_specs:
         train = setup.problem.train
         for label, estimator in predictions.estimators.items():
             scores = predictions.full_scores.get(label)
             if scores is None:
                 scores = estimator.scores(setup.test, train).detach().cpu().numpy()
             full_scores[label] = scores
-    return Datamodels(found, settings, full_scores)
+    counterfactuals = {}
+    for spec in counterfactual_specs:
+        stage = build_component(
+            COUNTERFACTUAL_RESPONSES,
+            spec.kind,
+            suite.settings_for(spec, *setup.names),
+            where=spec.label,
+        )
+        counterfactuals[spec.label] = stage.compute(
+            setup.trained, setup.test, full_scores, execution
+        )
+    return Datamodels(found, settings, full_scores, counterfactuals)
+
+
+def score_counterfactuals(
+    datamodels: Datamodels, suite: Suite
+) -> tuple[CounterfactualResults, ...]:
+    """Per ranking and budget: the mean change on the test point (bootstrap over test points)
+    and the fraction of correctly classified test points flipped; and brittleness."""
+    found = []
+    for label, result in datamodels.counterfactuals.items():
+        change = result.change.numpy()  # [seeds, methods, test, ks]
+        before = None if result.correct_before is None else result.correct_before.numpy()
+        after = None if result.correct_after is None else result.correct_after.numpy()
+        curves, brittleness = {}, {}
+        for m, method in enumerate(result.methods):
+            points = []
+            for kk, k in enumerate(result.ks):
+                flipped = None
+                if before is not None and after is not None and before.any():
+                    flipped = float((~after[:, m, :, kk])[before].mean())
+                interval = mean_interval(
+                    change[:, m, :, kk].mean(0),
+                    n_boot=suite.metrics.bootstrap,
+                    confidence=suite.metrics.confidence,
+                    seed=suite.seed,
+                )
+                points.append(CounterfactualPoint(k, interval, flipped))
+            curves[method] = tuple(points)
+            if before is not None and after is not None:
+                flips = ~after[:, m]  # [seeds, test, ks]
+                smallest = [
+                    result.ks[int(np.argmax(flips[s, t]))]
+                    for s, t in zip(*np.nonzero(before), strict=True)
+                    if flips[s, t].any()
+                ]
+                correct = int(before.sum())
+                brittleness[method] = Brittleness(
+                    correct=correct,
+                    flipped_within_budget=len(smallest) / correct if correct else None,
+                    median_k=float(np.median(smallest)) if smallest else None,
+                )
+        found.append(
+            CounterfactualResults(
+                response=label,
+                target=result.target,
+                seeds=int(change.shape[0]),
+                ks=result.ks,
+                curves=curves,
+                brittleness=brittleness,
+            )
+        )
+    return tuple(found)
 
 
 def score_lds(datamodels: Datamodels, suite: Suite) -> tuple[LdsResults, ...]:
@@ -398,7 +478,8 @@ def score_all(
         if spec.reference is not None and spec.reference in predictions.deltas
     }
     lds_found = () if datamodels is None else score_lds(datamodels, suite)
-    return Scores(metrics, correlations, tuple(per_test), found, lds_found)
+    counterfactuals = () if datamodels is None else score_counterfactuals(datamodels, suite)
+    return Scores(metrics, correlations, tuple(per_test), found, lds_found, counterfactuals)
 
 
 def decompose_gaps(
@@ -492,6 +573,7 @@ def assemble(
         timings=timings,
         arrays_file=f"arrays/{safe_filename(problem.name)}.npz",
         lds=scores.lds,
+        counterfactuals=scores.counterfactuals,
     )
     arrays: dict[str, np.ndarray] = {
         "test_index": setup.test_index,
@@ -508,8 +590,16 @@ def assemble(
             arrays[f"subsets/{label}/masks"] = result.masks.numpy()
             arrays[f"subsets/{label}/alphas"] = result.alphas.numpy()
             arrays[f"subsets/{label}/seeds"] = result.per_seed.numpy()
+    if datamodels is not None:
         for label, full in datamodels.full_scores.items():
             arrays[f"scores/{label}"] = full
+        for label, found in datamodels.counterfactuals.items():
+            arrays[f"counterfactual/{label}/change"] = found.change.numpy()
+            arrays[f"counterfactual/{label}/methods"] = np.array(found.methods)
+            arrays[f"counterfactual/{label}/ks"] = np.array(found.ks)
+            if found.correct_after is not None and found.correct_before is not None:
+                arrays[f"counterfactual/{label}/correct_after"] = found.correct_after.numpy()
+                arrays[f"counterfactual/{label}/correct_before"] = found.correct_before.numpy()
     return ProblemOutcome(results, arrays)
 
 
@@ -526,7 +616,7 @@ def evaluate_problem(
     subsets_seconds = time.perf_counter() - tick
     scores = score_all(predictions, responses, suite, datamodels)
     timings = {"train_seconds": setup.train_seconds}
-    if datamodels.subsets:
+    if datamodels.subsets or datamodels.counterfactuals:
         timings["subsets_seconds"] = subsets_seconds
     gaps = None
     if decomposition:

@@ -56,7 +56,7 @@ from typing import Any
 from estimators import ESTIMATORS
 from fidelity.core.errors import FidelityError
 from fidelity.core.registry import Registry
-from retrain import RESPONSES, SUBSET_RESPONSES
+from retrain import COUNTERFACTUAL_RESPONSES, RESPONSES, SUBSET_RESPONSES
 
 BUILTIN_SUITES_PACKAGE = "fidelity.suites"
 
@@ -158,6 +158,8 @@ class Suite:
     selection: SelectionSpec = SelectionSpec()
     # Subset retraining for the linear datamodeling score (retrain.subsets); optional.
     subsets: tuple[ComponentSpec, ...] = ()
+    # Top-k counterfactual removal (retrain.counterfactual); optional.
+    counterfactuals: tuple[ComponentSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
     description: str = ""
     seed: int = 0
@@ -178,7 +180,7 @@ class Suite:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for group in ("estimators", "responses", "subsets"):
+        for group in ("estimators", "responses", "subsets", "counterfactuals"):
             data[group] = [
                 {
                     **dict(c["settings"]),
@@ -361,6 +363,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         "metrics",
         "damping",
         "subsets",
+        "counterfactuals",
     }
     _check_keys(data, allowed, where)
     for required in ("name", "problems", "estimators", "responses"):
@@ -384,12 +387,21 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         subsets = _components(
             data["subsets"], "subset response", SUBSET_RESPONSES, f"{where}: subsets"
         )
-        taken = {spec.label for spec in responses} & {spec.label for spec in subsets}
-        if taken:
-            raise FidelityError(
-                f"{where}: subsets label(s) {', '.join(sorted(taken))} are response labels too; "
-                "give each a unique label"
-            )
+    counterfactuals: tuple[ComponentSpec, ...] = ()
+    if "counterfactuals" in data:
+        counterfactuals = _components(
+            data["counterfactuals"],
+            "counterfactual stage",
+            COUNTERFACTUAL_RESPONSES,
+            f"{where}: counterfactuals",
+        )
+    labels = [spec.label for spec in (*responses, *subsets, *counterfactuals)]
+    taken = sorted({label for label in labels if labels.count(label) > 1})
+    if taken:
+        raise FidelityError(
+            f"{where}: label(s) {', '.join(taken)} name more than one response, subsets or "
+            "counterfactual stage; give each a unique label"
+        )
     selection_table = dict(_expect(data.get("selection", {}), dict, f"{where}: selection"))
     selection_changes = _expect(
         selection_table.pop("overrides", {}), dict, f"{where}: selection.overrides"
@@ -403,7 +415,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         for problem, changes in selection_changes.items()
     }
     metrics = _dataclass_from_table(MetricsSpec, data.get("metrics", {}), f"{where}: metrics")
-    for spec in (*estimators, *responses, *subsets):
+    for spec in (*estimators, *responses, *subsets, *counterfactuals):
         for what, named in (("overrides", spec.overrides), ("problems", spec.problems or ())):
             unknown = sorted(set(named) - set(problems))
             if unknown:
@@ -431,6 +443,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         *((spec, ESTIMATORS) for spec in estimators),
         *((spec, RESPONSES) for spec in responses),
         *((spec, SUBSET_RESPONSES) for spec in subsets),
+        *((spec, COUNTERFACTUAL_RESPONSES) for spec in counterfactuals),
     ]
     for spec, registry in checked:
         # Every problem's settings (own, overridden, inherited) must build; this does no work.
@@ -450,6 +463,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         responses=responses,
         selection=selection,
         subsets=subsets,
+        counterfactuals=counterfactuals,
         metrics=metrics,
         description=_expect(data.get("description", ""), str, f"{where}: description"),
         seed=seed,

@@ -116,6 +116,8 @@ def outline(
             blocks.append(Warnings(tuple(warnings)))
         blocks.append(TableBlock(tables.metrics_table(problem)))
         blocks.append(TableBlock(tables.lds_table(problem)))
+        blocks.append(TableBlock(tables.counterfactual_table(problem)))
+        blocks.append(TableBlock(tables.brittleness_table(problem)))
         blocks += [
             Figure(shown[kind], FIGURE_CAPTIONS[kind])
             for kind in ("scatter", "heatmap", "per-test")

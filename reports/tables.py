@@ -118,6 +118,60 @@ def lds_table(problem: ProblemResults) -> Table | None:
     return Table("Linear datamodeling score", header, rows, note)
 
 
+def counterfactual_table(problem: ProblemResults) -> Table | None:
+    """Top-k removal per ranking and budget: mean change of the target, fraction flipped."""
+    if not problem.counterfactuals:
+        return None
+    rows = [
+        (
+            method,
+            found.response,
+            found.target,
+            str(point.k),
+            format_interval(point.change),
+            "-" if point.flipped is None else f"{point.flipped:.3f}",
+        )
+        for found in problem.counterfactuals
+        for method, curve in found.curves.items()
+        for point in curve
+    ]
+    header = ("ranking", "stage", "target", "k removed", "mean change", "flipped")
+    note = (
+        "per test point, its k most helpful training points (largest delta) removed and the "
+        "model retrained; mean change of the target on that test point (interval over test "
+        "points); flipped: fraction of correctly classified test points predicted wrong after"
+    )
+    return Table("Top-k counterfactual removal", header, rows, note)
+
+
+def brittleness_table(problem: ProblemResults) -> Table | None:
+    """dattri's brittleness per ranking."""
+    rows = [
+        (
+            method,
+            found.response,
+            str(entry.correct),
+            number(entry.flipped_within_budget, ".3f"),
+            number(entry.median_k, ".0f"),
+            str(max(found.ks)),
+        )
+        for found in problem.counterfactuals
+        for method, entry in found.brittleness.items()
+    ]
+    if not rows:
+        return None
+    header = (
+        "ranking",
+        "stage",
+        "correct (test point x seed)",
+        "flipped within budget",
+        "median smallest k",
+        "budget",
+    )
+    note = "the smallest k of the grid whose top-k removal flips a correctly classified point"
+    return Table("Brittleness", header, rows, note)
+
+
 def agreement_table(problem: ProblemResults) -> Table | None:
     """The estimators' block of the correlation matrix."""
     labels = list(problem.estimators)

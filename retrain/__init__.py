@@ -6,6 +6,7 @@ workers and cached, ``refit`` the one refit template with its presets (cold, war
 """
 
 from fidelity.core.registry import Registry
+from retrain.counterfactual import CounterfactualResponse, CounterfactualResult
 from retrain.execution import Execution
 from retrain.linear import LinearResponse
 from retrain.pbrf import PbrfResponse
@@ -20,11 +21,16 @@ for _response in (ColdResponse, WarmResponse, ProximalResponse, PbrfResponse, Li
 # Subset retraining has its own result (masks and measured changes, not per-point deltas).
 SUBSET_RESPONSES: Registry[type[SubsetsResponse]] = Registry("subset response")
 SUBSET_RESPONSES.register(SubsetsResponse.name)(SubsetsResponse)
+COUNTERFACTUAL_RESPONSES: Registry[type[CounterfactualResponse]] = Registry("counterfactual")
+COUNTERFACTUAL_RESPONSES.register(CounterfactualResponse.name)(CounterfactualResponse)
 
 __all__ = [
+    "COUNTERFACTUAL_RESPONSES",
     "RESPONSES",
     "SUBSET_RESPONSES",
     "ColdResponse",
+    "CounterfactualResponse",
+    "CounterfactualResult",
     "Execution",
     "LinearResponse",
     "PbrfResponse",

@@ -83,7 +83,7 @@ def test_history_check_and_reports_carry_the_lds(lds_run, tmp_path):
     ("change", "message"),
     [
         ({"subsets": [{"kind": "subsets", "alphas": [1.2]}]}, r"alphas must lie in \(0, 1\)"),
-        ({"subsets": [{"kind": "subsets", "label": "cold"}]}, "are response labels too"),
+        ({"subsets": [{"kind": "subsets", "label": "cold"}]}, "name more than one response"),
         ({"subsets": [{"kind": "subsets", "problems": ["digits-mlp"]}]}, "does not run"),
         ({"subsets": [{"kind": "subsets", "fraction": 0.5}]}, "unknown key"),
     ],
@@ -91,3 +91,46 @@ def test_history_check_and_reports_carry_the_lds(lds_run, tmp_path):
 def test_bad_subset_stages_name_the_problem(change, message):
     with pytest.raises(FidelityError, match=message):
         parse_suite({**LDS_SUITE, **change})
+
+
+COUNTERFACTUAL_SUITE = {
+    "name": "topk",
+    "problems": ["cancer-logreg"],
+    "selection": {"test_points": 6, "top": 4, "random": 4},
+    "metrics": {"bootstrap": 100},
+    "estimators": [{"kind": "exact"}, {"kind": "grad-dot"}],
+    "responses": [{"kind": "cold"}],
+    "counterfactuals": [{"kind": "counterfactual", "ks": [5, 20]}],
+}
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("topk") / "run"
+    return run_suite(parse_suite(COUNTERFACTUAL_SUITE), RunOptions(out=out)), out
+
+
+def test_influence_finds_the_points_whose_removal_hurts_most(topk_run):
+    results, out = topk_run
+    (problem,) = results.problems.values()
+    (found,) = problem.counterfactuals
+    assert set(found.curves) == {"exact", "grad-dot", "random", "highest loss"}
+    assert found.ks == (5, 20) and found.seeds == 1 and found.target == "loss"
+    exact = {point.k: point for point in found.curves["exact"]}
+    random = {point.k: point for point in found.curves["random"]}
+    # removing the most helpful points raises the test loss, far more than random removals
+    assert exact[20].change.value > 0
+    assert exact[20].change.value > 5 * abs(random[20].change.value)
+    assert exact[20].change.value >= exact[5].change.value
+    for point in found.curves["exact"]:
+        assert point.flipped is not None and 0 <= point.flipped <= 1
+    assert found.brittleness["exact"].correct >= 1
+    arrays = np.load(out / problem.arrays_file)
+    assert arrays["counterfactual/counterfactual/change"].shape == (1, 4, 6, 2)
+    table = results.metric_table()["cancer-logreg"]
+    assert table["exact"]["counterfactual@k20"]["change"] == exact[20].change
+    report = (out / "report.md").read_text()
+    assert "Top-k counterfactual removal" in report and "Brittleness" in report
+    document = json.loads((out / "results.json").read_text())
+    jsonschema.validate(document, schema())
+    assert RunResults.from_json(document) == results
