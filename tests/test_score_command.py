@@ -90,11 +90,13 @@ def test_bad_score_files_are_one_line_errors(setting, capsys):
     np.savez(root / "few.npz", scores=exact[:2], test_index=np.array([0, 1]))
     np.savez(root / "twice.npz", scores=exact[:2], test_index=np.array([0, 0]))
     np.save(root / "nan.npy", np.full_like(exact, np.nan))
+    np.save(root / "int.npy", np.zeros(exact.shape, dtype=np.int64))
     cases = {
         "short.npy": "needs",
         "few.npz": "covers no score for",
         "twice.npz": "holds an index twice",
         "nan.npy": "NaN or infinite",
+        "int.npy": "2-d floating-point array",
         "missing.npy": "does not exist",
     }
     for name, message in cases.items():
