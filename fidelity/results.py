@@ -210,6 +210,39 @@ class CounterfactualResults:
 
 
 @dataclass(frozen=True)
+class GroupSize:
+    """Mean signed effect over the groups of one size and the test points: measured and
+    predicted (the sum of the estimator's deltas over the group)."""
+
+    size: int
+    groups: int
+    mean_actual: float | None
+    mean_predicted: float | None
+
+
+@dataclass(frozen=True)
+class GroupFit:
+    """Predicted against actual group effects over every (group, test point) pair of one kind:
+    Pearson, Spearman, and the slope of predicted on actual through the origin (below 1: the
+    additive prediction underestimates the effect, Koh et al. 2019's finding)."""
+
+    pearson: float | None
+    spearman: float | None
+    slope: float | None
+    sizes: tuple[GroupSize, ...]
+
+
+@dataclass(frozen=True)
+class GroupResults:
+    """Group effects of one stage: ``fits[estimator][kind]``."""
+
+    response: str
+    target: str
+    seeds: int
+    fits: dict[str, dict[str, GroupFit]]
+
+
+@dataclass(frozen=True)
 class RemovedCounts:
     top: int
     random: int
@@ -250,6 +283,7 @@ class ProblemResults:
     arrays_file: str
     lds: tuple[LdsResults, ...] = ()
     counterfactuals: tuple[CounterfactualResults, ...] = ()
+    groups: tuple[GroupResults, ...] = ()
 
     def metric(self, estimator: str, response: str, name: str) -> Interval | None:
         return self.metrics.get(estimator, {}).get(response, {}).get(name)
@@ -284,7 +318,8 @@ class RunResults:
         """Every metric by problem, estimator, response and name; an LDS appears as response
         ``SUBSETS@ALPHA`` with metrics ``lds`` and ``lds_pearson``, a counterfactual budget as
         ``COUNTERFACTUAL@kK`` with ``change`` and ``flipped`` (baselines as estimators
-        ``random`` and ``highest loss``)."""
+        ``random`` and ``highest loss``), a group kind as ``GROUPS:KIND`` with ``pearson``,
+        ``spearman`` and ``slope``."""
         table: MetricTable = {}
         for name, problem in self.problems.items():
             by_estimator = {e: dict(by_response) for e, by_response in problem.metrics.items()}
@@ -299,6 +334,15 @@ class RunResults:
                             measured["flipped"] = Interval(point.flipped)
                         label = f"{found.response}@k{point.k}"
                         by_estimator.setdefault(method, {})[label] = measured
+            for effects in problem.groups:
+                for estimator, by_kind in effects.fits.items():
+                    for kind, fit in by_kind.items():
+                        label = f"{effects.response}:{kind}"
+                        by_estimator.setdefault(estimator, {})[label] = {
+                            "pearson": Interval(fit.pearson),
+                            "spearman": Interval(fit.spearman),
+                            "slope": Interval(fit.slope),
+                        }
             table[name] = by_estimator
         return table
 

@@ -47,6 +47,7 @@ from fidelity.metrics import (
     row_pearson,
     row_spearman,
     score,
+    spearman,
     subset_predictions,
 )
 from fidelity.metrics import split_half_reliability as noise_ceiling
@@ -60,6 +61,9 @@ from fidelity.results import (
     CounterfactualResults,
     Decomposition,
     EstimatorRecord,
+    GroupFit,
+    GroupResults,
+    GroupSize,
     InfluentialRemoval,
     Interval,
     LdsResults,
@@ -77,10 +81,12 @@ from fidelity.suite import ComponentSpec, SelectionSpec, Suite, build_component
 from reports import write_reports
 from retrain import (
     COUNTERFACTUAL_RESPONSES,
+    GROUP_RESPONSES,
     RESPONSES,
     SUBSET_RESPONSES,
     CounterfactualResult,
     Execution,
+    GroupResult,
     SubsetResult,
     SubsetsResponse,
     train,
@@ -153,6 +159,7 @@ class Datamodels:
     settings: dict[str, SubsetsResponse]
     full_scores: dict[str, np.ndarray]
     counterfactuals: dict[str, CounterfactualResult] = field(default_factory=dict)
+    groups: dict[str, GroupResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,7 @@ class Scores:
     conformance: dict[str, Conformance]
     lds: tuple[LdsResults, ...] = ()
     counterfactuals: tuple[CounterfactualResults, ...] = ()
+    groups: tuple[GroupResults, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -319,8 +327,9 @@ def retrain_subsets(
         _check_finite(result.per_seed.numpy(), f"subsets {spec.label!r} on {setup.problem.name!r}")
         found[spec.label], settings[spec.label] = result, stage
     counterfactual_specs = [s for s in suite.counterfactuals if s.runs_on(*setup.names)]
+    group_specs = [s for s in suite.groups if s.runs_on(*setup.names)]
     full_scores = {}
-    if found or counterfactual_specs:
+    if found or counterfactual_specs or group_specs:
         train = setup.problem.train
         for label, estimator in predictions.estimators.items():
             scores = predictions.full_scores.get(label)
@@ -338,7 +347,49 @@ def retrain_subsets(
         counterfactuals[spec.label] = stage.compute(
             setup.trained, setup.test, full_scores, execution
         )
-    return Datamodels(found, settings, full_scores, counterfactuals)
+    groups = {}
+    for spec in group_specs:
+        stage = build_component(
+            GROUP_RESPONSES, spec.kind, suite.settings_for(spec, *setup.names), where=spec.label
+        )
+        groups[spec.label] = stage.compute(setup.trained, setup.test, execution)
+    return Datamodels(found, settings, full_scores, counterfactuals, groups)
+
+
+def score_groups(datamodels: Datamodels) -> tuple[GroupResults, ...]:
+    """Per estimator and group kind: predicted (the sum of its deltas over the group) against
+    the measured change over every (group, test point) pair, and the means per size."""
+    found = []
+    for label, result in datamodels.groups.items():
+        members = result.members.numpy()
+        actual = result.per_seed.numpy().mean(0)  # [groups, n_test]
+        kinds, sizes = np.array(result.kinds), np.array(result.sizes)
+        fits: dict[str, dict[str, GroupFit]] = {}
+        for estimator, scores in datamodels.full_scores.items():
+            predicted = subset_predictions(scores, 1.0 - members)  # the sum over each group
+            fits[estimator] = {}
+            for kind in dict.fromkeys(result.kinds):
+                rows = kinds == kind
+                p, a = predicted[rows], actual[rows]
+                denominator = float((a * a).sum())
+                per_size = tuple(
+                    GroupSize(
+                        size=int(size),
+                        groups=int((rows & (sizes == size)).sum()),
+                        mean_actual=finite_or_none(actual[rows & (sizes == size)].mean()),
+                        mean_predicted=finite_or_none(predicted[rows & (sizes == size)].mean()),
+                    )
+                    for size in dict.fromkeys(result.sizes)
+                )
+                fits[estimator][kind] = GroupFit(
+                    pearson=finite_or_none(pearson(p, a)),
+                    spearman=finite_or_none(spearman(p, a)),
+                    slope=finite_or_none((p * a).sum() / denominator) if denominator else None,
+                    sizes=per_size,
+                )
+        seeds = int(result.per_seed.shape[0])
+        found.append(GroupResults(label, result.target, seeds, fits))
+    return tuple(found)
 
 
 def score_counterfactuals(
@@ -479,7 +530,8 @@ def score_all(
     }
     lds_found = () if datamodels is None else score_lds(datamodels, suite)
     counterfactuals = () if datamodels is None else score_counterfactuals(datamodels, suite)
-    return Scores(metrics, correlations, tuple(per_test), found, lds_found, counterfactuals)
+    groups = () if datamodels is None else score_groups(datamodels)
+    return Scores(metrics, correlations, tuple(per_test), found, lds_found, counterfactuals, groups)
 
 
 def decompose_gaps(
@@ -574,6 +626,7 @@ def assemble(
         arrays_file=f"arrays/{safe_filename(problem.name)}.npz",
         lds=scores.lds,
         counterfactuals=scores.counterfactuals,
+        groups=scores.groups,
     )
     arrays: dict[str, np.ndarray] = {
         "test_index": setup.test_index,
@@ -600,6 +653,11 @@ def assemble(
             if found.correct_after is not None and found.correct_before is not None:
                 arrays[f"counterfactual/{label}/correct_after"] = found.correct_after.numpy()
                 arrays[f"counterfactual/{label}/correct_before"] = found.correct_before.numpy()
+        for label, effects in datamodels.groups.items():
+            arrays[f"groups/{label}/members"] = effects.members.numpy()
+            arrays[f"groups/{label}/kinds"] = np.array(effects.kinds)
+            arrays[f"groups/{label}/sizes"] = np.array(effects.sizes)
+            arrays[f"groups/{label}/seeds"] = effects.per_seed.numpy()
     return ProblemOutcome(results, arrays)
 
 
@@ -616,7 +674,7 @@ def evaluate_problem(
     subsets_seconds = time.perf_counter() - tick
     scores = score_all(predictions, responses, suite, datamodels)
     timings = {"train_seconds": setup.train_seconds}
-    if datamodels.subsets or datamodels.counterfactuals:
+    if datamodels.subsets or datamodels.counterfactuals or datamodels.groups:
         timings["subsets_seconds"] = subsets_seconds
     gaps = None
     if decomposition:

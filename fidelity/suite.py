@@ -56,7 +56,7 @@ from typing import Any
 from estimators import ESTIMATORS
 from fidelity.core.errors import FidelityError
 from fidelity.core.registry import Registry
-from retrain import COUNTERFACTUAL_RESPONSES, RESPONSES, SUBSET_RESPONSES
+from retrain import COUNTERFACTUAL_RESPONSES, GROUP_RESPONSES, RESPONSES, SUBSET_RESPONSES
 
 BUILTIN_SUITES_PACKAGE = "fidelity.suites"
 
@@ -160,6 +160,8 @@ class Suite:
     subsets: tuple[ComponentSpec, ...] = ()
     # Top-k counterfactual removal (retrain.counterfactual); optional.
     counterfactuals: tuple[ComponentSpec, ...] = ()
+    # Group effects (retrain.groups); optional.
+    groups: tuple[ComponentSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
     description: str = ""
     seed: int = 0
@@ -180,7 +182,7 @@ class Suite:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for group in ("estimators", "responses", "subsets", "counterfactuals"):
+        for group in ("estimators", "responses", "subsets", "counterfactuals", "groups"):
             data[group] = [
                 {
                     **dict(c["settings"]),
@@ -364,6 +366,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         "damping",
         "subsets",
         "counterfactuals",
+        "groups",
     }
     _check_keys(data, allowed, where)
     for required in ("name", "problems", "estimators", "responses"):
@@ -395,12 +398,15 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
             COUNTERFACTUAL_RESPONSES,
             f"{where}: counterfactuals",
         )
-    labels = [spec.label for spec in (*responses, *subsets, *counterfactuals)]
+    groups: tuple[ComponentSpec, ...] = ()
+    if "groups" in data:
+        groups = _components(data["groups"], "group stage", GROUP_RESPONSES, f"{where}: groups")
+    labels = [spec.label for spec in (*responses, *subsets, *counterfactuals, *groups)]
     taken = sorted({label for label in labels if labels.count(label) > 1})
     if taken:
         raise FidelityError(
-            f"{where}: label(s) {', '.join(taken)} name more than one response, subsets or "
-            "counterfactual stage; give each a unique label"
+            f"{where}: label(s) {', '.join(taken)} name more than one response, subsets, "
+            "counterfactual or group stage; give each a unique label"
         )
     selection_table = dict(_expect(data.get("selection", {}), dict, f"{where}: selection"))
     selection_changes = _expect(
@@ -415,7 +421,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         for problem, changes in selection_changes.items()
     }
     metrics = _dataclass_from_table(MetricsSpec, data.get("metrics", {}), f"{where}: metrics")
-    for spec in (*estimators, *responses, *subsets, *counterfactuals):
+    for spec in (*estimators, *responses, *subsets, *counterfactuals, *groups):
         for what, named in (("overrides", spec.overrides), ("problems", spec.problems or ())):
             unknown = sorted(set(named) - set(problems))
             if unknown:
@@ -444,6 +450,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         *((spec, RESPONSES) for spec in responses),
         *((spec, SUBSET_RESPONSES) for spec in subsets),
         *((spec, COUNTERFACTUAL_RESPONSES) for spec in counterfactuals),
+        *((spec, GROUP_RESPONSES) for spec in groups),
     ]
     for spec, registry in checked:
         # Every problem's settings (own, overridden, inherited) must build; this does no work.
@@ -464,6 +471,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
         selection=selection,
         subsets=subsets,
         counterfactuals=counterfactuals,
+        groups=groups,
         metrics=metrics,
         description=_expect(data.get("description", ""), str, f"{where}: description"),
         seed=seed,

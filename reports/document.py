@@ -118,6 +118,7 @@ def outline(
         blocks.append(TableBlock(tables.lds_table(problem)))
         blocks.append(TableBlock(tables.counterfactual_table(problem)))
         blocks.append(TableBlock(tables.brittleness_table(problem)))
+        blocks.append(TableBlock(tables.group_table(problem)))
         blocks += [
             Figure(shown[kind], FIGURE_CAPTIONS[kind])
             for kind in ("scatter", "heatmap", "per-test")

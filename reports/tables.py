@@ -172,6 +172,45 @@ def brittleness_table(problem: ProblemResults) -> Table | None:
     return Table("Brittleness", header, rows, note)
 
 
+def group_table(problem: ProblemResults) -> Table | None:
+    """Predicted against actual group effects per estimator and group kind."""
+    rows = []
+    for effects in problem.groups:
+        for estimator, by_kind in effects.fits.items():
+            for kind, fit in by_kind.items():
+                means = "; ".join(
+                    f"{entry.size}: {significant(entry.mean_actual)} / "
+                    f"{significant(entry.mean_predicted)}"
+                    for entry in fit.sizes
+                )
+                rows.append(
+                    (
+                        estimator,
+                        f"{effects.response}:{kind}",
+                        number(fit.pearson),
+                        number(fit.spearman),
+                        number(fit.slope, ".3f"),
+                        means,
+                    )
+                )
+    if not rows:
+        return None
+    header = (
+        "estimator",
+        "groups",
+        "Pearson",
+        "Spearman",
+        "slope predicted / actual",
+        "size: mean actual / mean predicted",
+    )
+    note = (
+        "over every (group, test point) pair: the measured change of the target when the group "
+        "is removed against the sum of the estimator's deltas over the group; slope through the "
+        "origin, below 1 where the prediction underestimates (Koh et al. 2019)"
+    )
+    return Table("Group effects", header, rows, note)
+
+
 def agreement_table(problem: ProblemResults) -> Table | None:
     """The estimators' block of the correlation matrix."""
     labels = list(problem.estimators)

@@ -8,6 +8,7 @@ workers and cached, ``refit`` the one refit template with its presets (cold, war
 from fidelity.core.registry import Registry
 from retrain.counterfactual import CounterfactualResponse, CounterfactualResult
 from retrain.execution import Execution
+from retrain.groups import GroupResult, GroupsResponse
 from retrain.linear import LinearResponse
 from retrain.pbrf import PbrfResponse
 from retrain.refit import ColdResponse, ProximalResponse, WarmResponse
@@ -23,15 +24,20 @@ SUBSET_RESPONSES: Registry[type[SubsetsResponse]] = Registry("subset response")
 SUBSET_RESPONSES.register(SubsetsResponse.name)(SubsetsResponse)
 COUNTERFACTUAL_RESPONSES: Registry[type[CounterfactualResponse]] = Registry("counterfactual")
 COUNTERFACTUAL_RESPONSES.register(CounterfactualResponse.name)(CounterfactualResponse)
+GROUP_RESPONSES: Registry[type[GroupsResponse]] = Registry("group stage")
+GROUP_RESPONSES.register(GroupsResponse.name)(GroupsResponse)
 
 __all__ = [
     "COUNTERFACTUAL_RESPONSES",
+    "GROUP_RESPONSES",
     "RESPONSES",
     "SUBSET_RESPONSES",
     "ColdResponse",
     "CounterfactualResponse",
     "CounterfactualResult",
     "Execution",
+    "GroupResult",
+    "GroupsResponse",
     "LinearResponse",
     "PbrfResponse",
     "ProximalResponse",

@@ -134,3 +134,29 @@ def test_influence_finds_the_points_whose_removal_hurts_most(topk_run):
     document = json.loads((out / "results.json").read_text())
     jsonschema.validate(document, schema())
     assert RunResults.from_json(document) == results
+
+
+GROUP_SUITE = {
+    **COUNTERFACTUAL_SUITE,
+    "name": "groups",
+    "counterfactuals": [],
+    "groups": [{"kind": "groups", "sizes": [5, 40], "groups": 4}],
+}
+del GROUP_SUITE["counterfactuals"]
+
+
+def test_group_effects_are_scored_per_kind(tmp_path):
+    results = run_suite(parse_suite(GROUP_SUITE), RunOptions(out=tmp_path / "run"))
+    (problem,) = results.problems.values()
+    (effects,) = problem.groups
+    assert set(effects.fits) == {"exact", "grad-dot"}
+    assert set(effects.fits["exact"]) == {"random", "class", "neighbours"}
+    random = effects.fits["exact"]["random"]
+    # random groups on a converged convex model: the additive prediction tracks the refit
+    assert random.pearson > 0.9 and 0.5 < random.slope < 1.5
+    assert [entry.size for entry in random.sizes] == [5, 40]
+    table = results.metric_table()["cancer-logreg"]
+    assert table["exact"]["groups:random"]["pearson"].value == random.pearson
+    assert "Group effects" in (tmp_path / "run" / "report.md").read_text()
+    arrays = np.load(tmp_path / "run" / problem.arrays_file)
+    assert arrays["groups/groups/members"].shape == (24, problem.n_train)

@@ -89,8 +89,8 @@ def test_bad_files_name_the_problem(tmp_path, change, message):
 def test_unknown_suite_name_lists_bundled_ones():
     with pytest.raises(
         FidelityError,
-        match=r"unknown suite .smok.; bundled suites: counterfactual, kfac, ladder, lds, nightly, "
-        r"noise, peers, smoke, solvers",
+        match=r"unknown suite .smok.; bundled suites: counterfactual, groups, kfac, ladder, lds, "
+        r"nightly, noise, peers, smoke, solvers",
     ):
         load_suite("smok")
 
