@@ -125,11 +125,11 @@ def mean_interval(
     values = np.asarray(values, float)
     if values.size == 0:
         return Interval(None)
+    if not n_boot:
+        return Interval.of(float(values.mean()))
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(axis=1)
     tail = 100 * (1 - confidence) / 2
-    if not n_boot:
-        return Interval.of(float(values.mean()))
     low, high = np.percentile(means, [tail, 100 - tail])
     return Interval.of(float(values.mean()), float(low), float(high))
 

@@ -24,11 +24,10 @@ from torch import Tensor
 from fidelity.core.checks import check_int, check_positive_int
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import per_example_loss
-from fidelity.core.problem import Examples, NewtonRecipe, TrainedProblem
+from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.core.registry import constructor_params
 from retrain.execution import Execution
-from retrain.subsets import TARGETS, mask_digest, measurement, retrain_masks
-from retrain.train import seeded_variant, train
+from retrain.subsets import TARGETS, mask_digest, retrain_masks_over_seeds
 
 RANDOM, HIGHEST_LOSS = "random", "highest loss"
 
@@ -149,29 +148,23 @@ class CounterfactualResponse:
                         masks.append(mask)
                     slots.append((m, t, kk, unique[digest]))
         weights = torch.as_tensor(np.stack(masks), dtype=problem.dtype, device=problem.device)
-        seeds = 1 if isinstance(problem.recipe, NewtonRecipe) else self.seeds
+        runs = retrain_masks_over_seeds(
+            trained, weights, execution, seeds=self.seeds, group_size=self.group_size
+        )
+        seeds, computed = len(runs), sum(run.computed for run in runs)
         shape = (seeds, len(methods), n_test, len(self.ks))
         change = torch.empty(shape, dtype=torch.float64)
         correct_after = torch.zeros(shape, dtype=torch.bool)
         before_rows: list[Tensor] = []
-        computed = 0
         classification = problem.loss != "mse"
-        for offset in range(seeds):
-            seed_trained = trained
-            if offset:
-                seed_trained = train(seeded_variant(problem, offset), cache=execution.cache)
-            refits = retrain_masks(seed_trained, weights, execution, group_size=self.group_size)
-            computed += refits.computed
-            thetas = torch.stack([refits.thetas[i] for i in range(len(masks))])
-            after = measurement(seed_trained, thetas, test, self.target)  # [n_masks, n_test]
-            full = seed_trained.theta.unsqueeze(0)
-            base = measurement(seed_trained, full, test, self.target)[0]
-            right = _correct(seed_trained, thetas, test)
-            before = _correct(seed_trained, full, test)
+        for offset, run in enumerate(runs):
+            changes = run.change(test, self.target)  # [n_masks, n_test]
+            right = _correct(run.trained, run.thetas, test)
+            before = _correct(run.trained, run.trained.theta.unsqueeze(0), test)
             if before is not None:
                 before_rows.append(before[0].cpu())
             for m, t, kk, row in slots:
-                change[offset, m, t, kk] = float(after[row, t] - base[t])
+                change[offset, m, t, kk] = float(changes[row, t])
                 if right is not None:
                     correct_after[offset, m, t, kk] = bool(right[row, t])
         info = {

@@ -22,11 +22,10 @@ from torch import Tensor
 
 from fidelity.core.checks import check_int, check_positive_int
 from fidelity.core.errors import FidelityError
-from fidelity.core.problem import Examples, NewtonRecipe, TrainedProblem
+from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.core.registry import constructor_params
 from retrain.execution import Execution
-from retrain.subsets import TARGETS, measurement, retrain_masks
-from retrain.train import seeded_variant, train
+from retrain.subsets import TARGETS, retrain_masks_over_seeds
 
 GROUP_KINDS = ("random", "class", "neighbours")
 
@@ -132,18 +131,11 @@ class GroupsResponse:
         for row, (_, _, indices) in enumerate(drawn):
             members[row, indices] = 1.0
         weights = torch.as_tensor(1.0 - members, dtype=problem.dtype, device=problem.device)
-        seeds = 1 if isinstance(problem.recipe, NewtonRecipe) else self.seeds
-        per_seed, computed = [], 0
-        for offset in range(seeds):
-            seed_trained = trained
-            if offset:
-                seed_trained = train(seeded_variant(problem, offset), cache=execution.cache)
-            refits = retrain_masks(seed_trained, weights, execution, group_size=self.group_size)
-            computed += refits.computed
-            thetas = torch.stack([refits.thetas[i] for i in range(len(drawn))])
-            after = measurement(seed_trained, thetas, test, self.target)
-            full = seed_trained.theta.unsqueeze(0)
-            per_seed.append(after - measurement(seed_trained, full, test, self.target))
+        runs = retrain_masks_over_seeds(
+            trained, weights, execution, seeds=self.seeds, group_size=self.group_size
+        )
+        per_seed = [run.change(test, self.target) for run in runs]
+        seeds, computed = len(runs), sum(run.computed for run in runs)
         info = {
             "groups": len(drawn),
             "seeds": seeds,

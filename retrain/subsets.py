@@ -126,6 +126,47 @@ def retrain_masks(
     return refits
 
 
+@dataclass(frozen=True)
+class SeedRefits:
+    """One training seed's retrains under a set of masks: the seed's own full model
+    (``trained``), the parameters it reached for each mask ``[n_masks, p]``, and how many were
+    retrained rather than loaded from the cache."""
+
+    trained: TrainedProblem
+    thetas: Tensor
+    computed: int
+
+    def change(self, test: Examples, target: str) -> Tensor:
+        """``[n_masks, n_test]``: m(z_t, theta_mask) - m(z_t, theta_s of this seed)."""
+        full = self.trained.theta.unsqueeze(0)
+        after = measurement(self.trained, self.thetas, test, target)
+        return after - measurement(self.trained, full, test, target)
+
+
+def retrain_masks_over_seeds(
+    trained: TrainedProblem,
+    masks: Tensor,
+    execution: Execution,
+    *,
+    seeds: int,
+    group_size: int,
+) -> list[SeedRefits]:
+    """``retrain_masks`` for ``seeds`` training seeds: seed s shifts the recipe's initialisation
+    and batch-order seeds by s and is paired with the full model trained from them (as `cold`
+    pairs its retrains). A Newton recipe's refit does not depend on the seed: one seed."""
+    problem = trained.problem
+    count = 1 if isinstance(problem.recipe, NewtonRecipe) else seeds
+    runs = []
+    for offset in range(count):
+        seed_trained = trained
+        if offset:
+            seed_trained = train(seeded_variant(problem, offset), cache=execution.cache)
+        refits = retrain_masks(seed_trained, masks, execution, group_size=group_size)
+        thetas = torch.stack([refits.thetas[i] for i in range(masks.shape[0])])
+        runs.append(SeedRefits(seed_trained, thetas, refits.computed))
+    return runs
+
+
 def _train_group(
     trained: TrainedProblem, masks: Tensor, group: list[int]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,19 +287,11 @@ class SubsetsResponse:
         masks_np = draw_masks(problem.n_train, self.alphas, self.subsets, self.seed)
         masks = torch.as_tensor(masks_np, dtype=problem.dtype, device=problem.device)
         alphas = torch.tensor(np.repeat(self.alphas, self.subsets), dtype=torch.float64)
-        convex = isinstance(problem.recipe, NewtonRecipe)
-        seeds = 1 if convex else self.seeds
-        per_seed, computed = [], 0
-        for offset in range(seeds):
-            seed_trained = trained
-            if offset:
-                seed_trained = train(seeded_variant(problem, offset), cache=execution.cache)
-            refits = retrain_masks(seed_trained, masks, execution, group_size=self.group_size)
-            computed += refits.computed
-            thetas = torch.stack([refits.thetas[i] for i in range(masks.shape[0])])
-            after = measurement(seed_trained, thetas, test, self.target)
-            full = seed_trained.theta.unsqueeze(0)
-            per_seed.append(after - measurement(seed_trained, full, test, self.target))
+        runs = retrain_masks_over_seeds(
+            trained, masks, execution, seeds=self.seeds, group_size=self.group_size
+        )
+        per_seed = [run.change(test, self.target) for run in runs]
+        seeds, computed = len(runs), sum(run.computed for run in runs)
         info = {
             "subsets": int(masks.shape[0]),
             "seeds": seeds,
