@@ -1,12 +1,13 @@
 """Influence estimators, all in DESIGN.md's contract and sign convention."""
 
 from estimators.arnoldi import ArnoldiEstimator
-from estimators.base import Estimator, InverseCurvatureEstimator
+from estimators.base import Estimator, GroupEffects, InverseCurvatureEstimator
 from estimators.baselines import GradCosEstimator, GradDotEstimator
 from estimators.cg import ConjugateGradientEstimator
 from estimators.exact import ExactEstimator, GaussNewtonEstimator
 from estimators.kfac import EkfacEstimator, KfacEstimator
 from estimators.lissa import LissaEstimator
+from estimators.newton_step import NewtonStepEstimator, RescaledInfluenceEstimator
 from estimators.precomputed import PrecomputedEstimator
 from fidelity.core.registry import Registry
 
@@ -21,6 +22,8 @@ for _estimator in (
     EkfacEstimator,
     GradDotEstimator,
     GradCosEstimator,
+    NewtonStepEstimator,
+    RescaledInfluenceEstimator,
     PrecomputedEstimator,
 ):
     ESTIMATORS.register(_estimator.name)(_estimator)
@@ -35,8 +38,11 @@ __all__ = [
     "GaussNewtonEstimator",
     "GradCosEstimator",
     "GradDotEstimator",
+    "GroupEffects",
     "InverseCurvatureEstimator",
     "KfacEstimator",
     "LissaEstimator",
+    "NewtonStepEstimator",
     "PrecomputedEstimator",
+    "RescaledInfluenceEstimator",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from torch import Tensor
 
@@ -54,6 +54,19 @@ class Estimator(ABC):
         if trained is None:
             raise FidelityError(f"estimator {self.name!r} must be fitted before scores()")
         return trained
+
+
+@runtime_checkable
+class GroupEffects(Protocol):
+    """An estimator that predicts the effect of reweighting the whole training set at once
+    (not the sum of single-point deltas): the group and subset stages use this prediction."""
+
+    name: ClassVar[str]
+
+    def group_effects(self, test: Examples, weights: Tensor, target: str = "loss") -> Tensor:
+        """``[m, n_test]``: the predicted change of ``target`` on each test point when the
+        training weights become each row of ``weights`` ``[m, N]`` (1 kept, 0 removed)."""
+        ...
 
 
 class InverseCurvatureEstimator(Estimator):

@@ -134,11 +134,21 @@ def mean_interval(
     return Interval.of(float(values.mean()), float(low), float(high))
 
 
-def subset_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+def subset_predictions(scores: np.ndarray, masks: np.ndarray, target: str = "loss") -> np.ndarray:
     """``[n_subsets, n_test]``: an estimator's additive prediction for each subset, the sum of its
     deltas ``scores`` ``[n_test, N]`` over the dropped points weighted by the dropped weight
-    ``1 - mask`` (DESIGN.md: the first-order change for w_j 1 -> mask_j)."""
-    return (1.0 - np.asarray(masks, float)) @ np.asarray(scores, float).T
+    ``1 - mask`` (DESIGN.md: the first-order change for w_j 1 -> mask_j).
+
+    Scores predict the change of the test LOSS. For the ``log-probability`` target (the negated
+    loss) the prediction is negated, which is exact. For ``margin`` it is negated too: for bce
+    the loss is softplus(-margin), so the first-order changes differ by the positive factor
+    sigmoid(-margin) per test point, which leaves the per-test-point correlations of an LDS
+    unchanged; for softmax the margin's gradient is not a multiple of the loss's and the
+    negated loss prediction is a proxy (an estimator's ``group_effects``, where it has one,
+    measures the target itself).
+    """
+    sign = 1.0 if target == "loss" else -1.0
+    return sign * ((1.0 - np.asarray(masks, float)) @ np.asarray(scores, float).T)
 
 
 def lds(

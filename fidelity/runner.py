@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from estimators import ESTIMATORS, Estimator
+from estimators import ESTIMATORS, Estimator, GroupEffects
 from fidelity import __version__
 from fidelity.core.cache import atomic_write_bytes
 from fidelity.core.errors import FidelityError
@@ -160,6 +160,9 @@ class Datamodels:
     full_scores: dict[str, np.ndarray]
     counterfactuals: dict[str, CounterfactualResult] = field(default_factory=dict)
     groups: dict[str, GroupResult] = field(default_factory=dict)
+    # stage label -> estimator label -> [n_masks, n_test]: the non-additive predictions of the
+    # estimators that predict a reweighted training set as a whole (``group_effects``)
+    group_predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -353,7 +356,29 @@ def retrain_subsets(
             GROUP_RESPONSES, spec.kind, suite.settings_for(spec, *setup.names), where=spec.label
         )
         groups[spec.label] = stage.compute(setup.trained, setup.test, execution)
-    return Datamodels(found, settings, full_scores, counterfactuals, groups)
+    weights = {label: (result.masks, settings[label].target) for label, result in found.items()}
+    weights.update(
+        {label: (1.0 - result.members, result.target) for label, result in groups.items()}
+    )
+    group_predictions = {
+        label: {
+            name: _group_prediction(estimator, setup, kept, target)
+            for name, estimator in predictions.estimators.items()
+            if isinstance(estimator, GroupEffects)
+        }
+        for label, (kept, target) in weights.items()
+    }
+    return Datamodels(found, settings, full_scores, counterfactuals, groups, group_predictions)
+
+
+def _group_prediction(
+    estimator: GroupEffects, setup: Setup, kept: torch.Tensor, target: str
+) -> np.ndarray:
+    problem = setup.problem
+    weights = kept.to(dtype=problem.dtype, device=problem.device)
+    predicted = estimator.group_effects(setup.test, weights, target).detach().cpu().numpy()
+    _check_finite(predicted, f"group effects of {estimator.name!r} on {problem.name!r}")
+    return predicted
 
 
 def score_groups(datamodels: Datamodels) -> tuple[GroupResults, ...]:
@@ -365,8 +390,11 @@ def score_groups(datamodels: Datamodels) -> tuple[GroupResults, ...]:
         actual = result.per_seed.numpy().mean(0)  # [groups, n_test]
         kinds, sizes = np.array(result.kinds), np.array(result.sizes)
         fits: dict[str, dict[str, GroupFit]] = {}
+        own = datamodels.group_predictions.get(label, {})
         for estimator, scores in datamodels.full_scores.items():
-            predicted = subset_predictions(scores, 1.0 - members)  # the sum over each group
+            predicted = own.get(estimator)
+            if predicted is None:  # the sum of its deltas over each group
+                predicted = subset_predictions(scores, 1.0 - members, result.target)
             fits[estimator] = {}
             for kind in dict.fromkeys(result.kinds):
                 rows = kinds == kind
@@ -454,9 +482,12 @@ def score_lds(datamodels: Datamodels, suite: Suite) -> tuple[LdsResults, ...]:
             rows = np.flatnonzero(np.isclose(result.alphas.numpy(), alpha))
             per_seed = result.per_seed.numpy()[:, rows]  # [seeds, subsets, n_test]
             measured = per_seed.mean(0)
+            own = datamodels.group_predictions.get(label, {})
             metrics = {
                 estimator: lds(
-                    subset_predictions(scores, masks[rows]),
+                    own[estimator][rows]
+                    if estimator in own
+                    else subset_predictions(scores, masks[rows], stage.target),
                     measured,
                     n_boot=suite.metrics.bootstrap,
                     confidence=suite.metrics.confidence,

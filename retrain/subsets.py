@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,16 +31,13 @@ from torch import Tensor
 from fidelity.core.cache import cache_key
 from fidelity.core.checks import check_int, check_positive_int
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import loss_from_outputs, objective
+from fidelity.core.objective import TARGETS, objective, target_values
 from fidelity.core.problem import Examples, MinibatchRecipe, NewtonRecipe, TrainedProblem
 from fidelity.core.registry import constructor_params
 from retrain.execution import Execution, Refits, retrain_indices
 from retrain.minibatch import train_minibatch
 from retrain.newton import newton_minimize
 from retrain.train import seeded_variant, theta_digest, train
-
-Target = Literal["loss", "margin", "log-probability"]
-TARGETS: tuple[str, ...] = ("loss", "margin", "log-probability")
 
 
 def draw_masks(n_train: int, alphas: tuple[float, ...], count: int, seed: int) -> np.ndarray:
@@ -193,31 +190,10 @@ def _train_group(
 
 
 def measurement(trained: TrainedProblem, thetas: Tensor, test: Examples, target: str) -> Tensor:
-    """``[n_models, n_test]``: the target of each parameter vector on each test point.
-
-    ``loss``: the test loss (our convention, dattri's and bergson's). ``margin``: log(p / (1 -
-    p)) of the true class, the correct class's logit minus the logsumexp of the others (bce: the
-    logit signed by the label), TRAK's and kronfluence's model output. ``log-probability``: log
-    p(true class), the negated cross-entropy (bce: negated bce), quanda's.
-    """
-    problem, model = trained.problem, trained.model
-    if target != "loss" and problem.loss == "mse":
-        raise FidelityError(f"target {target!r} needs a classification loss, not mse")
-
-    def single(theta: Tensor) -> Tensor:
-        outputs = model(theta, test.x)
-        losses = loss_from_outputs(problem.loss, outputs, test.y)
-        if target == "loss":
-            return losses
-        if target == "log-probability":
-            return -losses
-        if problem.loss == "bce":
-            return (2 * test.y[:, 0] - 1) * outputs[:, 0]
-        correct = outputs.gather(1, test.y.unsqueeze(1))[:, 0]
-        others = outputs.scatter(1, test.y.unsqueeze(1), float("-inf"))
-        return correct - others.logsumexp(dim=1)
-
-    return torch.func.vmap(single)(thetas)
+    """``[n_models, n_test]``: the target of each parameter vector on each test point (see
+    ``fidelity.core.objective.target_values``)."""
+    model, loss = trained.model, trained.problem.loss
+    return torch.func.vmap(lambda theta: target_values(model, loss, theta, test, target))(thetas)
 
 
 @dataclass(frozen=True)

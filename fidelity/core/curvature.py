@@ -130,28 +130,54 @@ class CurvatureOperator:
 
     def dense(self) -> Tensor:
         """The ``[p, p]`` matrix, accumulated over data batches (memory ~ p x batch x width)."""
+        problem = self.trained.problem
+        matrix = self.weighted_sum(None) / problem.n_train
+        matrix.diagonal().add_(problem.weight_decay)
+        return 0.5 * (matrix + matrix.T)
+
+    def weighted_sum(self, weights: Tensor | None) -> Tensor:
+        """``sum_i w_i C_i`` over the training set, ``[p, p]`` (no 1/N, no wd; every w_i = 1
+        when ``weights`` is None). Examples of weight 0 are skipped, so the curvature of a small
+        group costs what the group's size costs."""
         model, loss, theta = self.trained.model, self.trained.problem.loss, self.trained.theta
+        train = self.trained.problem.train
+        if weights is not None:
+            if weights.shape != (len(train),):
+                raise FidelityError(
+                    f"curvature weights must have shape ({len(train)},), got {tuple(weights.shape)}"
+                )
+            kept = torch.nonzero(weights, as_tuple=True)[0].to(train.x.device)
+            train = train.subset(kept)
+            weights = weights.to(device=theta.device, dtype=theta.dtype)[kept]
         total = torch.zeros(self.n_params, self.n_params, dtype=theta.dtype, device=theta.device)
-        for batch in self.batches():
+        for start in range(0, len(train), self.batch_size):
+            batch = Examples(
+                train.x[start : start + self.batch_size], train.y[start : start + self.batch_size]
+            )
+            scale = None if weights is None else weights[start : start + len(batch)]
             if self.curvature == "hessian":
 
-                def batch_loss(t: Tensor, batch: Examples = batch) -> Tensor:
-                    return loss_from_outputs(loss, model(t, batch.x), batch.y).sum()
+                def batch_loss(
+                    t: Tensor, batch: Examples = batch, scale: Tensor | None = scale
+                ) -> Tensor:
+                    losses = loss_from_outputs(loss, model(t, batch.x), batch.y)
+                    return losses.sum() if scale is None else (scale * losses).sum()
 
                 # Reverse passes in chunks: memory ~ chunk x batch x width instead of p x ...
                 chunk = max(1, DENSE_CHUNK_ELEMENTS // len(batch))
                 total += torch.func.jacrev(torch.func.grad(batch_loss), chunk_size=chunk)(theta)
-            elif self.curvature == "empirical-fisher":
-                gradients = self.example_gradients(batch)
-                total += gradients.T @ gradients
+                continue
+            if self.curvature == "empirical-fisher":
+                rows = self.example_gradients(batch)
             else:
-                factors = self.gauss_newton_factors(batch)  # [b, k, p]
-                flat = factors.reshape(-1, self.n_params)
+                rows = self.gauss_newton_factors(batch)  # [b, k, p]
+            flat = rows.reshape(-1, self.n_params)
+            if scale is not None:
+                scaled = rows * scale.reshape(-1, *([1] * (rows.dim() - 1)))
+                total += scaled.reshape(-1, self.n_params).T @ flat
+            else:
                 total += flat.T @ flat
-        problem = self.trained.problem
-        matrix = total / problem.n_train
-        matrix.diagonal().add_(problem.weight_decay)
-        return 0.5 * (matrix + matrix.T)
+        return total
 
     def example_gradients(self, batch: Examples) -> Tensor:
         """g_i = d L_i / d theta at theta_s for each example of ``batch``, ``[b, p]``."""

@@ -9,10 +9,13 @@ squared error summed over outputs, so its output-space Hessian is the identity).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, FunctionalModel, Problem
 
 
@@ -25,6 +28,36 @@ def loss_from_outputs(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
     if loss == "mse":
         return 0.5 * (outputs - targets).pow(2).sum(-1)
     raise ValueError(f"unknown loss {loss!r}")
+
+
+Target = Literal["loss", "margin", "log-probability"]
+TARGETS: tuple[str, ...] = ("loss", "margin", "log-probability")
+
+
+def target_values(
+    model: FunctionalModel, loss: str, theta: Tensor, data: Examples, target: str
+) -> Tensor:
+    """``[n]``: the measurement ``target`` of ``theta`` on every example.
+
+    ``loss``: the loss (our convention, dattri's and bergson's). ``margin``: log(p / (1 - p)) of
+    the true class, the correct class's logit minus the logsumexp of the others (bce: the logit
+    signed by the label), TRAK's and kronfluence's model output. ``log-probability``: log p(true
+    class), the negated cross-entropy (bce: the negated bce), quanda's.
+    """
+    if target not in TARGETS:
+        raise FidelityError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target != "loss" and loss == "mse":
+        raise FidelityError(f"target {target!r} needs a classification loss, not mse")
+    outputs = model(theta, data.x)
+    if target == "loss":
+        return loss_from_outputs(loss, outputs, data.y)
+    if target == "log-probability":
+        return -loss_from_outputs(loss, outputs, data.y)
+    if loss == "bce":
+        return (2 * data.y[:, 0] - 1) * outputs[:, 0]
+    correct = outputs.gather(1, data.y.unsqueeze(1))[:, 0]
+    others = outputs.scatter(1, data.y.unsqueeze(1), float("-inf"))
+    return correct - others.logsumexp(dim=1)
 
 
 def per_example_loss(model: FunctionalModel, loss: str, theta: Tensor, data: Examples) -> Tensor:
@@ -73,14 +106,23 @@ def objective_hessian(
 
 
 def per_example_grads(
-    model: FunctionalModel, loss: str, theta: Tensor, data: Examples, batch_size: int = 512
+    model: FunctionalModel,
+    loss: str,
+    theta: Tensor,
+    data: Examples,
+    batch_size: int = 512,
+    target: str = "loss",
 ) -> Tensor:
-    """Gradients of each example's loss (no regulariser), ``[n, p]``, by vmap over examples."""
+    """Gradients of each example's loss (no regulariser), or of another measurement
+    ``target`` (see ``target_values``), ``[n, p]``, by vmap over examples."""
 
     def single(x: Tensor, y: Tensor) -> Tensor:
-        return torch.func.grad(
-            lambda t: loss_from_outputs(loss, model(t, x.unsqueeze(0)), y.unsqueeze(0)).sum()
-        )(theta)
+        one = Examples(x.unsqueeze(0), y.unsqueeze(0))
+        if target == "loss":
+            return torch.func.grad(lambda t: loss_from_outputs(loss, model(t, one.x), one.y).sum())(
+                theta
+            )
+        return torch.func.grad(lambda t: target_values(model, loss, t, one, target).sum())(theta)
 
     batched = torch.func.vmap(single)
     parts = [

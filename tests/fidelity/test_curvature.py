@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fidelity.core.curvature import CurvatureOperator
+from fidelity.core.errors import FidelityError
 from fidelity.core.objective import loss_from_outputs, objective
 from fidelity.core.problem import FunctionalModel, TrainedProblem
 from tests.conftest import make_tiny_mlp_problem
@@ -109,3 +110,33 @@ def test_single_vector_and_block_agree():
     operator = CurvatureOperator(trained, "hessian")
     vectors = torch.randn(2, trained.n_params, generator=torch.Generator().manual_seed(5)).double()
     torch.testing.assert_close(operator.matvec(vectors[1]), operator.matvec(vectors)[1])
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gnh", "empirical-fisher"])
+def test_weighted_sum_equals_the_weighted_objectives_curvature(curvature):
+    """sum_i w_i C_i: the Hessian of the weighted objective less its regulariser (hessian), and
+    the dense matrix at unit weights; examples of weight 0 are skipped, not multiplied."""
+    trained = at_random_point("cross_entropy")
+    problem = trained.problem
+    operator = CurvatureOperator(trained, curvature, batch_size=7)
+    ones = operator.weighted_sum(None)
+    expected = (operator.dense() - problem.weight_decay * torch.eye(trained.n_params)) * (
+        problem.n_train
+    )
+    torch.testing.assert_close(0.5 * (ones + ones.T), expected, rtol=1e-10, atol=1e-12)
+    weights = torch.linspace(0, 1, problem.n_train, dtype=torch.float64)
+    weights[::3] = 0.0
+    weighted = operator.weighted_sum(weights)
+    if curvature == "hessian":
+        reference = torch.autograd.functional.hessian(
+            lambda t: objective(trained.model, problem, t, weights), trained.theta
+        ) - problem.weight_decay * torch.eye(trained.n_params)
+        torch.testing.assert_close(weighted, reference * problem.n_train, rtol=1e-9, atol=1e-11)
+    kept = torch.nonzero(weights).squeeze(1)
+    manual = sum(
+        float(weights[i]) * operator.weighted_sum(torch.eye(problem.n_train)[i].double())
+        for i in kept.tolist()
+    )
+    torch.testing.assert_close(weighted, manual, rtol=1e-9, atol=1e-11)
+    with pytest.raises(FidelityError, match="curvature weights must have shape"):
+        operator.weighted_sum(weights[:-1])

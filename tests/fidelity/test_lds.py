@@ -160,3 +160,56 @@ def test_group_effects_are_scored_per_kind(tmp_path):
     assert "Group effects" in (tmp_path / "run" / "report.md").read_text()
     arrays = np.load(tmp_path / "run" / problem.arrays_file)
     assert arrays["groups/groups/members"].shape == (24, problem.n_train)
+
+
+NEWTON_SUITE = {
+    "name": "newton-ridge",
+    "problems": ["diabetes-ridge"],
+    "selection": {"test_points": 6, "top": 3, "random": 3},
+    "metrics": {"bootstrap": 50},
+    "estimators": [{"kind": "exact"}, {"kind": "newton-step"}, {"kind": "rif"}],
+    "responses": [{"kind": "cold"}],
+    "subsets": [{"kind": "subsets", "alphas": [0.5], "subsets": 12}],
+    "groups": [{"kind": "groups", "sizes": [5, 60], "groups": 3}],
+}
+
+
+def test_the_newton_step_predicts_ridge_groups_and_subsets_exactly(tmp_path):
+    """Its prediction for a group is its own step (not a sum of deltas), and on ridge that step
+    is the refit: Pearson 1 and slope 1 for every kind of group, LDS 1 at alpha 0.5, where
+    the additive first-order prediction misses the scale of a half-removed training set."""
+    results = run_suite(parse_suite(NEWTON_SUITE), RunOptions(out=tmp_path / "run"))
+    (problem,) = results.problems.values()
+    (effects,) = problem.groups
+    for kind, fit in effects.fits["newton-step"].items():
+        assert fit.pearson == pytest.approx(1.0, abs=1e-9), kind
+        assert fit.slope == pytest.approx(1.0, abs=1e-7), kind
+        for size in fit.sizes:
+            assert size.mean_predicted == pytest.approx(size.mean_actual, rel=1e-7)
+    (found,) = problem.lds
+    assert found.metrics["newton-step"]["lds"].value == pytest.approx(1.0)
+    assert found.metrics["newton-step"]["lds_pearson"].value == pytest.approx(1.0, abs=1e-9)
+    assert effects.fits["exact"]["random"].slope < effects.fits["newton-step"]["random"].slope
+
+
+def test_a_margin_lds_compares_the_negated_loss_prediction(tmp_path):
+    """Removing helpful points raises the loss and lowers the margin: against a margin or
+    log-probability target an estimator's loss deltas are negated, so a good estimator keeps a
+    high LDS instead of a negative one."""
+    suite = {
+        "name": "margin",
+        "problems": ["cancer-logreg"],
+        "selection": {"test_points": 6, "top": 3, "random": 3},
+        "metrics": {"bootstrap": 50},
+        "estimators": [{"kind": "exact"}, {"kind": "newton-step"}],
+        "responses": [{"kind": "cold"}],
+        "subsets": [
+            {"kind": "subsets", "label": target, "alphas": [0.95], "subsets": 15, "target": target}
+            for target in ("margin", "log-probability")
+        ],
+    }
+    results = run_suite(parse_suite(suite), RunOptions(out=tmp_path / "run"))
+    (problem,) = results.problems.values()
+    for found in problem.lds:
+        assert found.metrics["exact"]["lds"].value > 0.8, found.response
+        assert found.metrics["newton-step"]["lds"].value > 0.8, found.response
