@@ -16,7 +16,7 @@ from typing import Any
 
 from fidelity.core.errors import FidelityError
 from fidelity.core.registry import Registry
-from fidelity.results import Gap, ProblemResults, RunResults
+from fidelity.results import Gap, Interval, ProblemResults, RunResults
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import Suite, load_suite, parse_suite
 from reports import load_problem_arrays
@@ -207,3 +207,140 @@ def estimator_ladder(context: FigureContext) -> list[Path]:
                     }
                 )
     return draw_paper.estimator_ladder(rows, Path(context.out), "estimator-ladder")
+
+
+#: The problems of dattri's two MNIST columns, here: a convex model and a network.
+DATAMODEL_PROBLEMS = ("digits-logreg", "digits-mlp")
+
+
+def _given_runs(
+    context: FigureContext, suite_name: str, wanted: str
+) -> list[tuple[RunResults, Path]]:
+    """(results, run directory) of the runs given with --run (none: the figure runs its
+    suite), each of which must hold ``wanted`` results."""
+    if context.runs:
+        found = [(RunResults.load(run), Path(run)) for run in context.runs]
+        for (results, _), source in zip(found, context.runs, strict=True):
+            if not any(getattr(p, wanted) for p in results.problems.values()):
+                raise FidelityError(
+                    f"run {str(source)!r} has no {wanted} results; run the {suite_name} suite, "
+                    "or leave out --run"
+                )
+        return found
+    return []
+
+
+@PAPER_FIGURES.register(
+    "lds-loo-table",
+    description="dattri's benchmark table, measured here: LDS (alpha 0.5) and leave-one-out "
+    "correlation of every estimator on a convex model and a network, with intervals and "
+    "noise ceilings",
+)
+def lds_loo_table(context: FigureContext) -> list[Path]:
+    problems = tuple(context.problems or DATAMODEL_PROBLEMS)
+    given = _given_runs(context, "lds", "lds")
+    if given:
+        return draw_paper.lds_loo_table(
+            _lds_rows([r for r, _ in given]), Path(context.out), "lds-loo-table"
+        )
+    suite = load_suite("lds").with_problems(problems)
+    with _run(suite, context, decomposition=False) as (results, _):
+        rows = _lds_rows([results])
+    return draw_paper.lds_loo_table(rows, Path(context.out), "lds-loo-table")
+
+
+def _lds_rows(found: list[RunResults]) -> list[dict[str, Any]]:
+    """One row per (problem, estimator, measure): the LDS at the smallest alpha of the first
+    subset stage, and the pooled Pearson against `cold`; noise ceilings as estimator
+    'noise ceiling'."""
+    rows: list[dict[str, Any]] = []
+    for results in found:
+        for name, problem in results.problems.items():
+            if not problem.lds:
+                continue
+            first = min(
+                (e for e in problem.lds if e.response == problem.lds[0].response),
+                key=lambda e: e.alpha,
+            )
+            column = f"LDS (alpha {first.alpha:g})"
+            for estimator, metrics in first.metrics.items():
+                rows.append(_cell(name, estimator, column, metrics["lds"]))
+            if first.noise_ceiling is not None and first.noise_ceiling.spearman is not None:
+                rows.append(
+                    _cell(name, "noise ceiling", column, Interval(first.noise_ceiling.spearman))
+                )
+            if "cold" in problem.responses:
+                for estimator in problem.metrics:
+                    found_metric = problem.metric(estimator, "cold", "pearson")
+                    if found_metric is not None:
+                        rows.append(_cell(name, estimator, "LOO (Pearson)", found_metric))
+                ceiling = problem.responses["cold"].noise_ceiling
+                if ceiling is not None and ceiling.pearson is not None:
+                    rows.append(
+                        _cell(name, "noise ceiling", "LOO (Pearson)", Interval(ceiling.pearson))
+                    )
+    if not rows:
+        raise FidelityError("no problem of these runs has an LDS")
+    return rows
+
+
+def _cell(problem: str, estimator: str, measure: str, value: Interval) -> dict[str, Any]:
+    return {
+        "problem": problem,
+        "estimator": estimator,
+        "measure": measure,
+        "value": value.value,
+        "low": value.low,
+        "high": value.high,
+    }
+
+
+@PAPER_FIGURES.register(
+    "koh2019-groups",
+    description="predicted against actual effects of removing random, one-class and "
+    "nearest-neighbour groups, per estimator (Koh et al. 2019)",
+)
+def koh2019_groups(context: FigureContext) -> list[Path]:
+    problems = tuple(context.problems or ("digits-logreg",))
+    given = _given_runs(context, "groups", "groups")
+    if given:
+        panels = [panel for results, run_dir in given for panel in _group_panels(results, run_dir)]
+        return draw_paper.koh2019_groups(panels, Path(context.out), "koh2019-groups")
+    suite = load_suite("groups").with_problems(problems)
+    with _run(suite, context, decomposition=False) as (results, run_dir):
+        panels = _group_panels(results, run_dir)
+    return draw_paper.koh2019_groups(panels, Path(context.out), "koh2019-groups")
+
+
+def _group_panels(results: RunResults, run_dir: Path) -> list[dict[str, Any]]:
+    panels = []
+    for name, problem in results.problems.items():
+        if not problem.groups:
+            continue
+        arrays = load_problem_arrays(run_dir, problem)
+        for result in problem.groups:
+            prefix = f"groups/{result.response}"
+            actual = arrays[f"{prefix}/seeds"].mean(0)
+            for estimator, fits in result.fits.items():
+                key = f"{prefix}/predicted/{estimator}"
+                if key not in arrays:
+                    raise FidelityError(
+                        f"run {str(run_dir)!r} stores no group predictions ({key}); it was "
+                        "made before they were stored: run the groups suite again"
+                    )
+                panels.append(
+                    {
+                        "problem": name,
+                        "estimator": estimator,
+                        "target": result.target,
+                        "kinds": arrays[f"{prefix}/kinds"],
+                        "sizes": arrays[f"{prefix}/sizes"],
+                        "actual": actual,
+                        "predicted": arrays[key],
+                        "slopes": {kind: fit.slope for kind, fit in fits.items()},
+                        "pearson": {kind: fit.pearson for kind, fit in fits.items()},
+                    }
+                )
+    if not panels:
+        raise FidelityError("no problem of these runs has group effects")
+    return panels

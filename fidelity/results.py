@@ -158,9 +158,9 @@ class CorrelationMatrix:
 class LdsResults:
     """The linear datamodeling score of every estimator against one subset stage at one alpha:
     ``metrics[estimator]`` holds ``lds`` (mean over test points of the Spearman correlation over
-    subsets between the additive prediction and the retrained change) and ``lds_pearson``;
-    ``noise_ceiling`` is the split-half reliability of the seed-mean measurements per test point
-    (None with one seed)."""
+    subsets between the estimator's prediction, additive or its own, and the retrained change)
+    and ``lds_pearson``; ``noise_ceiling`` is the split-half reliability of the seed-mean
+    measurements per test point (None with one seed)."""
 
     response: str
     alpha: float
@@ -212,7 +212,7 @@ class CounterfactualResults:
 @dataclass(frozen=True)
 class GroupSize:
     """Mean signed effect over the groups of one size and the test points: measured and
-    predicted (the sum of the estimator's deltas over the group)."""
+    predicted (the sum of the estimator's deltas over the group, or its own prediction)."""
 
     size: int
     groups: int

@@ -381,6 +381,19 @@ def _group_prediction(
     return predicted
 
 
+def stage_predictions(
+    datamodels: Datamodels, label: str, kept: np.ndarray, target: str
+) -> dict[str, np.ndarray]:
+    """Every estimator's prediction ``[n_masks, n_test]`` for the training weights ``kept`` of
+    stage ``label``: its own (``group_effects``) where it has one, else the additive sum of its
+    deltas over the dropped weight."""
+    own = datamodels.group_predictions.get(label, {})
+    return {
+        estimator: own[estimator] if estimator in own else subset_predictions(scores, kept, target)
+        for estimator, scores in datamodels.full_scores.items()
+    }
+
+
 def score_groups(datamodels: Datamodels) -> tuple[GroupResults, ...]:
     """Per estimator and group kind: predicted (the sum of its deltas over the group) against
     the measured change over every (group, test point) pair, and the means per size."""
@@ -390,11 +403,8 @@ def score_groups(datamodels: Datamodels) -> tuple[GroupResults, ...]:
         actual = result.per_seed.numpy().mean(0)  # [groups, n_test]
         kinds, sizes = np.array(result.kinds), np.array(result.sizes)
         fits: dict[str, dict[str, GroupFit]] = {}
-        own = datamodels.group_predictions.get(label, {})
-        for estimator, scores in datamodels.full_scores.items():
-            predicted = own.get(estimator)
-            if predicted is None:  # the sum of its deltas over each group
-                predicted = subset_predictions(scores, 1.0 - members, result.target)
+        found_predictions = stage_predictions(datamodels, label, 1.0 - members, result.target)
+        for estimator, predicted in found_predictions.items():
             fits[estimator] = {}
             for kind in dict.fromkeys(result.kinds):
                 rows = kinds == kind
@@ -482,18 +492,16 @@ def score_lds(datamodels: Datamodels, suite: Suite) -> tuple[LdsResults, ...]:
             rows = np.flatnonzero(np.isclose(result.alphas.numpy(), alpha))
             per_seed = result.per_seed.numpy()[:, rows]  # [seeds, subsets, n_test]
             measured = per_seed.mean(0)
-            own = datamodels.group_predictions.get(label, {})
+            predicted = stage_predictions(datamodels, label, masks, stage.target)
             metrics = {
                 estimator: lds(
-                    own[estimator][rows]
-                    if estimator in own
-                    else subset_predictions(scores, masks[rows], stage.target),
+                    values[rows],
                     measured,
                     n_boot=suite.metrics.bootstrap,
                     confidence=suite.metrics.confidence,
                     seed=suite.seed,
                 )
-                for estimator, scores in datamodels.full_scores.items()
+                for estimator, values in predicted.items()
             }
             ceiling = None
             if per_seed.shape[0] > 1:
@@ -674,6 +682,11 @@ def assemble(
             arrays[f"subsets/{label}/masks"] = result.masks.numpy()
             arrays[f"subsets/{label}/alphas"] = result.alphas.numpy()
             arrays[f"subsets/{label}/seeds"] = result.per_seed.numpy()
+            target = datamodels.settings[label].target
+            for name, values in stage_predictions(
+                datamodels, label, result.masks.numpy(), target
+            ).items():
+                arrays[f"subsets/{label}/predicted/{name}"] = values
     if datamodels is not None:
         for label, full in datamodels.full_scores.items():
             arrays[f"scores/{label}"] = full
@@ -689,6 +702,9 @@ def assemble(
             arrays[f"groups/{label}/kinds"] = np.array(effects.kinds)
             arrays[f"groups/{label}/sizes"] = np.array(effects.sizes)
             arrays[f"groups/{label}/seeds"] = effects.per_seed.numpy()
+            kept = 1.0 - effects.members.numpy()
+            for name, values in stage_predictions(datamodels, label, kept, effects.target).items():
+                arrays[f"groups/{label}/predicted/{name}"] = values
     return ProblemOutcome(results, arrays)
 
 

@@ -19,6 +19,11 @@ from reports.html import render_html
 from reports.markdown import render_markdown
 
 
+def safe_name(label: str) -> str:
+    """A label as a file-name part."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
 def load_problem_arrays(run_dir: Path, problem: ProblemResults) -> dict[str, np.ndarray]:
     """The arrays a run stored for one problem."""
     with np.load(Path(run_dir) / problem.arrays_file, allow_pickle=False) as stored:
@@ -36,10 +41,22 @@ def write_reports(
     for name, problem in results.problems.items():
         stem = "figures/" + Path(problem.arrays_file).stem
         shown = figures[name] = {}
+        arrays = load_problem_arrays(run_dir, problem)
         shown["scatter"] = f"{stem}.png"
-        draw.scatter_grid(
-            problem, load_problem_arrays(run_dir, problem), run_dir / shown["scatter"]
-        )
+        draw.scatter_grid(problem, arrays, run_dir / shown["scatter"])
+        if problem.lds:
+            shown["lds"] = f"{stem}-lds.png"
+            draw.lds_by_alpha(name, problem.lds, run_dir / shown["lds"])
+        if problem.counterfactuals:
+            shown["counterfactual"] = f"{stem}-counterfactual.png"
+            draw.counterfactual_curves(
+                name, problem.counterfactuals, run_dir / shown["counterfactual"]
+            )
+        for result in problem.groups:
+            if f"groups/{result.response}/predicted/{next(iter(result.fits), '')}" in arrays:
+                kind = f"groups-{result.response}"
+                shown[kind] = f"{stem}-{safe_name(result.response)}.png"
+                draw.group_scatter(name, result, arrays, run_dir / shown[kind])
         shown["heatmap"] = f"{stem}-correlations.png"
         draw.correlation_heatmap(name, problem.correlations, run_dir / shown["heatmap"])
         shown["per-test"] = f"{stem}-per-test.png"

@@ -66,6 +66,12 @@ FIGURE_CAPTIONS = {
     "per-test": "Per-test-point correlations over the removed points (one dot per test point)",
     "decomposition": "Gap decomposition along the response ladder (Bae et al. 2022)",
     "trends": "Pooled Pearson over recent runs",
+    "lds": "LDS against the kept fraction alpha, with bootstrap intervals; grey: above the noise "
+    "ceiling of the seed-mean measurements",
+    "counterfactual": "Top-k counterfactual removal: mean change of the target (band: interval "
+    "over test points) and fraction of correct predictions flipped, per ranking",
+    "groups": "Predicted against actual group effects per (group, test point), coloured by the "
+    "kind of group; dashed: y = x (Koh et al. 2019)",
 }
 
 
@@ -116,9 +122,18 @@ def outline(
             blocks.append(Warnings(tuple(warnings)))
         blocks.append(TableBlock(tables.metrics_table(problem)))
         blocks.append(TableBlock(tables.lds_table(problem)))
+        if "lds" in shown:
+            blocks.append(Figure(shown["lds"], FIGURE_CAPTIONS["lds"]))
         blocks.append(TableBlock(tables.counterfactual_table(problem)))
         blocks.append(TableBlock(tables.brittleness_table(problem)))
+        if "counterfactual" in shown:
+            blocks.append(Figure(shown["counterfactual"], FIGURE_CAPTIONS["counterfactual"]))
         blocks.append(TableBlock(tables.group_table(problem)))
+        blocks += [
+            Figure(path, FIGURE_CAPTIONS["groups"])
+            for kind, path in shown.items()
+            if kind.startswith("groups-")
+        ]
         blocks += [
             Figure(shown[kind], FIGURE_CAPTIONS[kind])
             for kind in ("scatter", "heatmap", "per-test")

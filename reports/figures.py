@@ -17,7 +17,10 @@ import seaborn as sns
 from fidelity.history import HistoryRun
 from fidelity.results import (
     CorrelationMatrix,
+    CounterfactualResults,
     Decomposition,
+    GroupResults,
+    LdsResults,
     PerTestCorrelations,
     ProblemResults,
     RunResults,
@@ -189,6 +192,153 @@ def trend_lines(
         axis.set_title(f"{name}: last {len(runs)} runs of suite {results.suite_name}")
         axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(figure, path)
+
+
+def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
+    """LDS against the kept fraction alpha, one panel per subset stage: each estimator's mean
+    over test points with its bootstrap interval, and the noise ceiling of the seed-mean
+    measurements (grey: above it, where retraining noise leaves nothing to explain)."""
+    stages = list(dict.fromkeys(entry.response for entry in found))
+    sns.set_theme(style="whitegrid", context="paper")
+    figure, axes = plt.subplots(1, len(stages), figsize=(4.6 * len(stages), 3.4), squeeze=False)
+    palette = dict(
+        zip(
+            dict.fromkeys(e for entry in found for e in entry.metrics),
+            sns.color_palette("tab10", 10) * 3,
+            strict=False,
+        )
+    )
+    for axis, stage in zip(axes[0], stages, strict=True):
+        entries = sorted((e for e in found if e.response == stage), key=lambda e: e.alpha)
+        alphas = np.array([entry.alpha for entry in entries])
+        positions = np.arange(len(alphas))
+        ceilings = [entry.noise_ceiling for entry in entries]
+        if any(c is not None and c.spearman is not None for c in ceilings):
+            values = np.array([_nan_for_none(c.spearman if c else None) for c in ceilings])
+            axis.fill_between(
+                positions, values, 1.0, color="0.85", step="mid", label="above noise ceiling"
+            )
+            axis.step(positions, values, where="mid", color="0.45", linewidth=1.0)
+        estimators = list(entries[0].metrics)
+        width = 0.8 / max(len(estimators), 1)
+        for number, estimator in enumerate(estimators):
+            offsets = positions - 0.4 + width * (number + 0.5)
+            cells = [entry.metrics.get(estimator, {}).get("lds") for entry in entries]
+            value = np.array([_nan_for_none(c.value if c else None) for c in cells])
+            low = np.array([_nan_for_none(c.low if c else None) for c in cells])
+            high = np.array([_nan_for_none(c.high if c else None) for c in cells])
+            axis.errorbar(
+                offsets,
+                value,
+                yerr=np.abs(np.vstack([value - low, high - value])),
+                fmt="o",
+                markersize=4,
+                capsize=2,
+                linewidth=0.9,
+                color=palette[estimator],
+                label=estimator,
+            )
+        axis.axhline(0.0, color="0.3", linewidth=0.6)
+        axis.set_xticks(positions, [f"{alpha:g}" for alpha in alphas])
+        axis.set_xlim(-0.5, len(alphas) - 0.5)
+        axis.set_ylim(min(-0.1, axis.get_ylim()[0]), 1.0)
+        axis.set_xlabel("alpha (fraction of the training set kept)")
+        axis.set_ylabel(f"LDS (Spearman, {entries[0].target})")
+        axis.set_title(
+            f"{name}: {stage}, {entries[0].subsets} subsets x {_seeds(entries[0].seeds)}"
+        )
+    axes[0, -1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(figure, path)
+
+
+def counterfactual_curves(name: str, found: tuple[CounterfactualResults, ...], path: Path) -> Path:
+    """Per counterfactual stage: the mean change of the target when each ranking's top-k points
+    are removed (band: bootstrap interval over test points) and the fraction flipped, against k."""
+    sns.set_theme(style="whitegrid", context="paper")
+    flips = any(p.flipped is not None for r in found for c in r.curves.values() for p in c)
+    columns = 2 if flips else 1
+    figure, axes = plt.subplots(
+        len(found), columns, figsize=(4.4 * columns, 3.2 * len(found)), squeeze=False
+    )
+    for row, result in enumerate(found):
+        colours = sns.color_palette("tab10", max(len(result.curves), 1))
+        for colour, (method, points) in zip(colours, result.curves.items(), strict=True):
+            ks = np.array([point.k for point in points])
+            value = np.array([_nan_for_none(point.change.value) for point in points])
+            low = np.array([_nan_for_none(point.change.low) for point in points])
+            high = np.array([_nan_for_none(point.change.high) for point in points])
+            style = "--" if method in ("random", "highest loss") else "-"
+            axes[row, 0].plot(
+                ks, value, style, marker="o", markersize=3, color=colour, label=method
+            )
+            axes[row, 0].fill_between(ks, low, high, color=colour, alpha=0.15, linewidth=0)
+            if flips:
+                flipped = np.array([_nan_for_none(point.flipped) for point in points])
+                axes[row, 1].plot(ks, flipped, style, marker="o", markersize=3, color=colour)
+        axes[row, 0].set_xscale("log")
+        axes[row, 0].set_xlabel("k (top-ranked training points removed)")
+        axes[row, 0].set_ylabel(f"mean change of test {result.target}")
+        axes[row, 0].set_title(f"{name}: {result.response} ({_seeds(result.seeds)})")
+        axes[row, 0].legend(fontsize=6)
+        if flips:
+            axes[row, 1].set_xscale("log")
+            axes[row, 1].set_ylim(-0.02, 1.02)
+            axes[row, 1].set_xlabel("k")
+            axes[row, 1].set_ylabel("fraction of correct predictions flipped")
+            axes[row, 1].set_title(f"{name}: {result.response}, flipped")
+    return _save(figure, path)
+
+
+def group_scatter(
+    name: str, result: GroupResults, arrays: dict[str, np.ndarray], path: Path
+) -> Path:
+    """Predicted against actual group effects (Koh et al. 2019, Fig. 1 style): one panel per
+    estimator, every (group, test point) pair coloured by the kind of group, with y = x."""
+    prefix = f"groups/{result.response}"
+    actual = arrays[f"{prefix}/seeds"].mean(0)  # [groups, n_test]
+    kinds = np.broadcast_to(arrays[f"{prefix}/kinds"][:, None], actual.shape)
+    estimators = [e for e in result.fits if f"{prefix}/predicted/{e}" in arrays]
+    sns.set_theme(style="whitegrid", context="paper")
+    columns = min(len(estimators), 4) or 1
+    rows = -(-len(estimators) // columns) or 1
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.2 * rows), squeeze=False)
+    order = list(dict.fromkeys(arrays[f"{prefix}/kinds"].tolist()))
+    for number, estimator in enumerate(estimators):
+        axis = axes[number // columns, number % columns]
+        predicted = arrays[f"{prefix}/predicted/{estimator}"]
+        sns.scatterplot(
+            x=actual.ravel(),
+            y=predicted.ravel(),
+            hue=kinds.ravel(),
+            hue_order=order,
+            s=7,
+            alpha=0.6,
+            linewidth=0,
+            ax=axis,
+            legend=number == 0,
+        )
+        low = float(min(actual.min(), predicted.min()))
+        high = float(max(actual.max(), predicted.max()))
+        axis.plot([low, high], [low, high], "--", color="0.3", linewidth=0.8)
+        slopes = ", ".join(
+            f"{kind} {fit.slope:.2f}"
+            for kind, fit in result.fits[estimator].items()
+            if fit.slope is not None
+        )
+        axis.set_title(f"{estimator}\nslope: {slopes}", fontsize=8)
+        axis.set_xlabel(f"actual change of test {result.target}")
+        axis.set_ylabel("predicted change")
+        axis.ticklabel_format(style="sci", scilimits=(-3, 3))
+    for number in range(len(estimators), rows * columns):
+        axes[number // columns, number % columns].set_visible(False)
+    if axes[0, 0].get_legend() is not None:
+        axes[0, 0].legend(title="group", fontsize=6, title_fontsize=6)
+    figure.suptitle(f"{name}: group effects, {result.response} ({_seeds(result.seeds)})")
+    return _save(figure, path)
+
+
+def _seeds(count: int) -> str:
+    return f"{count} seed" if count == 1 else f"{count} seeds"
 
 
 def _nan_for_none(value: float | None) -> float:

@@ -211,3 +211,112 @@ def _value(row: dict[str, Any] | None, key: str) -> float:
     import numpy as np
 
     return np.nan if row is None or row[key] is None else row[key]
+
+
+def lds_loo_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """dattri's benchmark table as a figure: estimators in rows, (problem, measure) in
+    columns, each cell the value with its interval, shaded by the value (0 to 1).
+
+    Each row: ``{"problem", "estimator", "measure", "value", "low", "high"}``.
+    """
+    import numpy as np
+
+    plt, _ = _figure()
+    columns = list(dict.fromkeys((row["problem"], row["measure"]) for row in rows))
+    estimators = [
+        e for e in dict.fromkeys(row["estimator"] for row in rows) if e != "noise ceiling"
+    ]
+    if any(row["estimator"] == "noise ceiling" for row in rows):
+        estimators.append("noise ceiling")
+    cells = {(row["estimator"], row["problem"], row["measure"]): row for row in rows}
+    values = np.full((len(estimators), len(columns)), np.nan)
+    for i, estimator in enumerate(estimators):
+        for j, (problem, measure) in enumerate(columns):
+            cell = cells.get((estimator, problem, measure))
+            if cell is not None and cell["value"] is not None:
+                values[i, j] = cell["value"]
+    height = 0.32 * len(estimators) + 1.1
+    figure, axis = plt.subplots(figsize=(TEXT_WIDTH, height))
+    axis.imshow(np.clip(values, 0, 1), cmap="Blues", vmin=0, vmax=1.4, aspect="auto")
+    for i, estimator in enumerate(estimators):
+        for j, (problem, measure) in enumerate(columns):
+            cell = cells.get((estimator, problem, measure))
+            if cell is None or cell["value"] is None:
+                text = "-"
+            elif cell["low"] is None or cell["high"] is None:
+                text = f"{cell['value']:.3f}"
+            else:
+                text = f"{cell['value']:.3f} [{cell['low']:.2f}, {cell['high']:.2f}]"
+            style = "italic" if estimator == "noise ceiling" else "normal"
+            axis.text(j, i, text, ha="center", va="center", fontsize=6.5, style=style)
+    axis.set_xticks(range(len(columns)), [f"{p}\n{m}" for p, m in columns])
+    axis.xaxis.tick_top()
+    axis.set_yticks(range(len(estimators)), estimators)
+    axis.tick_params(length=0)
+    axis.grid(False)
+    for j in range(1, len(columns)):
+        axis.axvline(j - 0.5, color="white", linewidth=1.5)
+    return _save(plt, figure, out, name, rows)
+
+
+def koh2019_groups(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Predicted against actual group effects, one panel per (problem, estimator), each
+    (group, test point) pair coloured by the kind of group, y = x dashed, each kind's slope in
+    the legend (Koh et al. 2019, Fig. 1).
+
+    Each panel: ``{"problem", "estimator", "target", "kinds", "sizes", "actual" [groups,
+    n_test], "predicted" [groups, n_test], "slopes", "pearson"}``.
+    """
+    import numpy as np
+
+    plt, sns = _figure()
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    figure, axes = plt.subplots(
+        lines, columns, figsize=(TEXT_WIDTH, 2.35 * lines + 0.2), squeeze=False
+    )
+    for axis in axes.ravel()[len(panels) :]:
+        axis.set_visible(False)
+    colours = dict(
+        zip(("random", "class", "neighbours"), sns.color_palette("deep", 3), strict=True)
+    )
+    rows = []
+    for axis, panel in zip(axes.ravel(), panels, strict=False):
+        actual, predicted = np.asarray(panel["actual"]), np.asarray(panel["predicted"])
+        kinds = np.asarray(panel["kinds"])
+        for kind in dict.fromkeys(kinds.tolist()):
+            chosen = kinds == kind
+            slope = panel["slopes"].get(kind)
+            label = kind if slope is None else f"{kind} (slope {slope:.2f})"
+            axis.scatter(
+                actual[chosen].ravel(),
+                predicted[chosen].ravel(),
+                s=4,
+                alpha=0.6,
+                linewidth=0,
+                color=colours.get(kind),
+                label=label,
+            )
+        low = float(min(actual.min(), predicted.min()))
+        high = float(max(actual.max(), predicted.max()))
+        axis.plot([low, high], [low, high], "--", color="0.4", lw=0.8)
+        axis.set_title(f"{panel['problem']}: {panel['estimator']}")
+        axis.set_xlabel(f"actual change of test {panel['target']}")
+        axis.set_ylabel("predicted change")
+        axis.legend(fontsize=5.5, loc="upper left", handletextpad=0.2, borderpad=0.3)
+        sizes = np.asarray(panel["sizes"])
+        for g in range(actual.shape[0]):
+            for t in range(actual.shape[1]):
+                rows.append(
+                    {
+                        "problem": panel["problem"],
+                        "estimator": panel["estimator"],
+                        "kind": str(kinds[g]),
+                        "size": int(sizes[g]),
+                        "group": g,
+                        "test_point": t,
+                        "actual": float(actual[g, t]),
+                        "predicted": float(predicted[g, t]),
+                    }
+                )
+    return _save(plt, figure, out, name, rows)

@@ -112,8 +112,9 @@ def lds_table(problem: ProblemResults) -> Table | None:
     )
     note = (
         "per test point, the correlation over subsets between the estimator's additive "
-        "prediction (the sum of its deltas over the dropped points) and the retrained change, "
-        "averaged over test points; intervals resample test points and subsets"
+        "prediction (the sum of its deltas over the dropped points; newton-step: its own step "
+        "for the subset) and the retrained change, averaged over test points; intervals "
+        "resample test points and subsets"
     )
     return Table("Linear datamodeling score", header, rows, note)
 
@@ -205,8 +206,9 @@ def group_table(problem: ProblemResults) -> Table | None:
     )
     note = (
         "over every (group, test point) pair: the measured change of the target when the group "
-        "is removed against the sum of the estimator's deltas over the group; slope through the "
-        "origin, below 1 where the prediction underestimates (Koh et al. 2019)"
+        "is removed against the sum of the estimator's deltas over the group (newton-step: its "
+        "own step for the group); slope through the origin, below 1 where the prediction "
+        "underestimates (Koh et al. 2019)"
     )
     return Table("Group effects", header, rows, note)
 

@@ -1,5 +1,6 @@
 """LDS in a run: subset stages in a suite, the score in results, history rows, the report."""
 
+import csv
 import json
 
 import jsonschema
@@ -131,6 +132,8 @@ def test_influence_finds_the_points_whose_removal_hurts_most(topk_run):
     assert table["exact"]["counterfactual@k20"]["change"] == exact[20].change
     report = (out / "report.md").read_text()
     assert "Top-k counterfactual removal" in report and "Brittleness" in report
+    assert "cancer-logreg-counterfactual.png" in report
+    assert (out / "figures" / "cancer-logreg-counterfactual.png").stat().st_size > 10_000
     document = json.loads((out / "results.json").read_text())
     jsonschema.validate(document, schema())
     assert RunResults.from_json(document) == results
@@ -190,6 +193,39 @@ def test_the_newton_step_predicts_ridge_groups_and_subsets_exactly(tmp_path):
     assert found.metrics["newton-step"]["lds"].value == pytest.approx(1.0)
     assert found.metrics["newton-step"]["lds_pearson"].value == pytest.approx(1.0, abs=1e-9)
     assert effects.fits["exact"]["random"].slope < effects.fits["newton-step"]["random"].slope
+
+    # what was scored is stored, drawn in the report, and read back by the paper figures
+    run_dir = tmp_path / "run"
+    arrays = np.load(run_dir / problem.arrays_file)
+    actual = arrays["groups/groups/seeds"].mean(0)
+    stored = arrays["groups/groups/predicted/newton-step"]
+    assert np.allclose(stored, actual, rtol=1e-7, atol=1e-12)
+    additive = subset_predictions(arrays["scores/exact"], 1.0 - arrays["groups/groups/members"])
+    assert np.array_equal(arrays["groups/groups/predicted/exact"], additive)
+    assert arrays["subsets/subsets/predicted/rif"].shape == (12, 6)
+    for figure in ("lds", "groups"):
+        assert (run_dir / "figures" / f"diabetes-ridge-{figure}.png").stat().st_size > 10_000
+    report = (run_dir / "report.md").read_text()
+    assert "diabetes-ridge-lds.png" in report and "diabetes-ridge-groups.png" in report
+
+    from fidelity.paper import PAPER_FIGURES, FigureContext
+
+    out = tmp_path / "figures"
+    context = FigureContext(out=out, runs=(run_dir,))
+    for name in ("koh2019-groups", "lds-loo-table"):
+        written = PAPER_FIGURES.get(name)(context)
+        assert sorted(p.suffix for p in written) == [".csv", ".pdf", ".png"]
+    with (out / "lds-loo-table.csv").open() as handle:
+        cells = {(row["estimator"], row["measure"]): row for row in csv.DictReader(handle)}
+    assert float(cells["newton-step", "LDS (alpha 0.5)"]["value"]) == pytest.approx(
+        found.metrics["newton-step"]["lds"].value
+    )
+    assert float(cells["exact", "LOO (Pearson)"]["value"]) == pytest.approx(
+        problem.metric("exact", "cold", "pearson").value
+    )
+    with (out / "koh2019-groups.csv").open() as handle:
+        points = list(csv.DictReader(handle))
+    assert len(points) == 3 * stored.size  # three estimators, every (group, test point)
 
 
 def test_a_margin_lds_compares_the_negated_loss_prediction(tmp_path):
