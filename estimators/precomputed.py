@@ -15,8 +15,6 @@ once here to removal by delta = -(1/N) I_up,loss.
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -27,52 +25,15 @@ from torch import Tensor
 
 from estimators.base import Estimator
 from fidelity.core.errors import FidelityError
+from fidelity.core.files import check_index, read_arrays, row_keys
 from fidelity.core.problem import Examples, TrainedProblem
 
 SIGNS = ("removal", "upweighting")
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "I64": np.int64, "I32": np.int32}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file (8-byte header length, JSON header, raw data)."""
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise FidelityError(f"{str(path)!r} is not a safetensors file (too short)")
-    (length,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except ValueError as exc:
-        raise FidelityError(f"{str(path)!r} is not a safetensors file: {exc}") from exc
-    found = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise FidelityError(f"{str(path)!r}: tensor {name!r} has unsupported dtype")
-        start, stop = entry["data_offsets"]
-        raw = data[8 + length + start : 8 + length + stop]
-        found[name] = np.frombuffer(raw, dtype=dtype).reshape(entry["shape"]).copy()
-    return found
 
 
 def load_score_file(path: Path, key: str) -> dict[str, np.ndarray]:
     """``scores`` and, where present, ``test_index`` and ``train_index`` of a score file."""
-    if not path.is_file():
-        raise FidelityError(f"score file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            return {"scores": np.load(path, allow_pickle=False)}
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as stored:
-                arrays = {name: stored[name] for name in stored.files}
-        elif suffix == ".safetensors":
-            arrays = read_safetensors(path)
-        else:
-            raise FidelityError(f"score file {str(path)!r}: expected .npy, .npz or .safetensors")
-    except (OSError, ValueError) as exc:
-        raise FidelityError(f"cannot read score file {str(path)!r}: {exc}") from exc
+    arrays = read_arrays(path, "score file", key)
     if key not in arrays:
         raise FidelityError(
             f"score file {str(path)!r} has no array {key!r} (it has {', '.join(arrays)})"
@@ -82,24 +43,6 @@ def load_score_file(path: Path, key: str) -> dict[str, np.ndarray]:
         if name in arrays:
             found[name] = arrays[name]
     return found
-
-
-def _index(values: np.ndarray | None, size: int, name: str, where: str) -> np.ndarray:
-    if values is None:
-        return np.arange(size)
-    if values.ndim != 1 or values.dtype.kind not in "iu":
-        raise FidelityError(f"{where}: {name} must be a 1-d integer array")
-    if values.size and (values.min() < 0 or values.max() >= size):
-        raise FidelityError(f"{where}: {name} must lie in [0, {size})")
-    if np.unique(values).size != values.size:
-        raise FidelityError(f"{where}: {name} holds an index twice")
-    return values.astype(np.int64)
-
-
-def _row_keys(examples: Examples) -> list[bytes]:
-    x = examples.x.detach().cpu().reshape(len(examples), -1).numpy()
-    y = examples.y.detach().cpu().reshape(len(examples), -1).numpy()
-    return [x[i].tobytes() + y[i].tobytes() for i in range(len(examples))]
 
 
 class PrecomputedEstimator(Estimator):
@@ -127,8 +70,8 @@ class PrecomputedEstimator(Estimator):
         scores = stored["scores"]
         if scores.ndim != 2 or scores.dtype.kind != "f":
             raise FidelityError(f"{where}: scores must be a 2-d floating-point array")
-        test_index = _index(stored.get("test_index"), problem.n_test, "test_index", where)
-        train_index = _index(stored.get("train_index"), problem.n_train, "train_index", where)
+        test_index = check_index(stored.get("test_index"), problem.n_test, "test_index", where)
+        train_index = check_index(stored.get("train_index"), problem.n_train, "train_index", where)
         expected = (test_index.size, train_index.size)
         if scores.shape != expected:
             raise FidelityError(
@@ -151,7 +94,7 @@ class PrecomputedEstimator(Estimator):
 
     @staticmethod
     def _positions(split: Examples, covered: np.ndarray) -> dict[bytes, int]:
-        keys = _row_keys(split)
+        keys = row_keys(split)
         positions: dict[bytes, int] = {}
         for position, index in enumerate(covered.tolist()):
             positions.setdefault(keys[index], position)  # duplicates score alike
@@ -165,7 +108,7 @@ class PrecomputedEstimator(Estimator):
         return chosen.to(trained.theta.device)
 
     def _lookup(self, positions: dict[bytes, int], examples: Examples, split: str) -> Tensor:
-        found = [positions.get(key) for key in _row_keys(examples)]
+        found = [positions.get(key) for key in row_keys(examples)]
         missing = sum(position is None for position in found)
         if missing:
             raise FidelityError(

@@ -27,7 +27,7 @@ from reports import applications as render
 from reports import write_reports
 from reports.format import format_interval
 from reports.markdown import md_escape, terminal_escape
-from retrain import RESPONSES, Execution, train
+from retrain import RESPONSES, Execution, read_ground_truth, train
 
 
 def _positive_int(text: str) -> int:
@@ -58,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--scores",
         type=Path,
-        required=True,
         metavar="FILE",
         help="the scores: .npy [n_test, n_train], or .npz/.safetensors with 'scores' and "
         "optionally 'test_index' and 'train_index'",
@@ -72,6 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--label", default="scores", help="the scores' label in the results")
     score.add_argument("--key", default="scores", help="the array's name in .npz/.safetensors")
+    score.add_argument(
+        "--ground-truth",
+        type=Path,
+        metavar="FILE",
+        help="subset retraining done elsewhere (.npz/.safetensors in TRAK's or dattri's "
+        "layout, with test_index): every estimator gets an LDS against it, on its test points",
+    )
+    score.add_argument(
+        "--layout",
+        choices=("trak", "dattri"),
+        default="trak",
+        help="trak: masks [m, N] + margins [m, n]; dattri: indices [m, kept] + values [m, n] "
+        "(dattri's negated target)",
+    )
+    score.add_argument(
+        "--target",
+        choices=("loss", "margin", "log-probability"),
+        help="what the ground truth measured (default: margin for trak, loss for dattri)",
+    )
 
     commands.add_parser("list", help="list problems, estimators, responses and bundled suites")
 
@@ -278,8 +296,20 @@ def command_score(args: argparse.Namespace) -> int:
             f"a score file is for one problem; suite {suite.name!r} runs "
             f"{', '.join(suite.problems)}: name one with --problem"
         )
-    settings = {"path": str(args.scores), "sign": args.sign, "key": args.key}
-    suite = suite.with_estimator("scores", args.label, settings)
+    if args.scores is None and args.ground_truth is None:
+        raise FidelityError("fidelity score needs --scores FILE, --ground-truth FILE or both")
+    if args.scores is not None:
+        settings = {"path": str(args.scores), "sign": args.sign, "key": args.key}
+        suite = suite.with_estimator("scores", args.label, settings)
+    if args.ground_truth is not None:
+        (problem,) = suite.problems
+        loaded = load_problem(problem, cache=_cache(args))
+        found = read_ground_truth(args.ground_truth, args.layout, loaded.n_train, loaded.n_test)
+        settings = {"path": str(args.ground_truth), "layout": args.layout}
+        if args.target is not None:
+            settings["target"] = args.target
+        suite = suite.with_subsets("imported", "imported", settings)
+        suite = suite.with_test_index(problem, tuple(found.test_index.tolist()))
     return _run(suite, args)
 
 

@@ -87,6 +87,7 @@ from retrain import (
     CounterfactualResult,
     Execution,
     GroupResult,
+    ImportedSubsets,
     SubsetResult,
     SubsetsResponse,
     train,
@@ -156,7 +157,7 @@ class Datamodels:
     its additive subset predictions and its top-k rankings follow."""
 
     subsets: dict[str, SubsetResult]
-    settings: dict[str, SubsetsResponse]
+    settings: dict[str, SubsetsResponse | ImportedSubsets]
     full_scores: dict[str, np.ndarray]
     counterfactuals: dict[str, CounterfactualResult] = field(default_factory=dict)
     groups: dict[str, GroupResult] = field(default_factory=dict)
@@ -199,7 +200,15 @@ def prepare(problem_name: str, suite: Suite, execution: Execution) -> Setup:
     train_seconds = time.perf_counter() - start
     selection = suite.selection_for(problem_name, problem.name)
     rng = problem_seed(suite.seed, problem.name)
-    test_index = choose_test_points(problem.n_test, selection.test_points, rng)
+    if selection.test_index:
+        if max(selection.test_index) >= problem.n_test:
+            raise FidelityError(
+                f"selection.test_index names test point {max(selection.test_index)}, but "
+                f"{problem.name!r} has {problem.n_test}"
+            )
+        test_index = np.array(sorted(selection.test_index), dtype=np.int64)
+    else:
+        test_index = choose_test_points(problem.n_test, selection.test_points, rng)
     test = problem.test.subset(torch.as_tensor(test_index, device=problem.device))
     return Setup(problem_name, problem, trained, selection, rng, test_index, test, train_seconds)
 
@@ -488,7 +497,7 @@ def score_lds(datamodels: Datamodels, suite: Suite) -> tuple[LdsResults, ...]:
     for label, result in datamodels.subsets.items():
         stage = datamodels.settings[label]
         masks = result.masks.numpy()
-        for alpha in stage.alphas:
+        for alpha in dict.fromkeys(result.alphas.tolist()):
             rows = np.flatnonzero(np.isclose(result.alphas.numpy(), alpha))
             per_seed = result.per_seed.numpy()[:, rows]  # [seeds, subsets, n_test]
             measured = per_seed.mean(0)

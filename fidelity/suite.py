@@ -48,7 +48,7 @@ import importlib.util
 import inspect
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,8 @@ class SelectionSpec:
     random: int = 50
     top: int = 50
     top_by: str | None = None
+    # explicit positions in the test split (replaces the draw of ``test_points``)
+    test_index: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,21 @@ class Suite:
 
     def with_problems(self, problems: tuple[str, ...]) -> Suite:
         return Suite(**{**vars(self), "problems": problems})
+
+    def with_subsets(self, kind: str, label: str, settings: Mapping[str, Any]) -> Suite:
+        """The suite with one more subset stage (validated as a suite entry would be)."""
+        taken = {spec.label for spec in (*self.responses, *self.subsets)}
+        if label in taken:
+            raise FidelityError(f"label {label!r} is taken in suite {self.name!r}")
+        build_component(SUBSET_RESPONSES, kind, settings, where=label)
+        spec = ComponentSpec(kind, label, dict(settings))
+        return Suite(**{**vars(self), "subsets": (*self.subsets, spec)})
+
+    def with_test_index(self, problem: str, test_index: tuple[int, ...]) -> Suite:
+        """The suite measuring exactly these test points of ``problem``."""
+        chosen = replace(self.selection_for(problem), test_index=tuple(test_index))
+        overrides = {**self.selection_overrides, problem: chosen}
+        return Suite(**{**vars(self), "selection_overrides": overrides})
 
     def with_estimator(self, kind: str, label: str, settings: Mapping[str, Any]) -> Suite:
         """The suite with one more estimator (validated as a suite entry would be)."""
@@ -506,7 +523,16 @@ def _damping(value: Any, problems: list[str], where: str) -> DampingSpec:
 
 
 def _selection(table: Mapping[str, Any], where: str) -> SelectionSpec:
-    selection = _dataclass_from_table(SelectionSpec, dict(table), where)
+    table = dict(table)
+    test_index = _expect(table.pop("test_index", []), list, f"{where}.test_index")
+    for position in test_index:
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise FidelityError(f"{where}.test_index must hold non-negative integers")
+    if len(set(test_index)) != len(test_index):
+        raise FidelityError(f"{where}.test_index names a test point twice")
+    selection = replace(
+        _dataclass_from_table(SelectionSpec, table, where), test_index=tuple(test_index)
+    )
     for field_name in ("test_points", "random", "top"):
         if getattr(selection, field_name) < 0:
             raise FidelityError(f"{where}.{field_name} must be >= 0")

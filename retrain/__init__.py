@@ -9,6 +9,7 @@ from fidelity.core.registry import Registry
 from retrain.counterfactual import CounterfactualResponse, CounterfactualResult
 from retrain.execution import Execution
 from retrain.groups import GroupResult, GroupsResponse
+from retrain.imported import ImportedSubsets, read_ground_truth
 from retrain.linear import LinearResponse
 from retrain.pbrf import PbrfResponse
 from retrain.refit import ColdResponse, ProximalResponse, WarmResponse
@@ -20,8 +21,11 @@ RESPONSES: Registry[type[Response]] = Registry("response")
 for _response in (ColdResponse, WarmResponse, ProximalResponse, PbrfResponse, LinearResponse):
     RESPONSES.register(_response.name)(_response)
 # Subset retraining has its own result (masks and measured changes, not per-point deltas).
-SUBSET_RESPONSES: Registry[type[SubsetsResponse]] = Registry("subset response")
+SUBSET_RESPONSES: Registry[type[SubsetsResponse] | type[ImportedSubsets]] = Registry(
+    "subset response"
+)
 SUBSET_RESPONSES.register(SubsetsResponse.name)(SubsetsResponse)
+SUBSET_RESPONSES.register(ImportedSubsets.name)(ImportedSubsets)
 COUNTERFACTUAL_RESPONSES: Registry[type[CounterfactualResponse]] = Registry("counterfactual")
 COUNTERFACTUAL_RESPONSES.register(CounterfactualResponse.name)(CounterfactualResponse)
 GROUP_RESPONSES: Registry[type[GroupsResponse]] = Registry("group stage")
@@ -38,6 +42,7 @@ __all__ = [
     "Execution",
     "GroupResult",
     "GroupsResponse",
+    "ImportedSubsets",
     "LinearResponse",
     "PbrfResponse",
     "ProximalResponse",
@@ -46,6 +51,7 @@ __all__ = [
     "SubsetResult",
     "SubsetsResponse",
     "WarmResponse",
+    "read_ground_truth",
     "seeded_variant",
     "train",
 ]

@@ -108,3 +108,125 @@ def test_bad_score_files_are_one_line_errors(setting, capsys):
     capsys.readouterr()
     assert main(["score", str(suite), "--scores", str(root / "short.npy")]) == 2
     assert "name one with --problem" in capsys.readouterr().err
+
+
+LDS_SMALL = (
+    SMALL.replace('kind = "exact"', 'kind = "exact"\n[[estimators]]\nkind = "grad-dot"')
+    + '[[subsets]]\nkind = "subsets"\nalphas = [0.5]\nsubsets = 25\n'
+)
+
+
+def test_imported_ground_truth_gives_back_the_runs_own_lds(setting, tmp_path):
+    root, _, exact = setting
+    np.save(root / "exact-lds.npy", exact)
+    suite = root / "lds.toml"
+    suite.write_text(LDS_SMALL)
+    code, out = score(root, suite, "lds-run", "--scores", str(root / "exact-lds.npy"))
+    assert code == 0
+    problem = RunResults.load(out).problems["diabetes-ridge"]
+    (own,) = problem.lds
+    arrays = np.load(out / problem.arrays_file)
+    masks, measured = arrays["subsets/subsets/masks"], arrays["subsets/subsets/seeds"][0]
+    test_index = arrays["test_index"]
+    np.savez(
+        tmp_path / "trak.npz", masks=masks.astype(bool), margins=measured, test_index=test_index
+    )
+    kept = np.stack([np.flatnonzero(mask) for mask in masks])
+    np.savez(tmp_path / "dattri.npz", indices=kept, values=-measured, test_index=test_index)
+    for layout in ("trak", "dattri"):
+        path = tmp_path / f"{layout}.npz"
+        options = ["--ground-truth", path, "--layout", layout, "--target", "loss"]
+        code, run = score(root, suite, f"imported-{layout}", *map(str, options))
+        assert code == 0
+        found = RunResults.load(run).problems["diabetes-ridge"]
+        imported = next(entry for entry in found.lds if entry.response == "imported")
+        assert imported.alpha == round(176 / 353, 3) and imported.subsets == 25  # kept fraction
+        for estimator in ("exact", "grad-dot"):
+            assert imported.metrics[estimator] == own.metrics[estimator], (layout, estimator)
+        stored = np.load(run / found.arrays_file)
+        assert np.array_equal(stored["test_index"], np.sort(test_index))
+        np.testing.assert_array_equal(stored["subsets/imported/seeds"][0], measured)
+
+
+def test_full_model_values_turn_imported_values_into_changes(setting, tmp_path):
+    from retrain import read_ground_truth
+
+    values = np.arange(6.0).reshape(2, 3)
+    masks = np.array([[1, 0, 1, 1], [0, 1, 1, 1]])
+    full = np.array([1.0, 2.0, 3.0])
+    np.savez(tmp_path / "t.npz", masks=masks, margins=values, test_index=[0, 4, 2], full=full)
+    found = read_ground_truth(tmp_path / "t.npz", "trak", 4, 5)
+    np.testing.assert_array_equal(found.values, values - full)
+    assert found.changes and found.test_index.tolist() == [0, 4, 2]
+    # dattri returns -target for the retrained models; its full-model value is a target too
+    np.savez(
+        tmp_path / "d.npz",
+        indices=[[0, 2], [1, 3]],
+        values=-values,
+        test_index=[0, 4, 2],
+        full=full,
+    )
+    found = read_ground_truth(tmp_path / "d.npz", "dattri", 4, 5)
+    np.testing.assert_array_equal(found.values, values - full)
+    np.testing.assert_array_equal(found.masks, [[1, 0, 1, 0], [0, 1, 0, 1]])
+
+
+@pytest.mark.parametrize(
+    ("arrays", "layout", "message"),
+    [
+        ({"masks": np.ones((2, 4)), "margins": np.ones((2, 1))}, "trak", "no array 'test_index'"),
+        (
+            {"masks": np.ones((2, 3)), "margins": np.ones((2, 1)), "test_index": [0]},
+            "trak",
+            r"masks must be \[subsets, 4\]",
+        ),
+        (
+            {"masks": np.full((2, 4), 0.5), "margins": np.ones((2, 1)), "test_index": [0]},
+            "trak",
+            "masks must hold 0 and 1 only",
+        ),
+        (
+            {"masks": np.eye(4)[:2], "margins": np.ones((3, 1)), "test_index": [0]},
+            "trak",
+            r"margins are \(3, 1\)",
+        ),
+        (
+            {"masks": np.eye(4)[:2], "margins": np.ones((2, 1)), "test_index": [9]},
+            "trak",
+            r"test_index must lie in \[0, 5\)",
+        ),
+        (
+            {"indices": [[0, 7]], "values": np.ones((1, 1)), "test_index": [0]},
+            "dattri",
+            r"indices\[0\] must lie in \[0, 4\)",
+        ),
+        (
+            {"masks": np.ones((1, 4)), "margins": np.ones((1, 1)), "test_index": [0]},
+            "trak",
+            "keeps no training point or every one",
+        ),
+        (
+            {"masks": np.eye(4)[:1], "margins": np.full((1, 1), np.nan), "test_index": [0]},
+            "trak",
+            "NaN or infinite",
+        ),
+    ],
+)
+def test_bad_ground_truth_files_are_refused(tmp_path, arrays, layout, message):
+    from fidelity.core.errors import FidelityError
+    from retrain import read_ground_truth
+
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(FidelityError, match=message):
+        read_ground_truth(tmp_path / "bad.npz", layout, 4, 5)
+
+
+def test_a_bad_ground_truth_is_a_one_line_error_exit_2(setting, tmp_path, capsys):
+    root, suite, _ = setting
+    np.savez(tmp_path / "gt.npz", masks=np.ones((2, 3)), margins=np.ones((2, 1)), test_index=[0])
+    code, out = score(root, suite, "bad-gt", "--ground-truth", str(tmp_path / "gt.npz"))
+    assert code == 2 and not out.exists()
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "masks must be [subsets, 353]" in error
+    code, _ = score(root, suite, "neither")
+    assert code == 2 and "needs --scores FILE, --ground-truth FILE" in capsys.readouterr().err

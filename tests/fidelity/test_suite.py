@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from fidelity.core.errors import FidelityError
@@ -384,3 +385,28 @@ def test_peers_compare_like_with_like():
             ours = reference.get("damping", 0.0)
             found = suite.settings_for(spec, problem).get("damping", 0.0)
             assert found == ours, (spec.label, problem)
+
+
+def test_explicit_test_points_replace_the_draw(tmp_path):
+    from fidelity.runner import RunOptions, run_suite
+
+    suite = load_suite(write(tmp_path, VALID.replace("top = 2", "top = 2\ntest_index = [7, 3]")))
+    assert suite.selection.test_index == (7, 3)
+    results = run_suite(suite, RunOptions(out=tmp_path / "run", reports=False))
+    (problem,) = results.problems.values()
+    assert np.load(tmp_path / "run" / problem.arrays_file)["test_index"].tolist() == [3, 7]
+    chosen = suite.with_test_index("diabetes-ridge", (1, 2))
+    assert chosen.selection_for("diabetes-ridge").test_index == (1, 2)
+    assert chosen.selection_for("diabetes-ridge").random == 3
+    far = load_suite(write(tmp_path, VALID.replace("top = 2", "top = 2\ntest_index = [999]")))
+    with pytest.raises(FidelityError, match="test_index names test point 999, but"):
+        run_suite(far, RunOptions(out=tmp_path / "far", reports=False))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("[1, 1]", "names a test point twice"), ("[-1]", "non-negative"), ('"3"', "must be a list")],
+)
+def test_bad_test_index(tmp_path, value, message):
+    with pytest.raises(FidelityError, match=message):
+        load_suite(write(tmp_path, VALID.replace("top = 2", f"top = 2\ntest_index = {value}")))
