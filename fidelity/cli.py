@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -92,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("list", help="list problems, estimators, responses and bundled suites")
+
+    cache = commands.add_parser(
+        "cache", help="inspect the artefact cache: info, verify every entry, prune quarantine"
+    )
+    cache.add_argument(
+        "action",
+        choices=("info", "verify", "prune"),
+        help="info: entries and bytes per kind; verify: check every entry's key and digest, "
+        "quarantine the damaged ones (exit 1 if any); prune: delete quarantined entries and "
+        "dead writers' temporary files",
+    )
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="the cache (default $FIDELITY_CACHE_DIR or ~/.cache/fidelity)",
+    )
 
     report = commands.add_parser(
         "report", help="re-render report.md, report.html and figures of a run, without computing"
@@ -275,6 +292,38 @@ def _cache(args: argparse.Namespace) -> ArtifactCache:
     if getattr(args, "no_cache", False):
         return ArtifactCache(None)
     return ArtifactCache(getattr(args, "cache_dir", None) or default_cache_dir())
+
+
+def command_cache(args: argparse.Namespace) -> int:
+    root = Path(args.cache_dir or default_cache_dir())
+    if not root.is_dir():
+        raise FidelityError(f"cache directory {str(root)!r} does not exist")
+    cache = ArtifactCache(root)
+    if args.action == "prune":
+        removed = cache.quarantined()
+        for path in removed:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        print(f"removed {len(removed)} quarantined entries from {root}")
+        return 0
+    if args.action == "verify":
+        checks = cache.verify()
+        damaged = [check for check in checks if check.problem is not None]
+        print(
+            f"{len(checks) - len(damaged)} of {len(checks)} entries sound in {root}; "
+            f"{len(damaged)} damaged (quarantined)"
+        )
+        return 1 if damaged else 0
+    sizes: dict[str, list[int]] = {}
+    for kind, _, path in cache.entries():
+        sizes.setdefault(kind, []).append(path.stat().st_size if path.is_file() else 0)
+    print(f"cache {root}")
+    for kind, found in sorted(sizes.items()):
+        print(f"  {terminal_escape(kind):<28} {len(found):>7} entries {sum(found):>14,} bytes")
+    print(f"  quarantined: {len(cache.quarantined())}")
+    return 0
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -520,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": command_run,
         "score": command_score,
         "list": command_list,
+        "cache": command_cache,
         "report": command_report,
         "history": command_history,
         "check": command_check,

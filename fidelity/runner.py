@@ -25,6 +25,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 
 from estimators import ESTIMATORS, Estimator, GroupEffects
 from fidelity import __version__
-from fidelity.core.cache import atomic_write_bytes
+from fidelity.core.cache import atomic_write_bytes, pid_alive
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.decomposition import LADDER, Stage, decompose
@@ -181,6 +182,16 @@ class Scores:
 class ProblemOutcome:
     results: ProblemResults
     arrays: dict[str, np.ndarray]
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging directories a killed run left beside ``out`` (their PID is gone)."""
+    if not out.parent.is_dir():
+        return
+    for staging in out.parent.glob(f".{glob_escape(out.name)}.partial-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def safe_filename(name: str) -> str:
@@ -805,6 +816,7 @@ def run_suite(suite: Suite, options: RunOptions) -> RunResults:
         problems={name: outcome.results for name, outcome in outcomes.items()},
     )
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_stale_staging(out)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         (staging / "arrays").mkdir(parents=True)
