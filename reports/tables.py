@@ -505,6 +505,12 @@ def estimator_warnings(problem: ProblemResults) -> list[str]:
                 f"{label}: {diagnostics['negative_curvature_columns']} test point(s) met a "
                 "direction of non-positive curvature and stopped early (add damping)"
             )
+        if diagnostics.get("indefinite"):
+            found.append(
+                f"{label}: the damped curvature has a negative eigenvalue (about "
+                f"{diagnostics['smallest_eigenvalue_estimate']:.3g}); the recursion approaches "
+                "no inverse, whatever it returns (add damping)"
+            )
         if diagnostics.get("unconverged_columns"):
             found.append(
                 f"{label}: {diagnostics['unconverged_columns']} test point(s) did not reach the "

@@ -162,3 +162,27 @@ def test_grad_dot_and_grad_cos(mlp):
 def test_bad_settings_are_rejected(cls, settings, message):
     with pytest.raises(FidelityError, match=message):
         cls(**settings)
+
+
+def test_lissa_reports_each_columns_residual(mlp):
+    """The residual diagnostic is ||(C + damping I) h - g|| / ||g|| per test point, computed
+    here independently from the dense matrix; a shallow recursion is flagged, a deep one not."""
+    problem = mlp.problem
+    dense = CurvatureOperator(mlp).dense() + 0.1 * torch.eye(mlp.n_params, dtype=torch.float64)
+    for depth, flagged in ((3, True), (3000, False)):
+        estimator = LissaEstimator(depth=depth, damping=0.1).fit(mlp)
+        gradients = estimator.gradients(problem.test)
+        solved = estimator._inverse_curvature_product(gradients)
+        expected = (solved @ dense - gradients).norm(dim=1) / gradients.norm(dim=1)
+        found = torch.tensor(estimator.diagnostics["relative_residual"], dtype=torch.float64)
+        torch.testing.assert_close(found, expected, rtol=1e-8, atol=1e-12)
+        assert (estimator.diagnostics["unconverged_columns"] > 0) == flagged, depth
+        assert estimator.diagnostics["max_relative_residual"] == pytest.approx(float(found.max()))
+
+
+def test_lissa_flags_an_indefinite_curvature_at_fit():
+    fitted = LissaEstimator(depth=10).fit(saddle_problem())
+    assert fitted.diagnostics["indefinite"] is True
+    assert fitted.diagnostics["smallest_eigenvalue_estimate"] < 0
+    damped = LissaEstimator(depth=10, damping=10.0).fit(saddle_problem())
+    assert damped.diagnostics["indefinite"] is False
