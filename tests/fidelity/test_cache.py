@@ -137,32 +137,33 @@ def test_verify_lists_damage_without_touching_it_when_asked(tmp_path):
     assert len(cache.quarantined()) == 1 and len(cache.verify()) == 2
 
 
-def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    folder = tmp_path / "stage" / "ab"
-    folder.mkdir(parents=True)
-    dead = subprocess.run(
+def dead_pid() -> int:
+    """The PID of a process that has exited."""
+    child = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
         text=True,
         check=True,
     )
-    stale = folder / f".{'ab' * 32}.npz.{int(dead.stdout)}.x1y2.tmp"
+    return int(child.stdout)
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    folder = tmp_path / "stage" / "ab"
+    folder.mkdir(parents=True)
+    dead = dead_pid()
+    stale = folder / f".{'ab' * 32}.npz.{dead}.x1y2.tmp"
     live = folder / f".{'ab' * 32}.npz.{os.getpid()}.x1y2.tmp"
     for path in (stale, live):
         path.write_bytes(b"partial")
-    assert writer_pid(stale.name) == int(dead.stdout)
+    assert writer_pid(stale.name) == dead
     ArtifactCache(tmp_path)
     assert not stale.exists() and live.exists()
 
 
 def test_a_killed_runs_staging_directory_is_removed_by_the_next_run(tmp_path):
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    staging = tmp_path / f".run.partial-{int(dead.stdout)}"
+    dead = dead_pid()
+    staging = tmp_path / f".run.partial-{dead}"
     (staging / "arrays").mkdir(parents=True)
     run(tmp_path, "run", ArtifactCache(None))
     assert not staging.exists() and (tmp_path / "run" / "results.json").is_file()
