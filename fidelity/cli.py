@@ -382,8 +382,10 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
             pearson = problem.metric(estimator, response, "pearson")
             spearman = problem.metric(estimator, response, "spearman")
             print(
-                f"{name:<18} {estimator:>10} vs {response:<8} "
-                f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
+                terminal_escape(
+                    f"{name:<18} {estimator:>10} vs {response:<8} "
+                    f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
+                )
             )
     print(f"wrote {out} in {results.timings['total_seconds']:.1f} s")
     return 0
@@ -441,7 +443,8 @@ def command_history(args: argparse.Namespace) -> int:
     print(f"{len(runs)} run(s), oldest first, metric {args.metric}:")
     for position, run in enumerate(runs, 1):
         revision = run.git_revision or "-"
-        print(f"  [{position}] {run.created} {run.suite} {revision} {run.run_dir or ''}")
+        line = f"  [{position}] {run.created} {run.suite} {revision} {run.run_dir or ''}"
+        print(terminal_escape(line))
     if not series:
         print(f"no {args.metric!r} recorded for the selection")
         return 0
@@ -449,7 +452,7 @@ def command_history(args: argparse.Namespace) -> int:
         cells = " ".join("   -  " if v is None else f"{v:.4f}" for v in values)
         known = [v for v in values if v is not None]
         change = f"  change {known[-1] - known[0]:+.4f}" if len(known) > 1 else ""
-        print(f"{suite} {problem} {estimator} vs {response}: {cells}{change}")
+        print(terminal_escape(f"{suite} {problem} {estimator} vs {response}: {cells}{change}"))
     return 0
 
 
@@ -481,7 +484,7 @@ def command_check(args: argparse.Namespace) -> int:
         f"(tolerance {args.tolerance:g}, metrics {', '.join(metrics)})"
     )
     for finding in failed:
-        print(f"FAIL {finding.status}: {finding.describe()}")
+        print(terminal_escape(f"FAIL {finding.status}: {finding.describe()}"))
     if not findings:
         print("FAIL: the baseline holds none of these metrics")
         return 1
@@ -581,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except FidelityError as exc:
-        message = " ".join(str(exc).split())
+        message = terminal_escape(" ".join(str(exc).split()))
         print(f"fidelity: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,3 +1,4 @@
+import re
 from dataclasses import replace
 
 from fidelity.results import EstimatorRecord, Interval
@@ -52,3 +53,53 @@ def test_solver_warnings_are_listed():
     found = estimator_warnings(warned)
     assert len(found) == 2 and "non-positive curvature" in found[0] and "3.00e-01" in found[1]
     assert estimator_warnings(problem) == []
+
+
+HOSTILE = (
+    "visit http://evil.example/a?b=1 or www.evil.example, mail bad@evil.example",
+    "# heading\r## injected\n> quote",
+    "1. a list",
+    "![img](http://evil.example/x.png) [link](http://evil.example)",
+    "a|b | c\r|---|",
+    "\x1b[31mred\x07 \x00nul \u202eevil\u202c \u200bzero",
+    "<https://evil.example> <mailto:x@y.z>",
+    "`x@y.example` ``",
+)
+
+
+def rendered_with_gfm(text: str) -> list[str]:
+    """report.md rendered by cmark-gfm (GitHub's renderer, autolinks on) and by markdown-it
+    with linkify: both HTML strings."""
+    import cmarkgfm
+    from markdown_it import MarkdownIt
+
+    return [cmarkgfm.github_flavored_markdown_to_html(text), MarkdownIt("gfm-like").render(text)]
+
+
+def test_no_link_image_heading_or_control_character_comes_from_data():
+    metric = Interval(0.9, 0.8, 0.95)
+    names = ("pearson", "spearman", "kendall", "mean_test_pearson", "mean_test_spearman")
+    metrics = {label: {"cold": dict.fromkeys(names, metric)} for label in HOSTILE}
+    problem = replace(fake_problem("problem", metrics), description=" ".join(HOSTILE))
+    results = replace(fake_results(), problems={problem.name: problem})
+    text = render_markdown(outline(results, {}))
+    for html in rendered_with_gfm(text):
+        links = re.findall(r"<a [^>]*>", html)
+        assert all('href="#' in link for link in links)  # the contents' own links only
+        assert "<img" not in html and "<blockquote" not in html and "<ol" not in html
+        headings = re.findall(r"<h[1-6][^>]*>(.*?)</h[1-6]>", html, flags=re.S)
+        assert not [h for h in headings if "injected" in h or "heading" in h or "evil" in h]
+        assert "evil.example" in html  # shown, as text
+    for char in "\x1b\x07\x00\u202e\u202c\u200b\r":
+        assert char not in text
+    assert "\\u202e" in text and "\\x1b" in text
+    for label in HOSTILE:  # one table row per estimator: no cell broke its row
+        assert sum(line.startswith("| ") and "cold" in line for line in text.splitlines()) >= 8
+        del label
+
+
+def test_terminal_output_shows_control_and_bidirectional_characters():
+    from reports.markdown import terminal_escape
+
+    shown = terminal_escape("a\x1b[2Jb\u202ec\r\nd\u2028e")
+    assert shown == "a\\x1b[2Jb\\u202ec  d e"
