@@ -41,7 +41,12 @@ from estimators.base import Estimator
 from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.curvature import DENSE_LIMIT, CurvatureOperator
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import TARGETS, loss_from_outputs, per_example_grads, target_values
+from fidelity.core.objective import (
+    check_target,
+    loss_from_outputs,
+    per_example_grads,
+    target_values,
+)
 from fidelity.core.problem import Examples, TrainedProblem
 
 OUTPUTS = ("evaluate", "linear")
@@ -139,8 +144,7 @@ class NewtonStepEstimator(Estimator):
         parameter change, by this estimator's ``output``."""
         trained = self._check_fitted()
         model, loss, theta = trained.model, trained.problem.loss, trained.theta
-        if target not in TARGETS:
-            raise FidelityError(f"{self.name}: target must be one of {', '.join(TARGETS)}")
+        check_target(target, self.name)
         if self.output == "linear":
             gradients = per_example_grads(model, loss, theta, test, 512, target)
             return steps @ gradients.T

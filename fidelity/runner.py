@@ -162,9 +162,10 @@ class Datamodels:
     full_scores: dict[str, np.ndarray]
     counterfactuals: dict[str, CounterfactualResult] = field(default_factory=dict)
     groups: dict[str, GroupResult] = field(default_factory=dict)
-    # stage label -> estimator label -> [n_masks, n_test]: the non-additive predictions of the
-    # estimators that predict a reweighted training set as a whole (``group_effects``)
-    group_predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # stage label -> estimator label -> [n_masks, n_test]: the prediction scored against each
+    # subset or group stage (an estimator's own ``group_effects`` where it has one, else the
+    # additive sum of its deltas), computed once for scoring and the arrays
+    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -380,20 +381,24 @@ def retrain_subsets(
     weights.update(
         {label: (1.0 - result.members, result.target) for label, result in groups.items()}
     )
-    group_predictions = {
+    stage_predictions = {
         label: {
-            name: _group_prediction(estimator, setup, kept, target)
+            name: _prediction(estimator, full_scores[name], setup, kept, target)
             for name, estimator in predictions.estimators.items()
-            if isinstance(estimator, GroupEffects)
         }
         for label, (kept, target) in weights.items()
     }
-    return Datamodels(found, settings, full_scores, counterfactuals, groups, group_predictions)
+    return Datamodels(found, settings, full_scores, counterfactuals, groups, stage_predictions)
 
 
-def _group_prediction(
-    estimator: GroupEffects, setup: Setup, kept: torch.Tensor, target: str
+def _prediction(
+    estimator: Estimator, scores: np.ndarray, setup: Setup, kept: torch.Tensor, target: str
 ) -> np.ndarray:
+    """``[n_masks, n_test]`` for the training weights ``kept``: the estimator's own prediction
+    (``group_effects``) where it has one, else the additive sum of its deltas over the dropped
+    weight."""
+    if not isinstance(estimator, GroupEffects):
+        return subset_predictions(scores, kept.numpy(), target)
     problem = setup.problem
     weights = kept.to(dtype=problem.dtype, device=problem.device)
     predicted = estimator.group_effects(setup.test, weights, target).detach().cpu().numpy()
@@ -401,30 +406,15 @@ def _group_prediction(
     return predicted
 
 
-def stage_predictions(
-    datamodels: Datamodels, label: str, kept: np.ndarray, target: str
-) -> dict[str, np.ndarray]:
-    """Every estimator's prediction ``[n_masks, n_test]`` for the training weights ``kept`` of
-    stage ``label``: its own (``group_effects``) where it has one, else the additive sum of its
-    deltas over the dropped weight."""
-    own = datamodels.group_predictions.get(label, {})
-    return {
-        estimator: own[estimator] if estimator in own else subset_predictions(scores, kept, target)
-        for estimator, scores in datamodels.full_scores.items()
-    }
-
-
 def score_groups(datamodels: Datamodels) -> tuple[GroupResults, ...]:
     """Per estimator and group kind: predicted (the sum of its deltas over the group) against
     the measured change over every (group, test point) pair, and the means per size."""
     found = []
     for label, result in datamodels.groups.items():
-        members = result.members.numpy()
         actual = result.per_seed.numpy().mean(0)  # [groups, n_test]
         kinds, sizes = np.array(result.kinds), np.array(result.sizes)
         fits: dict[str, dict[str, GroupFit]] = {}
-        found_predictions = stage_predictions(datamodels, label, 1.0 - members, result.target)
-        for estimator, predicted in found_predictions.items():
+        for estimator, predicted in datamodels.predictions[label].items():
             fits[estimator] = {}
             for kind in dict.fromkeys(result.kinds):
                 rows = kinds == kind
@@ -507,12 +497,11 @@ def score_lds(datamodels: Datamodels, suite: Suite) -> tuple[LdsResults, ...]:
     found = []
     for label, result in datamodels.subsets.items():
         stage = datamodels.settings[label]
-        masks = result.masks.numpy()
+        predicted = datamodels.predictions[label]
         for alpha in dict.fromkeys(result.alphas.tolist()):
             rows = np.flatnonzero(np.isclose(result.alphas.numpy(), alpha))
             per_seed = result.per_seed.numpy()[:, rows]  # [seeds, subsets, n_test]
             measured = per_seed.mean(0)
-            predicted = stage_predictions(datamodels, label, masks, stage.target)
             metrics = {
                 estimator: lds(
                     values[rows],
@@ -702,10 +691,7 @@ def assemble(
             arrays[f"subsets/{label}/masks"] = result.masks.numpy()
             arrays[f"subsets/{label}/alphas"] = result.alphas.numpy()
             arrays[f"subsets/{label}/seeds"] = result.per_seed.numpy()
-            target = datamodels.settings[label].target
-            for name, values in stage_predictions(
-                datamodels, label, result.masks.numpy(), target
-            ).items():
+            for name, values in datamodels.predictions[label].items():
                 arrays[f"subsets/{label}/predicted/{name}"] = values
     if datamodels is not None:
         for label, full in datamodels.full_scores.items():
@@ -722,8 +708,7 @@ def assemble(
             arrays[f"groups/{label}/kinds"] = np.array(effects.kinds)
             arrays[f"groups/{label}/sizes"] = np.array(effects.sizes)
             arrays[f"groups/{label}/seeds"] = effects.per_seed.numpy()
-            kept = 1.0 - effects.members.numpy()
-            for name, values in stage_predictions(datamodels, label, kept, effects.target).items():
+            for name, values in datamodels.predictions[label].items():
                 arrays[f"groups/{label}/predicted/{name}"] = values
     return ProblemOutcome(results, arrays)
 

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from fidelity.core.checks import check_int, check_positive_int
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import per_example_loss
+from fidelity.core.objective import check_target, per_example_loss
 from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.core.registry import constructor_params
 from retrain.execution import Execution
-from retrain.subsets import TARGETS, mask_digest, retrain_masks_over_seeds
+from retrain.subsets import mask_digest, retrain_masks_over_seeds
 
 RANDOM, HIGHEST_LOSS = "random", "highest loss"
 
@@ -86,8 +86,7 @@ class CounterfactualResponse:
             check_positive_int(k, "counterfactual.ks")
         if sorted(set(ks)) != list(ks):
             raise FidelityError("counterfactual.ks must be increasing, without repeats")
-        if target not in TARGETS:
-            raise FidelityError(f"counterfactual.target must be one of {', '.join(TARGETS)}")
+        check_target(target, "counterfactual")
         self.ks = tuple(int(k) for k in ks)
         self.seeds = check_positive_int(seeds, "counterfactual.seeds")
         self.target = target

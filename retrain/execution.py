@@ -106,7 +106,7 @@ def retrain_indices(
     indices: list[int],
     keys: dict[int, str],
     stage: str,
-    solver: GroupSolver,
+    make_solver: Callable[[], GroupSolver],
     execution: Execution,
     group_size: int,
     *,
@@ -114,7 +114,9 @@ def retrain_indices(
 ) -> Refits:
     """Load what the cache holds, retrain the rest ``group_size`` indices per ``solver`` call
     (``solver(group) -> (thetas [B, p], iterations [B], grad_norms [B])``, picklable so that
-    joblib can ship it to a worker), and cache each result, except, when ``cache_below`` is
+    joblib can ship it to a worker; ``make_solver()`` builds it, and is called only when
+    something is missing, so a stage's expensive preparation (a Hessian factor) is skipped
+    when the cache holds every result), and cache each result, except, when ``cache_below`` is
     given, one whose gradient norm is above it (a failed solve). Groups are formed before any
     worker is involved, so results do not depend on the worker count or the backend.
     """
@@ -129,7 +131,10 @@ def retrain_indices(
             grad_norms[index] = float(stored["grad_norm"])
     missing = [index for index in indices if index not in thetas]
     groups = [missing[i : i + group_size] for i in range(0, len(missing), group_size)]
-    jobs = (delayed(_run_group)(solver, group, execution.workers, os.getpid()) for group in groups)
+    jobs = []
+    if missing:
+        solver = make_solver()
+        jobs = [delayed(_run_group)(solver, g, execution.workers, os.getpid()) for g in groups]
     bar = tqdm(
         total=len(missing),
         desc=f"{stage} {trained.problem.name}",

@@ -22,10 +22,11 @@ from torch import Tensor
 
 from fidelity.core.checks import check_int, check_positive_int
 from fidelity.core.errors import FidelityError
+from fidelity.core.objective import check_target
 from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.core.registry import constructor_params
 from retrain.execution import Execution
-from retrain.subsets import TARGETS, retrain_masks_over_seeds
+from retrain.subsets import retrain_masks_over_seeds
 
 GROUP_KINDS = ("random", "class", "neighbours")
 
@@ -96,8 +97,7 @@ class GroupsResponse:
             raise FidelityError("groups.sizes must be a non-empty list of group sizes")
         for size in sizes:
             check_positive_int(size, "groups.sizes")
-        if target not in TARGETS:
-            raise FidelityError(f"groups.target must be one of {', '.join(TARGETS)}")
+        check_target(target, "groups")
         self.sizes = tuple(int(size) for size in sizes)
         self.groups = check_positive_int(groups, "groups.groups")
         self.seeds = check_positive_int(seeds, "groups.seeds")

@@ -34,7 +34,7 @@ import torch
 
 from fidelity.core.errors import FidelityError
 from fidelity.core.files import check_index, read_arrays, row_keys
-from fidelity.core.objective import TARGETS
+from fidelity.core.objective import check_target
 from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.core.registry import constructor_params
 from retrain.execution import Execution
@@ -124,9 +124,7 @@ class ImportedSubsets:
             raise FidelityError(
                 f"imported.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}"
             )
-        target = LAYOUTS[layout][2] if target is None else target
-        if target not in TARGETS:
-            raise FidelityError(f"imported.target must be one of {', '.join(TARGETS)}")
+        target = check_target(LAYOUTS[layout][2] if target is None else target, "imported")
         self.path = path
         self.layout = layout
         self.target = target

@@ -103,9 +103,9 @@ class PbrfResponse(Response):
                 gtol=self.gtol,
             )
 
-        def solver(prepare: bool) -> GroupSolver:
+        def solver() -> GroupSolver:
             factor = None
-            if dense and prepare:
+            if dense:
                 factor = gauss_newton_factor(trained, self.damping, self.batch_size, self.name)
             return partial(
                 solve_pbrf,

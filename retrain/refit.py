@@ -38,14 +38,13 @@ CONTROL = -1  # the index of the no-removal control run
 class Refit:
     """What a retraining stage fills in to the template.
 
-    ``solver(prepare)`` returns the group solver; ``prepare`` says whether any refit will run,
-    so that a stage skips expensive preparation (a Hessian factor) when the cache holds every
-    result. ``check(refits, indices)`` raises on refits that are not usable numbers.
+    ``solver()`` prepares and returns the group solver (called only when some refit is not in
+    the cache). ``check(refits, indices)`` raises on refits that are not usable numbers.
     """
 
     stage: str
     key: Callable[[int], str]
-    solver: Callable[[bool], GroupSolver]
+    solver: Callable[[], GroupSolver]
     group_size: int
     check: Callable[[Refits, list[int]], None]
     cache_below: float | None = None  # never cache a refit whose gradient norm is above it
@@ -66,13 +65,12 @@ def run_refits(
     removed = check_removed(removed, problem.n_train)
     unique = sorted(set(removed.tolist())) + ([CONTROL] if refit.control else [])
     keys = {index: refit.key(index) for index in unique}
-    prepare = not execution.cache.has_all(refit.stage, keys.values())
     refits = retrain_indices(
         trained,
         unique,
         keys,
         refit.stage,
-        refit.solver(prepare),
+        refit.solver,
         execution,
         refit.group_size,
         cache_below=refit.cache_below,
@@ -179,9 +177,9 @@ def retrain_stage(
     newton = isinstance(problem.recipe, NewtonRecipe)
     fingerprint, digest = problem.fingerprint(), theta_digest(trained)
 
-    def solver(prepare: bool) -> GroupSolver:
+    def solver() -> GroupSolver:
         hessian_factor = None
-        if newton and plan.start == "trained" and prepare:
+        if newton and plan.start == "trained":
             hessian = objective_hessian(trained.model, problem, trained.theta)
             hessian.diagonal().add_(plan.damping)
             hessian_factor, info = torch.linalg.cholesky_ex(hessian)

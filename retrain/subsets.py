@@ -31,7 +31,7 @@ from torch import Tensor
 from fidelity.core.cache import cache_key
 from fidelity.core.checks import check_int, check_positive_int
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import TARGETS, objective, target_values
+from fidelity.core.objective import check_target, objective, target_values
 from fidelity.core.problem import Examples, MinibatchRecipe, NewtonRecipe, TrainedProblem
 from fidelity.core.registry import constructor_params
 from retrain.execution import Execution, Refits, retrain_indices
@@ -106,7 +106,7 @@ def retrain_masks(
         list(range(masks.shape[0])),
         keys,
         stage,
-        partial(_train_group, trained, masks),
+        lambda: partial(_train_group, trained, masks),
         execution,
         group_size,
         cache_below=problem.recipe.gtol if isinstance(problem.recipe, NewtonRecipe) else None,
@@ -242,8 +242,7 @@ class SubsetsResponse:
                 raise FidelityError(f"subsets.alphas must lie in (0, 1), got {alpha!r}")
         if len(set(alphas)) != len(alphas):
             raise FidelityError(f"subsets.alphas names an alpha twice: {list(alphas)}")
-        if target not in TARGETS:
-            raise FidelityError(f"subsets.target must be one of {', '.join(TARGETS)}")
+        check_target(target, "subsets")
         self.alphas = tuple(float(alpha) for alpha in alphas)
         self.subsets = check_positive_int(subsets, "subsets.subsets")
         self.seeds = check_positive_int(seeds, "subsets.seeds")

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,13 +169,6 @@ class ArtifactCache:
             f"fidelity: cache entry {kind}/{path.name} is damaged ({problem}); {where}; "
             "recomputing\n"
         )
-
-    def has_all(self, kind: str, keys: Iterable[str]) -> bool:
-        """Whether every key of one kind is stored and sound (false whenever caching is
-        disabled)."""
-        if self.root is None:
-            return False
-        return all(self.load(kind, key) is not None for key in keys)
 
     def save(self, kind: str, key: str, arrays: Mapping[str, np.ndarray | np.generic]) -> None:
         if self.root is None:

@@ -9,7 +9,7 @@ squared error summed over outputs, so its output-space Hessian is the identity).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,13 @@ Target = Literal["loss", "margin", "log-probability"]
 TARGETS: tuple[str, ...] = ("loss", "margin", "log-probability")
 
 
+def check_target(target: object, owner: str) -> Target:
+    """``target`` if it names a measurement, else a FidelityError naming ``owner``."""
+    if target in TARGETS:
+        return cast(Target, target)
+    raise FidelityError(f"{owner}.target must be one of {', '.join(TARGETS)}, got {target!r}")
+
+
 def target_values(
     model: FunctionalModel, loss: str, theta: Tensor, data: Examples, target: str
 ) -> Tensor:
@@ -44,8 +51,7 @@ def target_values(
     signed by the label), TRAK's and kronfluence's model output. ``log-probability``: log p(true
     class), the negated cross-entropy (bce: the negated bce), quanda's.
     """
-    if target not in TARGETS:
-        raise FidelityError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    check_target(target, "measurement")
     if target != "loss" and loss == "mse":
         raise FidelityError(f"target {target!r} needs a classification loss, not mse")
     outputs = model(theta, data.x)
