@@ -11,7 +11,7 @@ from estimators.newton_step import NewtonStepEstimator, RescaledInfluenceEstimat
 from estimators.precomputed import PrecomputedEstimator
 from fidelity.core.registry import Registry
 
-ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")
+ESTIMATORS: Registry[type[Estimator]] = Registry("estimator", base=Estimator)
 for _estimator in (
     ExactEstimator,
     GaussNewtonEstimator,

@@ -13,19 +13,26 @@ from pathlib import Path
 from estimators import ESTIMATORS
 from fidelity import applications
 from fidelity.applications.common import DEFAULT_ESTIMATORS
-from fidelity.applications.explain import LooMode
+from fidelity.applications.explain import LooMode, check_explained_point
 from fidelity.core.cache import ArtifactCache, default_cache_dir
 from fidelity.core.errors import FidelityError
+from fidelity.core.locations import check_writable
 from fidelity.core.problem import NewtonRecipe
-from fidelity.gate import DEFAULT_METRICS, compare
-from fidelity.history import as_metric_table, default_history_path, recent_runs
+from fidelity.gate import DEFAULT_METRICS, compare, metric_names
+from fidelity.history import (
+    append_run,
+    as_metric_table,
+    check_history,
+    default_history_path,
+    recent_runs,
+)
 from fidelity.paper import PAPER_FIGURES, FigureContext
 from fidelity.problems import PROBLEMS, load_problem
 from fidelity.results import RunResults
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import Suite, builtin_suites, load_suite
 from reports import applications as render
-from reports import write_reports
+from reports import load_problem_arrays, write_reports
 from reports.format import format_interval
 from reports.markdown import md_escape, terminal_escape
 from retrain import RESPONSES, Execution, read_ground_truth, train
@@ -156,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics compared, repeatable (default: pearson, spearman)",
     )
     _add_history_option(check)
+
+    record = commands.add_parser(
+        "record", help="record a finished run directory in the run history (after a failure)"
+    )
+    record.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    _add_history_option(record)
 
     figures = commands.add_parser("figures", help="write a paper figure (PNG, PDF and CSV data)")
     figures.add_argument(
@@ -387,6 +400,12 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
                     f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
                 )
             )
+            if pearson is None or pearson.value is None:
+                warning = (
+                    f"fidelity: warning: {name} {estimator} vs {response}: correlations "
+                    "undefined (constant or overflowing values)"
+                )
+                print(terminal_escape(warning), file=sys.stderr)
     print(f"wrote {out} in {results.timings['total_seconds']:.1f} s")
     return 0
 
@@ -410,6 +429,7 @@ def command_report(args: argparse.Namespace) -> int:
     if not args.run_dir.is_dir():
         raise FidelityError(f"run directory {str(args.run_dir)!r} does not exist")
     results = RunResults.load(args.run_dir)
+    check_writable(args.run_dir, "run directory", directory=True)
     history = recent_runs(
         args.history or default_history_path(),
         suite=results.suite_name,
@@ -456,8 +476,18 @@ def command_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run(path: Path) -> RunResults:
+    """A run's results, with its arrays checked too where ``path`` is a run directory (a
+    results.json alone is a valid baseline)."""
+    results = RunResults.load(path)
+    if path.is_dir():
+        for problem in results.problems.values():
+            load_problem_arrays(path, problem)
+    return results
+
+
 def command_check(args: argparse.Namespace) -> int:
-    results = RunResults.load(args.run_dir)
+    results = _load_run(args.run_dir)
     if args.against_last:
         path = args.history or default_history_path()
         earlier = recent_runs(
@@ -474,25 +504,50 @@ def command_check(args: argparse.Namespace) -> int:
         baseline = as_metric_table(earlier[0])
         source = f"run {earlier[0].run_id} of {earlier[0].created} (history {path})"
     else:
-        baseline = RunResults.load(args.baseline).metric_table()
+        baseline = _load_run(args.baseline).metric_table()
         source = str(args.baseline)
     metrics = tuple(args.metric or DEFAULT_METRICS)
-    findings = compare(results.metric_table(), baseline, tolerance=args.tolerance, metrics=metrics)
+    current = results.metric_table()
+    known = metric_names(current) | metric_names(baseline)
+    unknown = [metric for metric in metrics if metric not in known]
+    if not known:
+        raise FidelityError(f"neither {args.run_dir} nor the baseline {source} holds a metric")
+    if unknown:
+        raise FidelityError(
+            f"unknown metric(s) {', '.join(unknown)}; these runs hold {', '.join(sorted(known))}"
+        )
+    findings = compare(current, baseline, tolerance=args.tolerance, metrics=metrics)
+    if not findings:
+        # Nothing to compare is a wrong baseline, not a regression.
+        raise FidelityError(
+            f"the baseline {source} holds no defined {', '.join(metrics)} to compare with"
+        )
     failed = [finding for finding in findings if finding.status != "ok"]
     print(
-        f"checked {len(findings)} metric(s) of {args.run_dir} against {source} "
-        f"(tolerance {args.tolerance:g}, metrics {', '.join(metrics)})"
+        terminal_escape(
+            f"checked {len(findings)} metric(s) of {args.run_dir} against {source} "
+            f"(tolerance {args.tolerance:g}, metrics {', '.join(metrics)})"
+        )
     )
     for finding in failed:
         print(terminal_escape(f"FAIL {finding.status}: {finding.describe()}"))
-    if not findings:
-        print("FAIL: the baseline holds none of these metrics")
-        return 1
     print("fidelity check failed" if failed else "fidelity check passed")
     return 1 if failed else 0
 
 
+def command_record(args: argparse.Namespace) -> int:
+    path = args.history or default_history_path()
+    results = RunResults.load(args.run_dir)
+    check_history(path)
+    append_run(path, results, args.run_dir if args.run_dir.is_dir() else args.run_dir.parent)
+    print(terminal_escape(f"recorded run {results.run_id} of suite {results.suite_name} in {path}"))
+    return 0
+
+
 def command_figures(args: argparse.Namespace) -> int:
+    check_writable(args.out, "output directory", directory=True)
+    if not args.no_cache:
+        check_writable(args.cache_dir or default_cache_dir(), "cache directory", directory=True)
     context = FigureContext(
         out=args.out,
         execution=Execution(cache=_cache(args), workers=args.workers),
@@ -510,7 +565,13 @@ def command_application(args: argparse.Namespace) -> int:
 
     cache = _cache(args)
     out = args.out or Path("runs") / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}"
+    # Where the results go is checked before anything is computed.
+    check_writable(out, "output directory", directory=True)
+    if cache.root is not None:
+        check_writable(cache.root, "cache directory", directory=True)
     problem = load_problem(args.problem, cache=cache)
+    if args.command == "explain":
+        check_explained_point(problem, args.test, args.text, args.label)
     trained = train(problem, cache=cache)
     specs = args.estimator or list(DEFAULT_ESTIMATORS)
     estimators = applications.build_estimators(specs)
@@ -577,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         "history": command_history,
         "check": command_check,
         "figures": command_figures,
+        "record": command_record,
     }
     handlers.update(
         dict.fromkeys(("explain", "poison", "mislabel", "prefilter"), command_application)

@@ -47,6 +47,17 @@ class Finding:
         return f"{where}: {now} against baseline {base}, drop {self.drop:.4f}"
 
 
+def metric_names(table: MetricTable) -> set[str]:
+    """Every metric name a table holds."""
+    return {
+        metric
+        for by_estimator in table.values()
+        for by_response in by_estimator.values()
+        for entries in by_response.values()
+        for metric in entries
+    }
+
+
 def compare(
     current: MetricTable,
     baseline: MetricTable,

@@ -8,17 +8,21 @@ write lock up front (``BEGIN IMMEDIATE``) and wait for each other up to ``timeou
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fidelity.core.errors import FidelityError
+from fidelity.core.locations import check_writable
 from fidelity.results import Interval, MetricTable, RunResults
 
 DEFAULT_HISTORY = "fidelity.db"
+SQLITE_HEADER = b"SQLite format 3\x00"
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -65,6 +69,16 @@ def connect(path: Path, *, timeout: float = 60.0) -> Iterator[sqlite3.Connection
     path = Path(path)
     if path.exists() and not path.is_file():
         raise FidelityError(f"history database {str(path)!r} is not a file")
+    # SQLite takes a file shorter than its header for an empty database and overwrites it:
+    # a file that is not one already must be refused before SQLite sees it.
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as stream:
+            header = stream.read(len(SQLITE_HEADER))
+        if header != SQLITE_HEADER:
+            raise FidelityError(
+                f"{str(path)!r} is not a fidelity history database (not an SQLite file); use "
+                "another --history path"
+            )
     if path.parent != Path() and not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -87,6 +101,8 @@ def connect(path: Path, *, timeout: float = 60.0) -> Iterator[sqlite3.Connection
                         + _SCHEMA
                         + f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
                     )
+        except sqlite3.OperationalError:
+            raise  # locked or busy: the caller waits or says so
         except sqlite3.DatabaseError as exc:
             raise FidelityError(f"{str(path)!r} is not a fidelity history database: {exc}") from exc
         yield connection
@@ -122,13 +138,70 @@ def timing_rows(results: RunResults) -> Iterator[tuple[str, str, float]]:
             yield problem_name, f"response/{label}", response.seconds
 
 
-def append_run(path: Path, results: RunResults, run_dir: Path | None = None) -> None:
+#: Seconds a run waits in all for a history that another process keeps locked.
+WAIT_VARIABLE = "FIDELITY_HISTORY_WAIT"
+DEFAULT_WAIT = 120.0
+
+
+def history_wait() -> float:
+    """``$FIDELITY_HISTORY_WAIT`` seconds, else ``DEFAULT_WAIT``."""
+    text = os.environ.get(WAIT_VARIABLE)
+    if text is None:
+        return DEFAULT_WAIT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise FidelityError(f"${WAIT_VARIABLE} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def check_history(path: Path) -> None:
+    """Refuse, before a run computes anything, a history it could not record in: a directory,
+    an unwritable location, a file that is not a fidelity history."""
+    check_writable(path, "run history", directory=False)
+    if Path(path).is_file():
+        try:
+            with connect(path):
+                pass
+        except sqlite3.Error as exc:
+            raise FidelityError(f"cannot open history database {str(path)!r}: {exc}") from None
+
+
+def append_run(
+    path: Path, results: RunResults, run_dir: Path | None = None, *, wait: float | None = None
+) -> None:
     """Record one run in a single transaction.
 
-    A run already recorded (same ``run_id``) is refused rather than duplicated.
+    A history that another process keeps locked is retried with growing pauses for up to
+    ``wait`` seconds in all (default ``history_wait()``), then refused in one line. A run already
+    recorded (same ``run_id``) is refused rather than duplicated.
     """
+    wait = history_wait() if wait is None else wait
+    deadline = time.monotonic() + wait
+    pause = 0.05
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            _append_run(path, results, run_dir, timeout=max(min(5.0, remaining), 0.0))
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() + pause > deadline:
+                reason = f"still locked by another process after {wait:g} s" if busy else exc
+                raise FidelityError(f"history database {str(path)!r}: {reason}") from None
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # a value the code should not have passed: a bug, not the user's file
+        except sqlite3.DatabaseError as exc:  # a damaged or foreign database
+            raise FidelityError(f"history database {str(path)!r}: {exc}") from None
+        time.sleep(pause)
+        pause = min(2 * pause, 2.0)
+
+
+def _append_run(path: Path, results: RunResults, run_dir: Path | None, *, timeout: float) -> None:
     run_id = results.run_id
-    with connect(path) as connection, _transaction(connection):
+    with connect(path, timeout=timeout) as connection, _transaction(connection):
         connection.execute("BEGIN IMMEDIATE")
         try:
             connection.execute(
@@ -196,6 +269,13 @@ def recent_runs(
             parameters.append(value)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     limit = "" if last is None else f"LIMIT {int(last)}"
+    try:
+        return _read_runs(path, where, limit, parameters)
+    except sqlite3.Error as exc:
+        raise FidelityError(f"cannot read history database {str(path)!r}: {exc}") from None
+
+
+def _read_runs(path: Path, where: str, limit: str, parameters: list[str]) -> list[HistoryRun]:
     with connect(path) as connection:
         runs = connection.execute(
             "SELECT run_id, suite, created, git_revision, run_dir FROM runs "

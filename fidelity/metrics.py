@@ -17,7 +17,18 @@ from fidelity.core.errors import FidelityError
 from fidelity.results import Conformance, Interval, NoiseCeiling, finite_or_none
 
 
+def _scaled(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """``values`` divided by their largest magnitude (along ``axis``). Correlations do not
+    change under scaling, and values near the float maximum (a diverged estimator's ~1e307)
+    would otherwise overflow the sums of squares and read as a correlation of 0."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        peak = np.max(np.abs(values), axis=axis, keepdims=axis is not None) if values.size else 0
+    peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
+    return values / peak
+
+
 def _pearson_flat(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = _scaled(x), _scaled(y)
     x, y = x - x.mean(), y - y.mean()
     denominator = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
@@ -41,6 +52,7 @@ def kendall(predicted: np.ndarray, actual: np.ndarray) -> float:
 
 def row_pearson(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     """Pearson correlation within each test point (row), ``[n_test]``."""
+    predicted, actual = _scaled(predicted, axis=1), _scaled(actual, axis=1)
     x = predicted - predicted.mean(axis=1, keepdims=True)
     y = actual - actual.mean(axis=1, keepdims=True)
     denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))

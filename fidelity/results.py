@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ import numpy as np
 from fidelity.core.errors import FidelityError
 
 SCHEMA_VERSION = 2
+#: Where a problem's arrays live inside a run directory.
+ARRAYS_FILE_PATTERN = r"^arrays/[A-Za-z0-9][A-Za-z0-9._-]*[.]npz$"
 READABLE_SCHEMA_VERSIONS = (2,)
 
 #: The metrics of every estimator x response, in the order reports show them.
@@ -280,7 +283,9 @@ class ProblemResults:
     conformance: dict[str, Conformance]
     most_influential: tuple[InfluentialRemoval, ...]
     timings: dict[str, float]
-    arrays_file: str
+    # Relative to the run directory, always inside its arrays/ folder (a results.json that
+    # points elsewhere is refused, never read).
+    arrays_file: str = field(metadata={"pattern": ARRAYS_FILE_PATTERN})
     lds: tuple[LdsResults, ...] = ()
     counterfactuals: tuple[CounterfactualResults, ...] = ()
     groups: tuple[GroupResults, ...] = ()
@@ -361,7 +366,9 @@ class RunResults:
                 f"{source}: results schema version {version!r} cannot be read by this fidelity "
                 f"(reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); rerun the suite"
             )
-        return _decode(cls, data, source)
+        decoded = _decode(cls, data, source)
+        _check_schema(data, source)  # and what the type hints alone do not say
+        return decoded
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunResults:
@@ -389,6 +396,25 @@ def schema() -> dict[str, Any]:
     """The JSON Schema of results.json kept in the repository (``fidelity/results.schema.json``)."""
     text = resources.files("fidelity").joinpath(SCHEMA_FILE).read_text("utf-8")
     return json.loads(text)
+
+
+@cache
+def _schema_validator() -> Any:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
+def _check_schema(data: Any, source: str) -> None:
+    """Refuse a document that the published JSON Schema does not accept, naming where."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.path)
+        message = " ".join(error.message.split())
+        shown = message if len(message) <= 200 else message[:197] + "..."
+        raise FidelityError(f"{source}{where}: does not match the results schema: {shown}")
 
 
 def derived_schema() -> dict[str, Any]:
@@ -436,6 +462,7 @@ def _schema_of(kind: Any, definitions: dict[str, Any]) -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     _json_name(f): _schema_of(hints[f.name], definitions)
+                    | ({"pattern": f.metadata["pattern"]} if "pattern" in f.metadata else {})
                     for f in dataclasses.fields(kind)
                 },
                 "required": list(_required(kind)),
@@ -517,6 +544,9 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
                     continue
                 raise FidelityError(f"{where}: missing {name!r}")
             values[item.name] = _decode(hints[item.name], data[name], f"{where}.{name}")
+            pattern = item.metadata.get("pattern")
+            if pattern is not None and not re.fullmatch(pattern, values[item.name]):
+                raise FidelityError(f"{where}.{name}: {values[item.name]!r} must match {pattern}")
         return kind(**values)
     if origin is dict:
         if not isinstance(data, dict):

@@ -35,10 +35,11 @@ from estimators import ESTIMATORS, Estimator, GroupEffects
 from fidelity import __version__
 from fidelity.core.cache import atomic_write_bytes, pid_alive
 from fidelity.core.errors import FidelityError
+from fidelity.core.locations import check_writable, claimed
 from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
-from fidelity.history import append_run, recent_runs
+from fidelity.history import append_run, check_history, recent_runs
 from fidelity.memory import PeakMemory
 from fidelity.metrics import (
     conformance,
@@ -93,6 +94,7 @@ from retrain import (
     SubsetsResponse,
     train,
 )
+from retrain.train import check_training
 
 
 @dataclass(frozen=True)
@@ -204,20 +206,48 @@ def problem_seed(suite_seed: int, problem_name: str) -> np.random.Generator:
     return np.random.default_rng([suite_seed, zlib.crc32(problem_name.encode())])
 
 
-def prepare(problem_name: str, suite: Suite, execution: Execution) -> Setup:
-    """Build and train the problem (theta_s from the cache where it is there), draw test points."""
+def preflight(suite: Suite, execution: Execution) -> dict[str, Problem]:
+    """Every problem of the suite built and checked before any training: its model against its
+    loss, the memory Newton training needs (``check_training``) and the selection against the
+    splits' sizes, so that a bad input is refused in seconds, not after the first problem's
+    compute. Returns the problems by their suite name."""
+    problems = {}
+    for problem_name in suite.problems:
+        problem = load_problem(problem_name, cache=execution.cache)
+        check_training(problem)
+        check_selection(suite.selection_for(problem_name, problem.name), problem)
+        problems[problem_name] = problem
+    return problems
+
+
+def check_selection(selection: SelectionSpec, problem: Problem) -> None:
+    """The selection fits the problem's splits."""
+    if selection.test_index and max(selection.test_index) >= problem.n_test:
+        raise FidelityError(
+            f"selection.test_index names test point {max(selection.test_index)}, but "
+            f"{problem.name!r} has {problem.n_test}"
+        )
+    if selection.top + selection.random > problem.n_train:
+        raise FidelityError(
+            f"selection: cannot remove {selection.top} top + {selection.random} random points "
+            f"from the {problem.n_train} training points of {problem.name!r}"
+        )
+
+
+def prepare(
+    problem_name: str, suite: Suite, execution: Execution, problem: Problem | None = None
+) -> Setup:
+    """Build (unless given) and train the problem (theta_s from the cache where it is there),
+    draw test points."""
     start = time.perf_counter()
-    problem = load_problem(problem_name, cache=execution.cache)
+    if problem is None:
+        problem = load_problem(problem_name, cache=execution.cache)
     trained = train(problem, cache=execution.cache)
     train_seconds = time.perf_counter() - start
     selection = suite.selection_for(problem_name, problem.name)
+    check_selection(selection, problem)
     rng = problem_seed(suite.seed, problem.name)
     if selection.test_index:
-        if max(selection.test_index) >= problem.n_test:
-            raise FidelityError(
-                f"selection.test_index names test point {max(selection.test_index)}, but "
-                f"{problem.name!r} has {problem.n_test}"
-            )
         test_index = np.array(sorted(selection.test_index), dtype=np.int64)
     else:
         test_index = choose_test_points(problem.n_test, selection.test_points, rng)
@@ -714,11 +744,17 @@ def assemble(
 
 
 def evaluate_problem(
-    problem_name: str, suite: Suite, execution: Execution, *, decomposition: bool = True
+    problem_name: str,
+    suite: Suite,
+    execution: Execution,
+    *,
+    decomposition: bool = True,
+    problem: Problem | None = None,
 ) -> ProblemOutcome:
-    """The stages for one problem (``decomposition=False`` skips the gap decomposition)."""
+    """The stages for one problem (``decomposition=False`` skips the gap decomposition);
+    ``problem`` is the problem already built from ``problem_name``, where it was."""
     start = time.perf_counter()
-    setup = prepare(problem_name, suite, execution)
+    setup = prepare(problem_name, suite, execution, problem)
     predictions = predict(setup, suite)
     responses = respond(setup, predictions, suite, execution)
     tick = time.perf_counter()
@@ -750,27 +786,70 @@ def _check_finite(values: np.ndarray, what: str) -> None:
 def run_suite(suite: Suite, options: RunOptions) -> RunResults:
     """Evaluate every problem of ``suite`` and write the run directory ``options.out``.
 
-    The directory is assembled under a temporary name and renamed when complete, so a failed or
-    interrupted run never leaves a directory that looks finished. With ``options.history`` the
-    run is then appended to that run history (one transaction), and the HTML report shows the
-    trend of the suite's last ``options.trend_runs`` runs.
+    Before any compute, every output location (run directory, cache, history) is checked
+    writable and the run directory is claimed, so that a second run given the same ``--out``
+    is refused at once. The directory is assembled under a temporary name and renamed when
+    complete, so a failed or interrupted run never leaves a directory that looks finished. With
+    ``options.history`` the run is then appended to that run history (one transaction), and the
+    HTML report shows the trend of the suite's last ``options.trend_runs`` runs.
     """
     out = Path(options.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FidelityError(f"output directory {str(out)!r} exists and is not empty; choose --out")
-    blocking = next((a for a in (out, *out.parents) if a.exists() and not a.is_dir()), None)
-    if blocking is not None and blocking != out:
-        raise FidelityError(f"cannot create {str(out)!r}: {str(blocking)!r} is a file")
+    check_run_directory(out)
     execution = options.execution
     cache_dir = execution.cache.root
-    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
-        raise FidelityError(f"cache directory {str(cache_dir)!r} is a file")
+    if cache_dir is not None:
+        check_writable(cache_dir, "cache directory", directory=True)
+    if options.history is not None:
+        check_history(options.history)
+    problems = preflight(suite, execution)  # writes nothing: a bad problem leaves no trace
+    with claimed(out):
+        check_run_directory(out)  # a run that held the claim before may have written it
+        remove_stale_staging(out)
+        results, staging = _compute_run(suite, options, out, problems)
+        try:
+            if out.exists():
+                out.rmdir()
+            os.replace(staging, out)
+        except OSError as exc:
+            raise FidelityError(
+                f"cannot move the finished run into {str(out)!r} ({exc.strerror}); it is "
+                f"complete in {str(staging)!r}"
+            ) from None
+    if options.history is not None:
+        try:
+            append_run(options.history, results, out)
+        except FidelityError as exc:
+            raise FidelityError(
+                f"the run directory {str(out)!r} is complete, but it was not recorded in the "
+                f"run history: {exc}; record it later with: fidelity record {str(out)!r} "
+                f"--history {str(options.history)!r}"
+            ) from exc
+    return results
+
+
+def check_run_directory(out: Path) -> None:
+    """``out`` can become a new run directory: absent or empty, creatable, writable."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FidelityError(f"output directory {str(out)!r} exists and is not empty; choose --out")
+    check_writable(out, "run directory", directory=True)
+
+
+def _compute_run(
+    suite: Suite, options: RunOptions, out: Path, problems: dict[str, Problem]
+) -> tuple[RunResults, Path]:
+    """Every problem evaluated and the run written to a staging directory beside ``out``."""
+    execution = options.execution
+    cache_dir = execution.cache.root
     started = datetime.now(UTC)
     tick = time.perf_counter()
     outcomes: dict[str, ProblemOutcome] = {}
-    for problem_name in suite.problems:
+    for problem_name, problem in problems.items():
         outcome = evaluate_problem(
-            problem_name, suite, execution, decomposition=options.decomposition
+            problem_name,
+            suite,
+            execution,
+            decomposition=options.decomposition,
+            problem=problem,
         )
         name = outcome.results.name
         if name in outcomes:
@@ -801,7 +880,6 @@ def run_suite(suite: Suite, options: RunOptions) -> RunResults:
         problems={name: outcome.results for name, outcome in outcomes.items()},
     )
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    remove_stale_staging(out)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         (staging / "arrays").mkdir(parents=True)
@@ -816,19 +894,7 @@ def run_suite(suite: Suite, options: RunOptions) -> RunResults:
                     options.history, suite=suite.name, last=max(options.trend_runs - 1, 0)
                 )
             write_reports(staging, results, history=history)
-        if out.exists():
-            out.rmdir()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if options.history is not None:
-        try:
-            append_run(options.history, results, out)
-        except FidelityError as exc:
-            raise FidelityError(
-                f"the run directory {str(out)!r} is complete, but it was not recorded in the "
-                f"run history: {exc}"
-            ) from exc
-    return results
+    return results, staging

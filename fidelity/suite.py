@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -54,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from estimators import ESTIMATORS
-from fidelity.core.errors import FidelityError
+from fidelity.core.errors import FidelityError, user_code
 from fidelity.core.registry import Registry
 from retrain import COUNTERFACTUAL_RESPONSES, GROUP_RESPONSES, RESPONSES, SUBSET_RESPONSES
 
@@ -204,6 +205,7 @@ class Suite:
 
     def with_subsets(self, kind: str, label: str, settings: Mapping[str, Any]) -> Suite:
         """The suite with one more subset stage (validated as a suite entry would be)."""
+        check_label(label, "subset stage")
         taken = {spec.label for spec in (*self.responses, *self.subsets)}
         if label in taken:
             raise FidelityError(f"label {label!r} is taken in suite {self.name!r}")
@@ -219,11 +221,43 @@ class Suite:
 
     def with_estimator(self, kind: str, label: str, settings: Mapping[str, Any]) -> Suite:
         """The suite with one more estimator (validated as a suite entry would be)."""
+        check_label(label, "estimator")
         if label in {spec.label for spec in self.estimators}:
             raise FidelityError(f"estimator label {label!r} is taken in suite {self.name!r}")
         component = build_component(ESTIMATORS, kind, settings, where=label)
         spec = ComponentSpec(kind, label, dict(settings), damped=_takes_damping(component))
         return Suite(**{**vars(self), "estimators": (*self.estimators, spec)})
+
+
+#: A suite's name names its run directory (runs/NAME-TIME) and its history rows: one path
+#: component, no hidden file, nothing a shell or a file system treats specially.
+SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+#: Labels name arrays (``estimator/LABEL``) and history rows and are shown in every report
+#: (escaped; figures draw them literally, so ``$`` is fine), but a control character has no
+#: business in one.
+MAX_LABEL = 100
+
+#: More bootstrap resamples than this change no printed digit and can exhaust memory.
+MAX_BOOTSTRAP = 100_000
+
+
+def check_suite_name(name: str, where: str) -> str:
+    if not SUITE_NAME.fullmatch(name):
+        raise FidelityError(
+            f"{where}: name {name!r} must be 1-100 letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit (it names the run directory)"
+        )
+    return name
+
+
+def check_label(label: str, where: str) -> str:
+    printable = all(character.isprintable() for character in label)
+    if not label.strip() or label != label.strip() or len(label) > MAX_LABEL or not printable:
+        raise FidelityError(
+            f"{where}: label {label!r} must be 1-{MAX_LABEL} printable characters without "
+            "surrounding spaces"
+        )
+    return label
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -280,7 +314,7 @@ def _components(
         if "kind" not in entry:
             raise FidelityError(f"{at}: missing key 'kind' (one of {', '.join(registry.names())})")
         name = _expect(entry["kind"], str, f"{at}.kind")
-        label = _expect(entry.get("label", name), str, f"{at}.label")
+        label = check_label(_expect(entry.get("label", name), str, f"{at}.label"), at)
         if label in labels:
             raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
         labels.add(label)
@@ -350,6 +384,10 @@ def _takes_damping(component: object) -> bool:
     return "damping" in inspect.signature(type(component)).parameters
 
 
+def _article(noun: str) -> str:
+    return "an" if noun[:1] in "aeiou" else "a"
+
+
 def build_component(
     registry: Registry[Any], kind: str, settings: Mapping[str, Any], *, where: str
 ) -> Any:
@@ -357,15 +395,23 @@ def build_component(
     cls = registry.get(kind)
     if not isinstance(cls, type):
         raise FidelityError(f"{where}: {registry.kind} {kind!r} is not a class")
+    if registry.base is not None and not issubclass(cls, registry.base):
+        bases = registry.base if isinstance(registry.base, tuple) else (registry.base,)
+        names = " or ".join(f"{base.__module__}.{base.__qualname__}" for base in bases)
+        raise FidelityError(
+            f"{where}: {kind!r} is not {_article(registry.kind)} {registry.kind}: "
+            f"{cls.__qualname__} must subclass {names}"
+        )
     parameters = inspect.signature(cls).parameters
     allowed = {n for n, p in parameters.items() if n != "self" and p.kind is p.KEYWORD_ONLY}
     _check_keys(settings, allowed, f"{where} ({registry.kind} {kind!r})")
     try:
-        return cls(**settings)
+        with user_code(f"building {registry.kind} {kind!r} failed"):
+            return cls(**settings)
     except FidelityError as exc:
+        if isinstance(exc.__cause__, TypeError):
+            raise FidelityError(f"{where}: bad settings for {kind!r}: {exc.__cause__}") from exc
         raise FidelityError(f"{where}: {exc}") from exc
-    except TypeError as exc:
-        raise FidelityError(f"{where}: bad settings for {kind!r}: {exc}") from exc
 
 
 def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
@@ -389,7 +435,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
     for required in ("name", "problems", "estimators", "responses"):
         if required not in data:
             raise FidelityError(f"{where}: missing key {required!r}")
-    name = _expect(data["name"], str, f"{where}: name")
+    name = check_suite_name(_expect(data["name"], str, f"{where}: name"), where)
     problems = _expect(data["problems"], list, f"{where}: problems")
     if not problems:
         raise FidelityError(f"{where}: problems must name at least one problem")
@@ -478,8 +524,10 @@ def parse_suite(data: Mapping[str, Any], *, source: str = "") -> Suite:
     seed = _expect(data.get("seed", 0), int, f"{where}: seed")
     if seed < 0:
         raise FidelityError(f"{where}: seed must be >= 0, got {seed}")
-    if metrics.bootstrap < 0 or not (0 < metrics.confidence < 1):
-        raise FidelityError(f"{where}: metrics needs bootstrap >= 0 and 0 < confidence < 1")
+    if not 0 <= metrics.bootstrap <= MAX_BOOTSTRAP or not (0 < metrics.confidence < 1):
+        raise FidelityError(
+            f"{where}: metrics needs 0 <= bootstrap <= {MAX_BOOTSTRAP:,} and 0 < confidence < 1"
+        )
     return Suite(
         name=name,
         problems=tuple(problems),
@@ -552,7 +600,17 @@ def load_suite(name_or_path: str) -> Suite:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise FidelityError(f"suite file {name_or_path!r} does not exist")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise FidelityError(
+                f"suite file {name_or_path!r} is not UTF-8 text (byte {exc.start}); TOML files "
+                "are UTF-8"
+            ) from None
+        except OSError as exc:
+            raise FidelityError(
+                f"cannot read suite file {name_or_path!r}: {exc.strerror}"
+            ) from None
     elif name_or_path in builtin_suites():
         resource = resources.files(BUILTIN_SUITES_PACKAGE) / f"{name_or_path}.toml"
         text, source = resource.read_text(encoding="utf-8"), f"{name_or_path}.toml"

@@ -7,10 +7,13 @@ cells, ``format`` formats them.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from fidelity.core.errors import FidelityError
 from fidelity.history import HistoryRun
 from fidelity.results import ProblemResults, RunResults
 from reports import figures as draw
@@ -25,9 +28,50 @@ def safe_name(label: str) -> str:
 
 
 def load_problem_arrays(run_dir: Path, problem: ProblemResults) -> dict[str, np.ndarray]:
-    """The arrays a run stored for one problem."""
-    with np.load(Path(run_dir) / problem.arrays_file, allow_pickle=False) as stored:
-        return {name: stored[name] for name in stored.files}
+    """The arrays a run stored for one problem, read only from inside ``run_dir`` and checked
+    against the results: a missing, damaged or inconsistent file is a ``FidelityError``."""
+    root = Path(run_dir).resolve()
+    path = (root / problem.arrays_file).resolve()
+    source = f"{problem.name}: arrays file {problem.arrays_file!r}"
+    if not path.is_relative_to(root):
+        raise FidelityError(f"{source} lies outside the run directory {str(run_dir)!r}")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except FileNotFoundError:
+        raise FidelityError(f"{source} is missing from {str(run_dir)!r}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise FidelityError(f"{source} is damaged: {type(exc).__name__}: {detail}") from None
+    check_problem_arrays(problem, arrays, source)
+    return arrays
+
+
+def check_problem_arrays(
+    problem: ProblemResults, arrays: dict[str, np.ndarray], source: str
+) -> None:
+    """The arrays the report draws exist with the shapes the results imply: ``[n_test,
+    n_removed]`` numbers per estimator and response, one reason per removed point."""
+    needed = [f"estimator/{label}" for label in problem.metrics]
+    needed += [f"response/{label}" for label in problem.responses]
+    if not needed:
+        return
+    missing = [key for key in ("removed_reason", *needed) if key not in arrays]
+    if missing:
+        raise FidelityError(f"{source} lacks {', '.join(missing[:5])}")
+    shape = arrays[needed[0]].shape
+    for key in needed:
+        value = arrays[key]
+        if value.ndim != 2 or value.shape != shape or value.dtype.kind not in "fiu":
+            raise FidelityError(
+                f"{source}: {key} is {value.dtype} {value.shape}, expected numbers shaped {shape}"
+            )
+    reasons = arrays["removed_reason"]
+    if reasons.shape != (shape[1],) or reasons.dtype.kind != "U":
+        raise FidelityError(
+            f"{source}: removed_reason is {reasons.dtype} {reasons.shape}, expected "
+            f"{shape[1]} strings"
+        )
 
 
 def write_reports(
@@ -38,12 +82,15 @@ def write_reports(
     ``fidelity.history.recent_runs``) adds trend tables and a trend figure."""
     run_dir = Path(run_dir)
     figures: dict[str, dict[str, str]] = {}
+    # Every problem's arrays read and checked before anything is written.
+    stored = {name: load_problem_arrays(run_dir, p) for name, p in results.problems.items()}
     for name, problem in results.problems.items():
         stem = "figures/" + Path(problem.arrays_file).stem
         shown = figures[name] = {}
-        arrays = load_problem_arrays(run_dir, problem)
-        shown["scatter"] = f"{stem}.png"
-        draw.scatter_grid(problem, arrays, run_dir / shown["scatter"])
+        arrays = stored[name]
+        if problem.metrics and problem.responses:
+            shown["scatter"] = f"{stem}.png"
+            draw.scatter_grid(problem, arrays, run_dir / shown["scatter"])
         if problem.lds:
             shown["lds"] = f"{stem}-lds.png"
             draw.lds_by_alpha(name, problem.lds, run_dir / shown["lds"])

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from reports.format import literal_text
 from reports.markdown import md_escape
 
 Escape = Callable[[object], str]
@@ -144,6 +145,7 @@ def render_prefilter(
     return "\n".join(lines) + "\n"
 
 
+@literal_text
 def mislabel_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
     """Fraction of flipped labels found against fraction of training data checked."""
     import matplotlib
@@ -168,6 +170,7 @@ def mislabel_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Pa
     return path
 
 
+@literal_text
 def prefilter_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
     """Recall of the influential sentences against the number of retrieved candidates."""
     import matplotlib

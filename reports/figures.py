@@ -25,8 +25,10 @@ from fidelity.results import (
     ProblemResults,
     RunResults,
 )
+from reports.format import literal_text
 
 
+@literal_text
 def scatter_grid(
     problem: ProblemResults, arrays: dict[str, np.ndarray], path: Path, *, dpi: int = 150
 ) -> Path:
@@ -74,6 +76,7 @@ def scatter_grid(
     return _save(figure, path, dpi=dpi)
 
 
+@literal_text
 def decomposition_bars(
     name: str, decomposition: Decomposition, path: Path, *, dpi: int = 150
 ) -> Path:
@@ -101,6 +104,7 @@ def decomposition_bars(
     return _save(figure, path, dpi=dpi)
 
 
+@literal_text
 def correlation_heatmap(name: str, correlations: CorrelationMatrix, path: Path) -> Path:
     """Pooled Pearson between every pair of estimators and response stages of one problem."""
     labels = correlations.labels
@@ -131,6 +135,7 @@ def correlation_heatmap(name: str, correlations: CorrelationMatrix, path: Path) 
     return _save(figure, path)
 
 
+@literal_text
 def per_test_distributions(
     name: str, per_test: tuple[PerTestCorrelations, ...], path: Path
 ) -> Path:
@@ -164,6 +169,7 @@ def per_test_distributions(
     return _save(figure, path)
 
 
+@literal_text
 def trend_lines(
     results: RunResults, history: list[HistoryRun], path: Path, *, metric: str = "pearson"
 ) -> Path:
@@ -194,6 +200,7 @@ def trend_lines(
     return _save(figure, path)
 
 
+@literal_text
 def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
     """LDS against the kept fraction alpha, one panel per subset stage: each estimator's mean
     over test points with its bootstrap interval, and the noise ceiling of the seed-mean
@@ -251,6 +258,7 @@ def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
     return _save(figure, path)
 
 
+@literal_text
 def counterfactual_curves(name: str, found: tuple[CounterfactualResults, ...], path: Path) -> Path:
     """Per counterfactual stage: the mean change of the target when each ranking's top-k points
     are removed (band: bootstrap interval over test points) and the fraction flipped, against k."""
@@ -289,6 +297,7 @@ def counterfactual_curves(name: str, found: tuple[CounterfactualResults, ...], p
     return _save(figure, path)
 
 
+@literal_text
 def group_scatter(
     name: str, result: GroupResults, arrays: dict[str, np.ndarray], path: Path
 ) -> Path:

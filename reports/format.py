@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
 from fidelity.results import Interval
+
+Draw = TypeVar("Draw", bound=Callable[..., Any])
 
 
 def format_interval(entry: Interval | None) -> str:
@@ -31,3 +37,19 @@ def format_bytes(value: float | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+def literal_text(draw: Draw) -> Draw:
+    """Draw a figure with every text literal: labels and names come from data, and a ``$`` in
+    one must print as a dollar sign, not open matplotlib mathtext (where an unbalanced one fails
+    at save time, after the run's compute). Settings the drawing makes (a seaborn theme) are
+    undone afterwards, so figures do not change one another's look."""
+
+    @functools.wraps(draw)
+    def literal(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return cast(Draw, literal)

@@ -40,7 +40,8 @@ def visible(text: object) -> str:
 
 def _escape_plain(text: str) -> str:
     escaped = html.escape(text, quote=True)
-    for char in "\\|`*_[]~":
+    # "$" too: GitHub renders $...$ as math.
+    for char in "\\|`*_[]~$":
         escaped = escaped.replace(char, "\\" + char)
     return escaped
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reports.format import literal_text
+
 #: Full text width of a two-column paper (inches); fonts sized to be read at 100%.
 TEXT_WIDTH = 6.75
 FONT = {
@@ -61,6 +63,7 @@ def _save(
     return [*paths, write_csv(rows, out / f"{name}.csv")]
 
 
+@literal_text
 def koh2017_fig2(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
     """Predicted vs actual change in test loss of one test point for its top-|influence|
     removals, one panel per model (Koh & Liang 2017, Fig. 2).
@@ -108,6 +111,7 @@ def koh2017_fig2(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list
     return _save(plt, figure, out, name, rows)
 
 
+@literal_text
 def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
     """Bars of the five gaps per model (Bae et al. 2022): output-space RMS and relative MAE on
     the measurement. ``rows``: {problem, gap, output_rms, relative_mae, ...}; gaps without an
@@ -155,6 +159,7 @@ def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) 
     return _save(plt, figure, out, name, rows, layout=False)
 
 
+@literal_text
 def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
     """Pooled Pearson of each estimator against each response stage (ladder order on x), one
     panel per problem, with the bootstrap interval as error bars."""
@@ -213,6 +218,7 @@ def _value(row: dict[str, Any] | None, key: str) -> float:
     return np.nan if row is None or row[key] is None else row[key]
 
 
+@literal_text
 def lds_loo_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
     """dattri's benchmark table as a figure: estimators in rows, (problem, measure) in
     columns, each cell the value with its interval, shaded by the value (0 to 1).
@@ -259,6 +265,7 @@ def lds_loo_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[
     return _save(plt, figure, out, name, rows)
 
 
+@literal_text
 def koh2019_groups(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
     """Predicted against actual group effects, one panel per (problem, estimator), each
     (group, test point) pair coloured by the kind of group, y = x dashed, each kind's slope in

@@ -17,18 +17,20 @@ from retrain.response import Response, ResponseResult
 from retrain.subsets import SubsetResult, SubsetsResponse
 from retrain.train import seeded_variant, train
 
-RESPONSES: Registry[type[Response]] = Registry("response")
+RESPONSES: Registry[type[Response]] = Registry("response", base=Response)
 for _response in (ColdResponse, WarmResponse, ProximalResponse, PbrfResponse, LinearResponse):
     RESPONSES.register(_response.name)(_response)
 # Subset retraining has its own result (masks and measured changes, not per-point deltas).
 SUBSET_RESPONSES: Registry[type[SubsetsResponse] | type[ImportedSubsets]] = Registry(
-    "subset response"
+    "subset response", base=(SubsetsResponse, ImportedSubsets)
 )
 SUBSET_RESPONSES.register(SubsetsResponse.name)(SubsetsResponse)
 SUBSET_RESPONSES.register(ImportedSubsets.name)(ImportedSubsets)
-COUNTERFACTUAL_RESPONSES: Registry[type[CounterfactualResponse]] = Registry("counterfactual")
+COUNTERFACTUAL_RESPONSES: Registry[type[CounterfactualResponse]] = Registry(
+    "counterfactual", base=CounterfactualResponse
+)
 COUNTERFACTUAL_RESPONSES.register(CounterfactualResponse.name)(CounterfactualResponse)
-GROUP_RESPONSES: Registry[type[GroupsResponse]] = Registry("group stage")
+GROUP_RESPONSES: Registry[type[GroupsResponse]] = Registry("group stage", base=GroupsResponse)
 GROUP_RESPONSES.register(GroupsResponse.name)(GroupsResponse)
 
 __all__ = [

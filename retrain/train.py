@@ -15,11 +15,15 @@ from fidelity.core.objective import objective
 from fidelity.core.problem import (
     FunctionalModel,
     MinibatchRecipe,
+    ModelCheck,
+    NewtonRecipe,
     OptimizerState,
     Problem,
     Recipe,
     TrainedProblem,
+    check_model,
 )
+from fidelity.core.resources import check_memory, dense_matrix_bytes
 from retrain.minibatch import train_minibatch
 from retrain.newton import newton_minimize
 
@@ -30,6 +34,7 @@ def train(problem: Problem, *, cache: ArtifactCache | None = None) -> TrainedPro
     A Newton recipe must converge (gradient norm <= gtol) or this raises; a minibatch recipe
     runs its fixed epochs and the final full-batch gradient norm is reported, not enforced.
     """
+    check_training(problem)
     model = FunctionalModel.of(problem.build_model())
     recipe = problem.recipe
     key = cache_key(kind="theta_s", problem=problem.fingerprint())
@@ -84,6 +89,23 @@ def train(problem: Problem, *, cache: ArtifactCache | None = None) -> TrainedPro
     }
     _store(cache, key, result.theta, info)
     return TrainedProblem(problem, model, result.theta.detach(), info)
+
+
+def check_training(problem: Problem) -> ModelCheck:
+    """Validate the problem before any training: one forward pass of its model against the loss
+    (``check_model``) and, for a Newton recipe, the dense Hessian that every Newton step and
+    exact refit forms, against the memory available."""
+    checked = check_model(problem)
+    if isinstance(problem.recipe, NewtonRecipe):
+        itemsize = torch.empty((), dtype=problem.dtype).element_size()
+        check_memory(
+            dense_matrix_bytes(checked.n_params, itemsize, copies=3),
+            f"Newton training of {problem.name!r} ({checked.n_params} parameters, a dense "
+            "Hessian per step)",
+            fix="use a MinibatchRecipe for a model this size",
+            device=problem.device,
+        )
+    return checked
 
 
 def _store(

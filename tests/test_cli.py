@@ -267,7 +267,7 @@ def test_unusable_output_or_cache_path_fails_before_any_work(small_suite, tmp_pa
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     assert run_cli("run", small_suite, "--out", blocker / "run", "--no-cache") == 2
-    assert "is a file" in capsys.readouterr().err
+    assert "is not a directory" in capsys.readouterr().err
     assert run_cli("run", small_suite, "--out", tmp_path / "r", "--cache-dir", blocker) == 2
     assert "cache directory" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ import torch
 from estimators import Estimator
 from fidelity.applications.common import labels, predictions, text_of
 from fidelity.core.errors import FidelityError
-from fidelity.core.problem import Examples, TrainedProblem
+from fidelity.core.problem import Examples, Problem, TrainedProblem, check_model
 from retrain import ColdResponse
 
 LooMode = Literal["all", "shown", "none"]
@@ -98,15 +98,39 @@ def _top(values: torch.Tensor, k: int) -> list[int]:
     return torch.topk(values, k).indices.tolist()
 
 
+def check_explained_point(
+    problem: Problem, test_index: int | None, text: str | None, label: int | None
+) -> None:
+    """The point to explain makes sense for ``problem``, checked before any training: exactly
+    one of a test index (in range) and a text (for a problem that encodes text), and a label
+    only with a text, one of the model's classes."""
+    if (test_index is None) == (text is None):
+        raise FidelityError("give exactly one of a test index and a text")
+    if test_index is not None:
+        if not 0 <= test_index < problem.n_test:
+            raise FidelityError(f"test index must lie in [0, {problem.n_test}), got {test_index}")
+        if label is not None:
+            raise FidelityError("a label goes with a text; a test point has its own label")
+        return
+    if problem.featurize is None:
+        raise FidelityError(f"problem {problem.name!r} cannot encode new text")
+    if label is None:
+        return
+    if problem.loss == "mse":
+        raise FidelityError(f"problem {problem.name!r} is a regression; it has no labels")
+    classes = 2 if problem.loss == "bce" else check_model(problem).output_width
+    if not 0 <= label < classes:
+        raise FidelityError(
+            f"label {label} is not a class of {problem.name!r} (classes 0 .. {classes - 1})"
+        )
+
+
 def _test_point(
     trained: TrainedProblem, test_index: int | None, text: str | None, label: int | None
 ) -> tuple[Examples, dict[str, object]]:
     problem = trained.problem
-    if (test_index is None) == (text is None):
-        raise FidelityError("give exactly one of a test index and a text")
-    if text is not None:
-        if problem.featurize is None:
-            raise FidelityError(f"problem {problem.name!r} cannot encode new text")
+    check_explained_point(problem, test_index, text, label)
+    if text is not None and problem.featurize is not None:  # the check rules out the rest
         x = problem.featurize((text,)).to(problem.device, problem.dtype)
         y_placeholder = problem.y_test[:1]
         predicted = int(predictions(trained, Examples(x, y_placeholder))[0])
@@ -116,8 +140,8 @@ def _test_point(
         else:
             y = torch.tensor([chosen], device=problem.device)
         return Examples(x, y), {"text": text, "label": chosen, "predicted": predicted}
-    if test_index is None or not 0 <= test_index < problem.n_test:
-        raise FidelityError(f"test index must lie in [0, {problem.n_test}), got {test_index}")
+    if test_index is None:  # ruled out by the check; says so to the type checker
+        raise FidelityError("give exactly one of a test index and a text")
     point = problem.test.subset(torch.tensor([test_index], device=problem.device))
     return point, {
         "index": test_index,

@@ -25,6 +25,7 @@ from torch import Tensor
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import loss_from_outputs, output_hessian_factor, per_example_grads
 from fidelity.core.problem import Examples, TrainedProblem
+from fidelity.core.resources import check_memory, dense_matrix_bytes
 
 Curvature = Literal["hessian", "gnh", "empirical-fisher"]
 CURVATURES: tuple[str, ...] = ("hessian", "gnh", "empirical-fisher")
@@ -149,6 +150,14 @@ class CurvatureOperator:
             kept = torch.nonzero(weights, as_tuple=True)[0].to(train.x.device)
             train = train.subset(kept)
             weights = weights.to(device=theta.device, dtype=theta.dtype)[kept]
+        # The sum, its scaled copy and the symmetrised result are alive at once in dense().
+        check_memory(
+            dense_matrix_bytes(self.n_params, theta.element_size(), copies=3),
+            f"the dense {self.curvature} of {self.trained.problem.name!r} "
+            f"({self.n_params} parameters)",
+            fix="use an iterative estimator (cg, lissa, arnoldi, ekfac) or a smaller model",
+            device=theta.device,
+        )
         total = torch.zeros(self.n_params, self.n_params, dtype=theta.dtype, device=theta.device)
         for start in range(0, len(train), self.batch_size):
             batch = Examples(

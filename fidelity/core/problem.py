@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fidelity.core.errors import FidelityError
+from fidelity.core.errors import FidelityError, user_code
 
 LossName = Literal["cross_entropy", "bce", "mse"]
 LOSSES: tuple[str, ...] = ("cross_entropy", "bce", "mse")
@@ -180,6 +180,10 @@ class Problem:
                 )
         if self.x_train.shape[0] < 2:
             raise FidelityError(f"problem {self.name!r}: needs at least two training points")
+        if self.x_test.shape[0] < 1:
+            raise FidelityError(f"problem {self.name!r}: the test split is empty")
+        for split in ("train", "test"):
+            _check_target_values(self.name, self.loss, f"y_{split}", tensors[f"y_{split}"])
 
     @property
     def n_train(self) -> int:
@@ -209,12 +213,8 @@ class Problem:
         """The architecture with its seeded initial parameters, on the problem's device/dtype."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.recipe.init_seed)
-            try:
+            with user_code(f"problem {self.name!r}: model_factory failed"):
                 model = self.model_factory()
-            except Exception as exc:  # user code: report it as an input error
-                raise FidelityError(
-                    f"problem {self.name!r}: model_factory failed: {type(exc).__name__}: {exc}"
-                ) from exc
         if not isinstance(model, nn.Module):
             raise FidelityError(f"problem {self.name!r}: model_factory must return an nn.Module")
         return model.to(device=self.device, dtype=self.dtype)
@@ -235,6 +235,95 @@ class Problem:
             digest.update(name.encode())
             digest.update(tensor_bytes(tensor))
         return digest.hexdigest()
+
+
+def _check_target_values(name: str, loss: str, label: str, y: Tensor) -> None:
+    """The values a loss accepts: class indices >= 0 for cross-entropy (the upper bound is the
+    model's output width, checked by ``check_model``), exactly 0 or 1 for bce."""
+    if not y.numel():
+        return
+    if loss == "cross_entropy":
+        if y.dim() != 1:
+            raise FidelityError(
+                f"problem {name!r}: cross_entropy targets {label} must be shaped [n], "
+                f"got {tuple(y.shape)}"
+            )
+        if int(y.min()) < 0:
+            raise FidelityError(
+                f"problem {name!r}: {label} holds class index {int(y.min())}; "
+                "cross_entropy targets are class indices 0 .. classes-1"
+            )
+    elif loss == "bce":
+        strange = y[(y != 0) & (y != 1)]
+        if strange.numel():
+            raise FidelityError(
+                f"problem {name!r}: bce targets {label} must be 0 or 1; "
+                f"{strange.numel()} are not (e.g. {float(strange[0]):g})"
+            )
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What one forward pass told about a problem's model."""
+
+    n_params: int
+    output_width: int
+
+
+def check_model(problem: Problem) -> ModelCheck:
+    """Build the model and run it on one training and one test row, before any training.
+
+    The output must be ``[1, k]`` with finite values, as the loss expects: ``k`` above every
+    class index for cross-entropy, the targets' width for bce and mse (targets are never
+    broadcast against outputs). A model that cannot take the input is reported in one line.
+    """
+    model = problem.build_model()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_params == 0:
+        raise FidelityError(f"problem {problem.name!r}: the model has no trainable parameters")
+    widths = set()
+    for split, x in (("train", problem.x_train), ("test", problem.x_test)):
+        with (
+            torch.no_grad(),
+            user_code(f"problem {problem.name!r}: the model failed on one {split} row"),
+        ):
+            output = model(x[:1])
+        if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != 1:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise FidelityError(
+                f"problem {problem.name!r}: the model maps one {split} row to {shape}; "
+                "it must return a tensor shaped [rows, outputs]"
+            )
+        if not bool(torch.isfinite(output).all()):
+            raise FidelityError(
+                f"problem {problem.name!r}: the model's output on a {split} row is not finite"
+            )
+        widths.add(int(output.shape[1]))
+    if len(widths) != 1:
+        raise FidelityError(
+            f"problem {problem.name!r}: the model gives {sorted(widths)} outputs for a train and "
+            "a test row; they must agree"
+        )
+    (width,) = widths
+    for split, y in (("train", problem.y_train), ("test", problem.y_test)):
+        if problem.loss == "cross_entropy":
+            if width < 2:
+                raise FidelityError(
+                    f"problem {problem.name!r}: cross_entropy needs one output per class "
+                    f"(at least 2), the model gives {width}; use bce for one logit"
+                )
+            if int(y.max()) >= width:
+                raise FidelityError(
+                    f"problem {problem.name!r}: y_{split} holds class index {int(y.max())}, "
+                    f"but the model has {width} outputs (classes 0 .. {width - 1})"
+                )
+        elif int(y.shape[1]) != width:
+            raise FidelityError(
+                f"problem {problem.name!r}: {problem.loss} targets y_{split} are "
+                f"{tuple(y.shape)}, the model gives {width} output(s) per row; they must match "
+                "exactly (nothing is broadcast)"
+            )
+    return ModelCheck(n_params=int(n_params), output_width=width)
 
 
 def tensor_bytes(tensor: Tensor) -> bytes:

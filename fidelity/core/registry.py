@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from fidelity.core.errors import FidelityError
+from fidelity.core.errors import FidelityError, user_code
 
 T = TypeVar("T")
 
@@ -19,12 +19,10 @@ def import_object(path: str, *, kind: str) -> object:
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise FidelityError(f"{kind} import path {path!r} must look like 'package.module:name'")
-    try:
+    # Any import-time failure of user code is a user error, sys.exit and Ctrl-C-like
+    # interrupts included.
+    with user_code(f"cannot import module {module_name!r} for {kind} {path!r}", interrupt=True):
         obj: object = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure of user code is a user error
-        raise FidelityError(
-            f"cannot import module {module_name!r} for {kind} {path!r}: {type(exc).__name__}: {exc}"
-        ) from exc
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)
@@ -55,10 +53,20 @@ class Registry(Generic[T]):
 
     Entries are given when the registry is built (``Registry(kind, {name: Entry(...)})``) or
     added with ``register``; an entry whose target is an import path string is resolved lazily.
+    ``base`` names the class(es) an entry must subclass.
     """
 
-    def __init__(self, kind: str, entries: Mapping[str, Entry] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        entries: Mapping[str, Entry] | None = None,
+        *,
+        base: type | tuple[type, ...] | None = None,
+    ) -> None:
         self.kind = kind
+        # The class(es) an entry must derive from, where entries are classes (an estimator
+        # must be an ``Estimator``): checked when a component is built from a suite.
+        self.base = base
         self._entries: dict[str, Entry] = dict(entries or {})
 
     def register(self, name: str, *, description: str = "") -> Callable[[T], T]:
@@ -118,6 +126,10 @@ def parse_spec(spec: str, *, kind: str) -> tuple[str, dict[str, object]]:
         raise FidelityError(f"{kind} {spec!r}: options are not key=value, ...: {exc.msg}") from exc
     if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
         raise FidelityError(f"{kind} {spec!r}: options must all be key=value")
+    names = [str(keyword.arg) for keyword in call.keywords]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise FidelityError(f"{kind} {spec!r}: option(s) {', '.join(repeated)} given twice")
     options: dict[str, object] = {}
     for keyword in call.keywords:
         if isinstance(keyword.value, ast.Name):  # a bare word: device=cpu

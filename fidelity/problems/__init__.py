@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 
 from fidelity.core.cache import ArtifactCache
-from fidelity.core.errors import FidelityError
+from fidelity.core.errors import FidelityError, user_code
 from fidelity.core.problem import Problem
 from fidelity.core.registry import Entry, Registry, parse_spec
 
@@ -76,14 +76,8 @@ def load_problem(spec: str, *, cache: ArtifactCache | None = None) -> Problem:
     arguments = dict(options)
     if cache is not None and "cache" in accepted:
         arguments["cache"] = cache
-    try:
+    with user_code(f"problem {name!r} failed to build"):
         problem = factory(**arguments)
-    except FidelityError:
-        raise
-    except Exception as exc:
-        raise FidelityError(
-            f"problem {name!r} failed to build: {type(exc).__name__}: {exc}"
-        ) from exc
     if not isinstance(problem, Problem):
         raise FidelityError(
             f"problem {name!r} returned {type(problem).__name__}, expected fidelity.Problem"

@@ -181,3 +181,23 @@ def test_per_row_reliability_matches_the_closed_form(n_seeds):
     shared = np.repeat(rng.standard_normal((30, 1)), 400, axis=1)
     flat = shared + 1.5 * rng.standard_normal((n_seeds, 30, 400))
     assert abs(split_half_reliability(flat, per_row=True).pearson) < 0.1
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e300, 1.5e307])
+def test_correlations_do_not_overflow_or_underflow_at_extreme_scales(pair, scale):
+    # A diverged solver's finite ~1e307 estimates once read as "0.0000 [0.0000, 0.0000]".
+    predicted, actual = pair
+    assert pearson(predicted * scale, actual) == pytest.approx(pearson(predicted, actual), 1e-12)
+    np.testing.assert_allclose(
+        row_pearson(predicted * scale, actual), row_pearson(predicted, actual), rtol=1e-12
+    )
+    scored = score(predicted * scale, actual, n_boot=50)["pearson"]
+    reference = score(predicted, actual, n_boot=50)["pearson"]
+    assert scored.value == pytest.approx(reference.value, 1e-12)
+    assert scored.low == pytest.approx(reference.low, 1e-9)
+
+
+def test_a_metric_that_stays_undefined_is_none_not_zero(pair):
+    _, actual = pair
+    scored = score(np.full(actual.shape, 1e307), actual, n_boot=20)
+    assert scored["pearson"].value is None and scored["mean_test_pearson"].value is None

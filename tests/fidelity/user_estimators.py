@@ -18,3 +18,10 @@ class NanAfterFirstColumn(GradDotEstimator):
 
     def parameter_changes(self, train: Examples) -> Tensor | None:
         return None
+
+
+class NotAnEstimator:
+    """A class a suite could name as an estimator kind by mistake: it has no fit or scores."""
+
+    def __init__(self) -> None:
+        self.configured = True

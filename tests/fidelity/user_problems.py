@@ -88,3 +88,99 @@ def cache_probe(cache=None) -> object:
 
     root = None if cache is None else cache.root
     return replace(make_tiny_logreg(), description=f"cache {root}")
+
+
+# --- Problems a user could get wrong: each must be refused in one line before any training ---
+
+
+def _tiny_with(**changes: object) -> object:
+    problem = make_tiny_logreg()
+    return type(problem)(**{**vars(problem), **changes})
+
+
+def _regression(loss: str, outputs: int, y_train: torch.Tensor, y_test: torch.Tensor) -> object:
+    from functools import partial
+
+    from fidelity.problems.models import linear_model
+
+    return _tiny_with(
+        loss=loss, y_train=y_train, y_test=y_test, model_factory=partial(linear_model, 3, outputs)
+    )
+
+
+def mse_wider_outputs() -> object:
+    """mse with targets [n, 1] against a model giving [n, 3]: would broadcast silently."""
+    problem = make_tiny_logreg()
+    return _regression("mse", 3, problem.x_train[:, :1].clone(), problem.x_test[:, :1].clone())
+
+
+def bce_not_binary() -> object:
+    """bce targets in {0, 3, 6}."""
+    problem = make_tiny_logreg()
+    y_train = problem.y_train[:, None].to(problem.dtype) * 3
+    return _regression("bce", 1, y_train, problem.y_test[:, None].to(problem.dtype))
+
+
+def label_out_of_range() -> object:
+    problem = make_tiny_logreg()
+    return _tiny_with(y_train=problem.y_train.clone().index_fill_(0, torch.tensor([4]), 7))
+
+
+def negative_label() -> object:
+    problem = make_tiny_logreg()
+    return _tiny_with(y_train=problem.y_train.clone().index_fill_(0, torch.tensor([2]), -1))
+
+
+def label_out_of_range_in_test_split() -> object:
+    problem = make_tiny_logreg()
+    return _tiny_with(y_test=problem.y_test.clone().index_fill_(0, torch.tensor([1]), 3))
+
+
+def output_too_narrow() -> object:
+    """cross_entropy with one output (a bce model)."""
+    from functools import partial
+
+    from fidelity.problems.models import linear_model
+
+    return _tiny_with(model_factory=partial(linear_model, 3, 1))
+
+
+def wrong_input_width() -> object:
+    from functools import partial
+
+    from fidelity.problems.models import linear_model
+
+    return _tiny_with(model_factory=partial(linear_model, 7, 3))
+
+
+def empty_test_split() -> object:
+    problem = make_tiny_logreg()
+    return _tiny_with(x_test=problem.x_test[:0], y_test=problem.y_test[:0])
+
+
+def exits_cleanly() -> object:
+    import sys
+
+    sys.exit(0)
+
+
+def exits_with_three() -> object:
+    import sys
+
+    sys.exit(3)
+
+
+def too_big_for_newton() -> object:
+    """A 200k-parameter network with a Newton recipe: a dense Hessian of about 330 GB."""
+    problem = make_tiny_logreg()
+
+    def factory() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(3, 400),
+            torch.nn.Tanh(),
+            torch.nn.Linear(400, 500),
+            torch.nn.Tanh(),
+            torch.nn.Linear(500, 3),
+        )
+
+    return type(problem)(**{**vars(problem), "model_factory": factory})

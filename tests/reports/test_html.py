@@ -16,7 +16,9 @@ from fidelity.suite import parse_suite
 from reports import write_reports
 
 MARKUP_SUITE = {
-    "name": "<script>alert('suite')</script>",
+    # A suite's name is a path component (letters, digits, . _ + -); its description is free.
+    "name": "markup",
+    "description": "<script>alert('suite')</script>",
     "problems": ["tests.fidelity.user_problems:markup_text_problem"],
     "selection": {"test_points": 4, "top": 6, "random": 6},
     "metrics": {"bootstrap": 50},

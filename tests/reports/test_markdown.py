@@ -103,3 +103,8 @@ def test_terminal_output_shows_control_and_bidirectional_characters():
 
     shown = terminal_escape("a\x1b[2Jb\u202ec\r\nd\u2028e")
     assert shown == "a\\x1b[2Jb\\u202ec  d e"
+
+
+def test_dollar_signs_from_data_are_not_math():
+    # GitHub renders $...$ as math; a label such as "$x^$" must read as written.
+    assert md_escape("$x^$ 50$") == "\\$x^\\$ 50\\$"

@@ -1,0 +1,3 @@
+"""A user module that raises KeyboardInterrupt when imported."""
+
+raise KeyboardInterrupt
