@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import sys
+import tempfile
+import traceback
 from datetime import datetime
 from pathlib import Path
 
 from estimators import ESTIMATORS
-from fidelity import applications
+from fidelity import __version__, applications
 from fidelity.applications.common import DEFAULT_ESTIMATORS
 from fidelity.applications.explain import LooMode, check_explained_point
 from fidelity.core.cache import ArtifactCache, default_cache_dir
@@ -52,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fidelity", description="Validate influence estimators against retraining."
     )
+    parser.add_argument("--version", action="version", version=f"fidelity {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a suite and write a run directory")
@@ -652,6 +657,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fidelity: interrupted; cached results are kept and a rerun resumes", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours, not bad input: its own status, traceback kept
+        log = crash_log(exc)
+        summary = terminal_escape(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
+        print(
+            f"fidelity: internal error (a bug; please report it): {summary}; traceback in {log}",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
+
+
+#: Exit statuses: 0 passed, 1 regressed (check), 2 bad input, 3 internal error, 130 interrupted.
+INTERNAL_ERROR = 3
+
+
+def crash_log(exc: BaseException) -> Path:
+    """Write ``exc``'s traceback, the command line and versions to a file in the temporary
+    directory (``$FIDELITY_CRASH_DIR`` where set) and return its path."""
+    folder = Path(os.environ.get("FIDELITY_CRASH_DIR") or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"fidelity-crash-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.txt"
+    header = (
+        f"fidelity {__version__}, python {sys.version.split()[0]}, {platform.platform()}\n"
+        f"command: {' '.join(sys.argv)}\n\n"
+    )
+    path.write_text(header + "".join(traceback.format_exception(exc)), encoding="utf-8")
+    return path
 
 
 if __name__ == "__main__":

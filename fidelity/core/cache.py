@@ -43,6 +43,17 @@ def cache_key(**parts: object) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _file_mode() -> int:
+    """0666 less the umask: the mode ``open(path, "w")`` creates files with (read once, while
+    the process is single-threaded, since reading the umask means setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory and a rename (the
     temporary name carries the writer's PID, so a killed writer's file can be told apart from a
@@ -56,6 +67,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates 0600; the file gets the mode a plain open() would give it.
+        os.chmod(tmp_name, FILE_MODE)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
