@@ -801,7 +801,7 @@ def run_suite(suite: Suite, options: RunOptions) -> RunResults:
         check_writable(cache_dir, "cache directory", directory=True)
     if options.history is not None:
         check_history(options.history)
-    problems = preflight(suite, execution)  # writes nothing: a bad problem leaves no trace
+    problems = preflight(suite, execution)  # writes only to the cache: a bad problem leaves no run
     with claimed(out):
         check_run_directory(out)  # a run that held the claim before may have written it
         remove_stale_staging(out)
