@@ -634,6 +634,10 @@ def command_application(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `package.module:name` specs resolve from the working directory, as `python -m` would
+    # (the console script's own folder is bin/, so a project's modules were not found).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     handlers = {
         "run": command_run,
         "score": command_score,

@@ -78,3 +78,35 @@ def test_written_files_are_readable_by_others_as_plain_files_are(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert stat.S_IMODE(entry.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_import_paths_resolve_from_the_working_directory(tmp_path):
+    # The console script's sys.path starts with its bin/ folder, not the project directory.
+    (tmp_path / "myproject_problems.py").write_text(
+        "from tests.conftest import make_tiny_logreg\n\n"
+        "def mine():\n    return make_tiny_logreg(n_train=110)\n"
+    )
+    script = Path(sys.executable).with_name("fidelity")
+    if not script.is_file():
+        pytest.skip("the fidelity console script is not installed next to this python")
+    completed = subprocess.run(
+        [
+            str(script),
+            "run",
+            "smoke",
+            "--problem",
+            "myproject_problems:mine",
+            "--no-cache",
+            "--no-history",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "run" / "results.json").is_file()
