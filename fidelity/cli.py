@@ -405,12 +405,12 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
                     f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
                 )
             )
-            if pearson is None or pearson.value is None:
-                warning = (
-                    f"fidelity: warning: {name} {estimator} vs {response}: correlations "
-                    "undefined (constant or overflowing values)"
-                )
-                print(terminal_escape(warning), file=sys.stderr)
+        for estimator, response in problem.undefined_pairs():
+            warning = (
+                f"fidelity: warning: {name} {estimator} vs {response}: correlations "
+                "undefined (constant or overflowing values)"
+            )
+            print(terminal_escape(warning), file=sys.stderr)
     print(f"wrote {out} in {results.timings['total_seconds']:.1f} s")
     return 0
 

@@ -297,6 +297,16 @@ class ProblemResults:
         """Every (estimator, response) scored, in the order of the run."""
         return [(e, r) for e, by_response in self.metrics.items() for r in by_response]
 
+    def undefined_pairs(self) -> list[tuple[str, str]]:
+        """The pairs whose Pearson correlation was computed and is undefined (n/a): constant
+        values, or values that still overflow; the CLI and the reports warn about them."""
+        return [
+            (estimator, response)
+            for estimator, response in self.pairs()
+            if (pearson := self.metric(estimator, response, "pearson")) is not None
+            and pearson.value is None
+        ]
+
 
 #: problem -> estimator -> response -> metric name -> interval
 MetricTable = dict[str, dict[str, dict[str, dict[str, Interval]]]]

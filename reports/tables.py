@@ -516,13 +516,11 @@ def estimator_warnings(problem: ProblemResults) -> list[str]:
                 f"{label}: {diagnostics['unconverged_columns']} test point(s) did not reach the "
                 f"tolerance (largest relative residual {diagnostics['max_relative_residual']:.2e})"
             )
-    for estimator, response in problem.pairs():
-        pearson = problem.metric(estimator, response, "pearson")
-        if pearson is not None and pearson.value is None:
-            found.append(
-                f"{estimator} vs {response}: the correlations are undefined (n/a): the "
-                "predictions or the responses are constant, or their values overflow"
-            )
+    for estimator, response in problem.undefined_pairs():
+        found.append(
+            f"{estimator} vs {response}: the correlations are undefined (n/a): the "
+            "predictions or the responses are constant, or their values overflow"
+        )
     for label, reason in problem.skipped_estimators.items():
         found.append(f"{label}: skipped ({reason})")
     for label, entry in problem.conformance.items():

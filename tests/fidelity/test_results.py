@@ -90,3 +90,17 @@ def test_results_are_frozen(tiny_run):
     results, _ = tiny_run
     with pytest.raises(dataclasses.FrozenInstanceError):
         results.run_id = "other"  # type: ignore[misc]
+
+
+def test_undefined_pairs_are_the_computed_correlations_that_are_n_a():
+    from fidelity.results import Interval
+    from tests.fakes import fake_problem
+
+    problem = fake_problem(
+        "p",
+        {
+            "exact": {"cold": {"pearson": Interval(0.9, 0.8, 0.95)}, "warm": {}},
+            "cg": {"cold": {"pearson": Interval(None)}},
+        },
+    )
+    assert problem.undefined_pairs() == [("cg", "cold")]
