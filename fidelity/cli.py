@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -18,22 +19,34 @@ from estimators import ESTIMATORS
 from fidelity import __version__, applications
 from fidelity.applications.common import DEFAULT_ESTIMATORS
 from fidelity.applications.explain import LooMode, check_explained_point
-from fidelity.core.cache import ArtifactCache, default_cache_dir
+from fidelity.core import logs
+from fidelity.core.cache import ArtifactCache, atomic_write_bytes, default_cache_dir
 from fidelity.core.errors import FidelityError
 from fidelity.core.locations import check_writable
 from fidelity.core.problem import NewtonRecipe
-from fidelity.gate import DEFAULT_METRICS, compare, metric_names
+from fidelity.gate import (
+    DEFAULT_METRICS,
+    GateSettings,
+    Side,
+    Verdict,
+    configuration_changes,
+    first_run,
+    gate,
+    metric_names,
+)
 from fidelity.history import (
+    HistoryRun,
     append_run,
-    as_metric_table,
     check_history,
     default_history_path,
     recent_runs,
+    record_verdict,
+    recorded_results,
 )
 from fidelity.paper import PAPER_FIGURES, FigureContext
 from fidelity.problems import PROBLEMS, load_problem
 from fidelity.results import RunResults
-from fidelity.runner import RunOptions, run_suite
+from fidelity.runner import RunOptions, run_suite, safe_filename
 from fidelity.suite import Suite, builtin_suites, load_suite
 from reports import applications as render
 from reports import load_problem_arrays, write_reports
@@ -52,12 +65,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Commands:
+    """The subcommands, each given the common options (``-v``/``-q``)."""
+
+    def __init__(self, commands, common: argparse.ArgumentParser) -> None:
+        self._commands, self._common = commands, common
+
+    def add_parser(self, name: str, **options) -> argparse.ArgumentParser:
+        return self._commands.add_parser(name, parents=[self._common], **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fidelity", description="Validate influence estimators against retraining."
     )
     parser.add_argument("--version", action="version", version=f"fidelity {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    # Every command takes -v/-q (stage lines on stderr: -q warnings only, -v details).
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log lines (repeatable)"
+    )
+    verbosity.add_argument("-q", "--quiet", action="count", default=0, help="warnings only")
+    commands = _Commands(subparsers, verbosity)
 
     run = commands.add_parser("run", help="run a suite and write a run directory")
     _add_run_options(run)
@@ -104,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the ground truth measured (default: margin for trak, loss for dattri)",
     )
 
-    commands.add_parser("list", help="list problems, estimators, responses and bundled suites")
+    listing = commands.add_parser(
+        "list", help="list problems, estimators, responses and bundled suites"
+    )
+    _add_json_option(listing)
 
     cache = commands.add_parser(
         "cache", help="inspect the artefact cache: info, verify every entry, prune quarantine"
@@ -139,35 +172,55 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--response", help="only this response label")
     history.add_argument("--last", type=_positive_int, default=10, metavar="N", help="runs shown")
     _add_history_option(history)
+    _add_json_option(history)
 
     check = commands.add_parser(
-        "check", help="fail (exit 1) when a run's fidelity dropped against a baseline"
+        "check",
+        help="fail (exit 1) when a run's fidelity dropped against a baseline (paired bootstrap)",
     )
     check.add_argument(
         "run_dir", type=Path, metavar="RUN_DIR", help="run directory or results.json"
     )
     baseline = check.add_mutually_exclusive_group(required=True)
     baseline.add_argument(
-        "--baseline", type=Path, metavar="RUN_DIR|results.json", help="the run to compare with"
+        "--baseline", type=Path, metavar="RUN_DIR|results.json", help="a pinned run to compare with"
     )
     baseline.add_argument(
         "--against-last",
         action="store_true",
-        help="compare with the newest earlier run of the same suite in the run history",
+        help="compare with the newest earlier run of the same suite configuration whose check "
+        "passed (from the run history); with none, the run passes as the first",
     )
+    _add_gate_options(check)
     check.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.02,
-        help="largest drop accepted (default 0.02); a larger drop fails only when it also "
-        "falls below the baseline's confidence interval",
-    )
-    check.add_argument(
-        "--metric",
-        action="append",
-        help="metrics compared, repeatable (default: pearson, spearman)",
+        "--no-record",
+        action="store_true",
+        help="do not store the verdict in the run history (stored when the run is recorded)",
     )
     _add_history_option(check)
+    _add_json_option(check)
+
+    nightly = commands.add_parser(
+        "nightly",
+        help="one night: run a suite into a dated directory, record it, check it against the "
+        "last passing run of its configuration (exit 0 passed, 1 regressed, 2 bad input, 3 "
+        "crash)",
+    )
+    _add_run_options(nightly, nightly=True)
+    nightly.add_argument(
+        "--root",
+        type=Path,
+        default=Path("runs"),
+        help="where the nights go: ROOT/SUITE/YYYY-MM-DD (default runs)",
+    )
+    nightly.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a pinned baseline instead of the last passing night",
+    )
+    _add_gate_options(nightly)
+    _add_json_option(nightly)
 
     record = commands.add_parser(
         "record", help="record a finished run directory in the run history (after a failure)"
@@ -198,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_options(command: argparse.ArgumentParser) -> None:
-    """The suite and the execution options of `run` (and of `score`, which is a run)."""
+def _add_run_options(command: argparse.ArgumentParser, *, nightly: bool = False) -> None:
+    """The suite and the execution options of `run` (and of `score`, which is a run, and of
+    `nightly`, which chooses its own directory and always records)."""
     command.add_argument("suite", help="bundled suite name (e.g. smoke) or path to a suite .toml")
     command.add_argument(
         "--problem",
@@ -207,7 +261,8 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="run only these problems (registry name or package.module:function); repeatable",
     )
-    command.add_argument("--out", type=Path, help="run directory (default runs/<suite>-<time>)")
+    if not nightly:
+        command.add_argument("--out", type=Path, help="run directory (default runs/<suite>-<time>)")
     command.add_argument("--workers", type=_positive_int, default=1, help="retraining processes")
     command.add_argument(
         "--backend",
@@ -228,8 +283,49 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_history_option(command)
+    if not nightly:
+        command.add_argument(
+            "--no-history", action="store_true", help="do not record this run in the run history"
+        )
+
+
+def _add_gate_options(command: argparse.ArgumentParser) -> None:
+    defaults = GateSettings()
     command.add_argument(
-        "--no-history", action="store_true", help="do not record this run in the run history"
+        "--tolerance",
+        type=float,
+        default=defaults.tolerance,
+        help=f"drop tolerated (default {defaults.tolerance:g}); a larger drop fails when its "
+        "paired bootstrap interval excludes zero",
+    )
+    command.add_argument(
+        "--floor",
+        type=float,
+        default=defaults.floor,
+        help=f"drop that fails whatever the intervals (default {defaults.floor:g})",
+    )
+    command.add_argument(
+        "--metric",
+        action="append",
+        help=f"metrics compared, repeatable (default: {', '.join(defaults.metrics)})",
+    )
+    command.add_argument(
+        "--bootstrap",
+        type=int,
+        default=defaults.bootstrap,
+        help=f"paired bootstrap replicates (default {defaults.bootstrap})",
+    )
+    command.add_argument(
+        "--accept-config-change",
+        action="store_true",
+        help="compare with a baseline of another suite configuration anyway (with "
+        "--against-last or nightly: start a new baseline); refused otherwise",
+    )
+
+
+def _add_json_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout instead of text"
     )
 
 
@@ -380,7 +476,10 @@ def command_score(args: argparse.Namespace) -> int:
     return _run(suite, args)
 
 
-def _run(suite: Suite, args: argparse.Namespace) -> int:
+def _run(suite: Suite, args: argparse.Namespace, *, quiet: bool = False) -> int:
+    """Run ``suite`` as the options say and print its summary (on stderr when ``quiet``, so that
+    stdout can carry one JSON document)."""
+    summary = sys.stderr if quiet else sys.stdout
     out = args.out or Path("runs") / f"{suite.name}-{datetime.now():%Y%m%d-%H%M%S}"
     execution = Execution(
         cache=_cache(args),
@@ -403,7 +502,8 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
                 terminal_escape(
                     f"{name:<18} {estimator:>10} vs {response:<8} "
                     f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
-                )
+                ),
+                file=summary,
             )
         for estimator, response in problem.undefined_pairs():
             warning = (
@@ -411,16 +511,21 @@ def _run(suite: Suite, args: argparse.Namespace) -> int:
                 "undefined (constant or overflowing values)"
             )
             print(terminal_escape(warning), file=sys.stderr)
-    print(f"wrote {out} in {results.timings['total_seconds']:.1f} s")
+    print(f"wrote {out} in {results.timings['total_seconds']:.1f} s", file=summary)
     return 0
 
 
-def command_list(_: argparse.Namespace) -> int:
-    for title, registry in (
-        ("problems", PROBLEMS),
-        ("estimators", ESTIMATORS),
-        ("responses", RESPONSES),
-    ):
+def command_list(args: argparse.Namespace) -> int:
+    registries = (("problems", PROBLEMS), ("estimators", ESTIMATORS), ("responses", RESPONSES))
+    if args.json:
+        document: dict[str, object] = {
+            title: [{"name": n, "description": registry.description(n)} for n in registry.names()]
+            for title, registry in registries
+        }
+        document["suites"] = list(builtin_suites())
+        print(json.dumps(document, indent=2))
+        return 0
+    for title, registry in registries:
         print(f"{title}:")
         for name in registry.names():
             print(f"  {name:<18} {registry.description(name)}")
@@ -453,7 +558,7 @@ def command_history(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise FidelityError(f"no run history at {str(path)!r} (runs record there by default)")
     runs = recent_runs(path, suite=args.suite, last=args.last)
-    if not runs:
+    if not runs and not args.json:
         print(f"no runs recorded{f' for suite {args.suite!r}' if args.suite else ''} in {path}")
         return 0
     wanted = {"problem": args.problem, "estimator": args.estimator, "response": args.response}
@@ -465,10 +570,34 @@ def command_history(args: argparse.Namespace) -> int:
             if metric != args.metric or any(v and named[k] != v for k, v in wanted.items()):
                 continue
             series.setdefault((run.suite, *key[:3]), [None] * len(runs))[position] = entry.value
+    if args.json:
+        document = {
+            "history": str(path),
+            "metric": args.metric,
+            "runs": [
+                {
+                    "run_id": run.run_id,
+                    "suite": run.suite,
+                    "created": run.created,
+                    "git_revision": run.git_revision,
+                    "run_dir": run.run_dir,
+                    "config_hash": run.config_hash,
+                    "passed": run.passed,
+                }
+                for run in runs
+            ],
+            "series": [
+                {"suite": s, "problem": p, "estimator": e, "response": r, "values": values}
+                for (s, p, e, r), values in sorted(series.items())
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
     print(f"{len(runs)} run(s), oldest first, metric {args.metric}:")
     for position, run in enumerate(runs, 1):
         revision = run.git_revision or "-"
-        line = f"  [{position}] {run.created} {run.suite} {revision} {run.run_dir or ''}"
+        verdict = {True: "passed", False: "FAILED", None: "unchecked"}[run.passed]
+        line = f"  [{position}] {run.created} {run.suite} {revision} {verdict} {run.run_dir or ''}"
         print(terminal_escape(line))
     if not series:
         print(f"no {args.metric!r} recorded for the selection")
@@ -491,53 +620,204 @@ def _load_run(path: Path) -> RunResults:
     return results
 
 
-def command_check(args: argparse.Namespace) -> int:
-    results = _load_run(args.run_dir)
-    if args.against_last:
-        path = args.history or default_history_path()
-        earlier = recent_runs(
-            path,
+def _gate_settings(args: argparse.Namespace) -> GateSettings:
+    return GateSettings(
+        tolerance=args.tolerance,
+        floor=args.floor,
+        metrics=tuple(args.metric or DEFAULT_METRICS),
+        bootstrap=args.bootstrap,
+    )
+
+
+def _side(path: Path) -> Side:
+    """A run given on the command line: a run directory (paired comparisons possible) or a
+    results.json alone."""
+    return Side(_load_run(path), path if path.is_dir() else None, str(path))
+
+
+def _recorded_side(history: Path, run: HistoryRun) -> tuple[Side, str | None]:
+    """A recorded run, paired through its run directory where that still holds the same run;
+    else unpaired from the results the history keeps (with a note saying why)."""
+    results = recorded_results(history, run.run_id)
+    name = f"run {run.run_id} of {run.created} (history {history})"
+    if run.run_dir is None or not Path(run.run_dir).is_dir():
+        return Side(results, None, name), f"{name}: its run directory is gone"
+    try:
+        on_disk = _load_run(Path(run.run_dir))
+    except FidelityError as exc:
+        return Side(results, None, name), f"{name}: its run directory is unusable ({exc})"
+    if on_disk.run_id != run.run_id:
+        return Side(results, None, name), f"{name}: {run.run_dir} now holds another run"
+    return Side(results, Path(run.run_dir), name), None
+
+
+def _changes_text(changes: list[str], shown: int = 6) -> str:
+    more = f"; and {len(changes) - shown} more" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
+
+
+def decide(
+    current: Side,
+    settings: GateSettings,
+    *,
+    history: Path,
+    pinned: Path | None,
+    accept_config_change: bool,
+) -> Verdict:
+    """The gate's verdict on ``current``: against the pinned run, or else against the newest
+    earlier run of the same suite configuration whose check passed (a first run of a
+    configuration passes). A baseline of another configuration is refused (exit 2) naming
+    what changed, unless ``accept_config_change``."""
+    results = current.results
+    known = metric_names(results.metric_table())
+    notes: list[str] = []
+    if pinned is not None:
+        baseline = _side(pinned)
+    else:
+        passing = recent_runs(
+            history,
             suite=results.suite_name,
             before=results.created,
             exclude=results.run_id,
-            last=1,
+            passed=True,
         )
-        if not earlier:
-            raise FidelityError(
-                f"no earlier run of suite {results.suite_name!r} in history {str(path)!r}"
-            )
-        baseline = as_metric_table(earlier[0])
-        source = f"run {earlier[0].run_id} of {earlier[0].created} (history {path})"
-    else:
-        baseline = _load_run(args.baseline).metric_table()
-        source = str(args.baseline)
-    metrics = tuple(args.metric or DEFAULT_METRICS)
-    current = results.metric_table()
-    known = metric_names(current) | metric_names(baseline)
-    unknown = [metric for metric in metrics if metric not in known]
+        same = [run for run in passing if run.config_hash == results.configuration_hash()]
+        if not same:
+            if passing:
+                other = recorded_results(history, passing[-1].run_id)
+                changes = configuration_changes(results, other)
+                described = (
+                    f"the configuration of suite {results.suite_name!r} differs from its last "
+                    f"passing run {passing[-1].run_id} of {passing[-1].created}: "
+                    f"{_changes_text(changes)}"
+                )
+                if not accept_config_change:
+                    raise FidelityError(
+                        f"{described}; pass --accept-config-change to start a new baseline"
+                    )
+                notes.append(f"{described}; accepted as a new baseline")
+            _check_metrics(settings, known, current.name, None)
+            return dataclasses.replace(first_run(settings), notes=tuple(notes))
+        baseline, note = _recorded_side(history, same[-1])
+        notes += [note] if note else []
+    _check_metrics(
+        settings, known | metric_names(baseline.results.metric_table()), current.name, baseline.name
+    )
+    changes = configuration_changes(results, baseline.results)
+    if changes and not accept_config_change:
+        raise FidelityError(
+            f"{current.name} and the baseline {baseline.name} are runs of different "
+            f"configurations: {_changes_text(changes)}; pass --accept-config-change to compare "
+            "them anyway"
+        )
+    verdict = gate(current, baseline, settings)
+    return dataclasses.replace(verdict, notes=(*notes, *verdict.notes))
+
+
+def _check_metrics(
+    settings: GateSettings, known: set[str], current: str, baseline: str | None
+) -> None:
+    where = current if baseline is None else f"{current} and the baseline {baseline}"
     if not known:
-        raise FidelityError(f"neither {args.run_dir} nor the baseline {source} holds a metric")
+        raise FidelityError(f"{where}: no metric to compare")
+    unknown = [metric for metric in settings.metrics if metric not in known]
     if unknown:
         raise FidelityError(
-            f"unknown metric(s) {', '.join(unknown)}; these runs hold {', '.join(sorted(known))}"
+            f"unknown metric(s) {', '.join(unknown)}; {where} hold {', '.join(sorted(known))}"
         )
-    findings = compare(current, baseline, tolerance=args.tolerance, metrics=metrics)
-    if not findings:
-        # Nothing to compare is a wrong baseline, not a regression.
-        raise FidelityError(
-            f"the baseline {source} holds no defined {', '.join(metrics)} to compare with"
-        )
-    failed = [finding for finding in findings if finding.status != "ok"]
+
+
+def _print_verdict(verdict: Verdict, current: Side, *, as_json: bool) -> None:
+    if as_json:
+        document = {"run": current.name, "run_id": current.results.run_id, **verdict.to_json()}
+        print(json.dumps(document, indent=2))
+        return
+    settings = verdict.settings
+    against = verdict.baseline or "no baseline (first run of this configuration)"
     print(
         terminal_escape(
-            f"checked {len(findings)} metric(s) of {args.run_dir} against {source} "
-            f"(tolerance {args.tolerance:g}, metrics {', '.join(metrics)})"
+            f"checked {len(verdict.findings)} metric(s) of {current.name} against {against} "
+            f"(tolerance {settings.tolerance:g}, floor {settings.floor:g}, metrics "
+            f"{', '.join(settings.metrics)}, configuration {current.results.configuration_hash()})"
         )
     )
-    for finding in failed:
+    for note in verdict.notes:
+        print(terminal_escape(f"note: {note}"))
+    for finding in verdict.failures:
         print(terminal_escape(f"FAIL {finding.status}: {finding.describe()}"))
-    print("fidelity check failed" if failed else "fidelity check passed")
-    return 1 if failed else 0
+    print(f"fidelity check {verdict.summary()}")
+
+
+def _record_verdict(history: Path, run_id: str, verdict: Verdict) -> bool:
+    if not history.is_file():
+        return False
+    return record_verdict(
+        history,
+        run_id,
+        passed=verdict.passed,
+        baseline_run_id=verdict.baseline_run_id,
+        summary=verdict.summary(),
+    )
+
+
+def command_check(args: argparse.Namespace) -> int:
+    current = _side(args.run_dir)
+    history = args.history or default_history_path()
+    verdict = decide(
+        current,
+        _gate_settings(args),
+        history=history,
+        pinned=args.baseline,
+        accept_config_change=args.accept_config_change,
+    )
+    if not args.no_record:
+        _record_verdict(history, current.results.run_id, verdict)
+    _print_verdict(verdict, current, as_json=args.json)
+    return 0 if verdict.passed else 1
+
+
+def _night_directory(root: Path, suite: str, now: datetime) -> Path:
+    """ROOT/SUITE/YYYY-MM-DD, or with the time (and a count) when that night already ran."""
+    folder = root / safe_filename(suite)
+    for name in (f"{now:%Y-%m-%d}", f"{now:%Y-%m-%d-%H%M%S}"):
+        if not (folder / name).exists():
+            return folder / name
+    count = 2
+    while (folder / f"{now:%Y-%m-%d-%H%M%S}-{count}").exists():
+        count += 1
+    return folder / f"{now:%Y-%m-%d-%H%M%S}-{count}"
+
+
+def command_nightly(args: argparse.Namespace) -> int:
+    settings = _gate_settings(args)
+    suite = load_suite(args.suite)
+    if args.problem:
+        suite = suite.with_problems(tuple(args.problem))
+    history = args.history or default_history_path()
+    check_history(history)
+    if args.baseline is not None:
+        _side(args.baseline)  # a bad pinned baseline is refused before the night's compute
+    args.out = _night_directory(args.root, suite.name, datetime.now())
+    args.no_history = False
+    args.crash_dir = args.out  # a crash leaves its traceback in the night's directory
+    _run(suite, args, quiet=args.json)
+    current = _side(args.out)
+    verdict = decide(
+        current,
+        settings,
+        history=history,
+        pinned=args.baseline,
+        accept_config_change=args.accept_config_change,
+    )
+    _record_verdict(history, current.results.run_id, verdict)
+    document = {"run": current.name, "run_id": current.results.run_id, **verdict.to_json()}
+    atomic_write_bytes(args.out / VERDICT_FILE, json.dumps(document, indent=2).encode())
+    _print_verdict(verdict, current, as_json=args.json)
+    return 0 if verdict.passed else 1
+
+
+#: What ``nightly`` writes beside results.json: the verdict, as ``check --json`` prints it.
+VERDICT_FILE = "verdict.json"
 
 
 def command_record(args: argparse.Namespace) -> int:
@@ -634,6 +914,7 @@ def command_application(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(args.verbose - args.quiet)
     # `package.module:name` specs resolve from the working directory, as `python -m` would
     # (the console script's own folder is bin/, so a project's modules were not found).
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -648,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": command_check,
         "figures": command_figures,
         "record": command_record,
+        "nightly": command_nightly,
     }
     handlers.update(
         dict.fromkeys(("explain", "poison", "mislabel", "prefilter"), command_application)
@@ -662,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fidelity: interrupted; cached results are kept and a rerun resumes", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug of ours, not bad input: its own status, traceback kept
-        log = crash_log(exc)
+        log = crash_log(exc, getattr(args, "crash_dir", None))
         summary = terminal_escape(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
         print(
             f"fidelity: internal error (a bug; please report it): {summary}; traceback in {log}",
@@ -675,11 +957,15 @@ def main(argv: list[str] | None = None) -> int:
 INTERNAL_ERROR = 3
 
 
-def crash_log(exc: BaseException) -> Path:
-    """Write ``exc``'s traceback, the command line and versions to a file in the temporary
-    directory (``$FIDELITY_CRASH_DIR`` where set) and return its path."""
-    folder = Path(os.environ.get("FIDELITY_CRASH_DIR") or tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
+def crash_log(exc: BaseException, folder: Path | None = None) -> Path:
+    """Write ``exc``'s traceback, the command line and versions to a file in ``folder`` (a
+    night's run directory), else the temporary directory (``$FIDELITY_CRASH_DIR`` where set),
+    and return its path."""
+    folder = folder or Path(os.environ.get("FIDELITY_CRASH_DIR") or tempfile.gettempdir())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
     path = folder / f"fidelity-crash-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.txt"
     header = (
         f"fidelity {__version__}, python {sys.version.split()[0]}, {platform.platform()}\n"

@@ -12,20 +12,27 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fidelity.core.errors import FidelityError
 from fidelity.core.locations import check_writable
-from fidelity.results import Interval, MetricTable, RunResults
+from fidelity.results import (
+    Interval,
+    RunResults,
+    configuration_hash,
+    configuration_of,
+)
 
 DEFAULT_HISTORY = "fidelity.db"
 SQLITE_HEADER = b"SQLite format 3\x00"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     suite TEXT NOT NULL,
@@ -34,7 +41,8 @@ CREATE TABLE IF NOT EXISTS runs (
     fidelity_version TEXT,
     run_dir TEXT,
     total_seconds REAL,
-    results TEXT NOT NULL
+    results TEXT NOT NULL,
+    config_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_suite ON runs (suite, created);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -54,6 +62,28 @@ CREATE TABLE IF NOT EXISTS timings (
     step TEXT NOT NULL,
     seconds REAL,
     PRIMARY KEY (run_id, problem, step)
+);
+"""
+    + """
+CREATE TABLE IF NOT EXISTS verdicts (
+    run_id TEXT PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE,
+    passed INTEGER NOT NULL,
+    baseline_run_id TEXT,
+    checked TEXT NOT NULL,
+    summary TEXT NOT NULL
+);
+"""
+)
+
+#: Version 1 -> 2: runs carry their configuration hash, verdicts record what checks decided.
+_UPGRADE_FROM_1 = """
+ALTER TABLE runs ADD COLUMN config_hash TEXT;
+CREATE TABLE IF NOT EXISTS verdicts (
+    run_id TEXT PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE,
+    passed INTEGER NOT NULL,
+    baseline_run_id TEXT,
+    checked TEXT NOT NULL,
+    summary TEXT NOT NULL
 );
 """
 
@@ -89,7 +119,7 @@ def connect(path: Path, *, timeout: float = 60.0) -> Iterator[sqlite3.Connection
         try:
             connection.execute("PRAGMA foreign_keys = ON")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise FidelityError(
                     f"history database {str(path)!r} has schema version {version}; this "
                     f"fidelity writes version {SCHEMA_VERSION}: use another --history path"
@@ -101,11 +131,42 @@ def connect(path: Path, *, timeout: float = 60.0) -> Iterator[sqlite3.Connection
                         + _SCHEMA
                         + f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
                     )
+            elif version == 1:
+                _upgrade_from_1(connection)
         except sqlite3.OperationalError:
             raise  # locked or busy: the caller waits or says so
         except sqlite3.DatabaseError as exc:
             raise FidelityError(f"{str(path)!r} is not a fidelity history database: {exc}") from exc
         yield connection
+
+
+def _upgrade_from_1(connection: sqlite3.Connection) -> None:
+    """Add the configuration hashes (computed from each stored results document) and the
+    verdicts table to a version-1 history, in one transaction."""
+    with _transaction(connection):
+        connection.execute("BEGIN IMMEDIATE")
+        if connection.execute("PRAGMA user_version").fetchone()[0] == 1:  # not raced
+            # One statement at a time: executescript would commit the open transaction.
+            for statement in _UPGRADE_FROM_1.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            rows = connection.execute("SELECT run_id, results FROM runs").fetchall()
+            for run_id, document in rows:
+                connection.execute(
+                    "UPDATE runs SET config_hash = ? WHERE run_id = ?",
+                    (_document_hash(document), run_id),
+                )
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+
+
+def _document_hash(document: str) -> str | None:
+    try:
+        data = json.loads(document)
+        fingerprints = {name: p["fingerprint"] for name, p in data["problems"].items()}
+        return configuration_hash(configuration_of(data["suite"], fingerprints))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # a document this version cannot read: never a baseline
 
 
 @contextmanager
@@ -178,13 +239,53 @@ def append_run(
     ``wait`` seconds in all (default ``history_wait()``), then refused in one line. A run already
     recorded (same ``run_id``) is refused rather than duplicated.
     """
+    _retrying(path, lambda timeout: _append_run(path, results, run_dir, timeout=timeout), wait)
+
+
+def record_verdict(
+    path: Path,
+    run_id: str,
+    *,
+    passed: bool,
+    baseline_run_id: str | None,
+    summary: str,
+    wait: float | None = None,
+) -> bool:
+    """Store what a check decided about a recorded run (a recheck replaces the verdict);
+    False when the run is not in the history (nothing stored)."""
+    stored = []
+
+    def write(timeout: float) -> None:
+        with connect(path, timeout=timeout) as connection, _transaction(connection):
+            connection.execute("BEGIN IMMEDIATE")
+            known = connection.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if known:
+                connection.execute(
+                    "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
+                    (run_id, int(passed), baseline_run_id, _now(), summary),
+                )
+            connection.execute("COMMIT")
+            stored.append(bool(known))
+
+    _retrying(path, write, wait)
+    return stored[-1]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _retrying(path: Path, write: Callable[[float], None], wait: float | None) -> None:
+    """``write(timeout)`` retried with growing pauses while another process keeps the history
+    locked, for up to ``wait`` seconds in all (default ``history_wait()``), then refused in one
+    line."""
     wait = history_wait() if wait is None else wait
     deadline = time.monotonic() + wait
     pause = 0.05
     while True:
         remaining = deadline - time.monotonic()
         try:
-            _append_run(path, results, run_dir, timeout=max(min(5.0, remaining), 0.0))
+            write(max(min(5.0, remaining), 0.0))
             return
         except sqlite3.OperationalError as exc:
             busy = "locked" in str(exc) or "busy" in str(exc)
@@ -205,7 +306,7 @@ def _append_run(path: Path, results: RunResults, run_dir: Path | None, *, timeou
         connection.execute("BEGIN IMMEDIATE")
         try:
             connection.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     results.suite_name,
@@ -215,6 +316,7 @@ def _append_run(path: Path, results: RunResults, run_dir: Path | None, *, timeou
                     None if run_dir is None else str(Path(run_dir).resolve()),
                     results.timings["total_seconds"],
                     json.dumps(results.to_json()),
+                    results.configuration_hash(),
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -243,6 +345,9 @@ class HistoryRun:
     git_revision: str | None
     run_dir: str | None
     metrics: dict[tuple[str, str, str, str], Interval]
+    config_hash: str | None = None
+    #: what the latest check decided: True passed, False failed, None never checked
+    passed: bool | None = None
 
 
 def recent_runs(
@@ -252,17 +357,21 @@ def recent_runs(
     last: int | None = None,
     before: str | None = None,
     exclude: str | None = None,
+    passed: bool | None = None,
 ) -> list[HistoryRun]:
     """Recorded runs, oldest first: of ``suite`` (all suites if None), created at or before
-    ``before`` (an ISO time), without run ``exclude``, the newest ``last`` of them."""
+    ``before`` (an ISO time), without run ``exclude``, only those whose latest check passed
+    when ``passed`` is True, the newest ``last`` of them."""
     path = Path(path)
     if not path.is_file():
         return []
-    clauses, parameters = [], []
+    clauses: list[str] = []
+    parameters: list[str | int] = []
     for clause, value in (
         ("suite = ?", suite),
         ("created <= ?", before),
-        ("run_id != ?", exclude),
+        ("runs.run_id != ?", exclude),
+        ("verdicts.passed = ?", None if passed is None else int(passed)),
     ):
         if value is not None:
             clauses.append(clause)
@@ -275,23 +384,45 @@ def recent_runs(
         raise FidelityError(f"cannot read history database {str(path)!r}: {exc}") from None
 
 
-def _read_runs(path: Path, where: str, limit: str, parameters: list[str]) -> list[HistoryRun]:
+def _read_runs(path: Path, where: str, limit: str, parameters: list[str | int]) -> list[HistoryRun]:
     with connect(path) as connection:
         runs = connection.execute(
-            "SELECT run_id, suite, created, git_revision, run_dir FROM runs "
-            f"{where} ORDER BY created DESC, rowid DESC {limit}",
+            "SELECT runs.run_id, suite, created, git_revision, run_dir, config_hash, "
+            "verdicts.passed FROM runs LEFT JOIN verdicts ON verdicts.run_id = runs.run_id "
+            f"{where} ORDER BY created DESC, runs.rowid DESC {limit}",
             parameters,
         ).fetchall()
         found = []
-        for run_id, run_suite, created, revision, run_dir in reversed(runs):
+        for run_id, run_suite, created, revision, run_dir, config, verdict in reversed(runs):
             rows = connection.execute(
                 "SELECT problem, estimator, response, metric, value, low, high FROM metrics "
                 "WHERE run_id = ?",
                 (run_id,),
             ).fetchall()
             metrics = {(row[0], row[1], row[2], row[3]): Interval(*row[4:]) for row in rows}
-            found.append(HistoryRun(run_id, run_suite, created, revision, run_dir, metrics))
+            known = None if verdict is None else bool(verdict)
+            found.append(
+                HistoryRun(run_id, run_suite, created, revision, run_dir, metrics, config, known)
+            )
     return found
+
+
+def recorded_results(path: Path, run_id: str) -> RunResults:
+    """The full results a run recorded (the history keeps each run's results.json)."""
+    try:
+        with connect(path) as connection:
+            row = connection.execute(
+                "SELECT results FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+    except sqlite3.Error as exc:
+        raise FidelityError(f"cannot read history database {str(path)!r}: {exc}") from None
+    if row is None:
+        raise FidelityError(f"run {run_id} is not in history {str(path)!r}")
+    try:
+        data = json.loads(row[0])
+    except ValueError as exc:
+        raise FidelityError(f"history {str(path)!r}: run {run_id} is damaged: {exc}") from None
+    return RunResults.from_json(data, source=f"run {run_id} in history {path}")
 
 
 def count_runs(path: Path) -> tuple[int, int]:
@@ -300,12 +431,3 @@ def count_runs(path: Path) -> tuple[int, int]:
         runs = connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
         metrics = connection.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
     return runs, metrics
-
-
-def as_metric_table(run: HistoryRun) -> MetricTable:
-    """A recorded run's metrics as problem -> estimator -> response -> metric (for ``check``)."""
-    table: MetricTable = {}
-    for (problem, estimator, response, metric), entry in run.metrics.items():
-        by_response = table.setdefault(problem, {}).setdefault(estimator, {})
-        by_response.setdefault(response, {})[metric] = entry
-    return table

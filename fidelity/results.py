@@ -11,6 +11,7 @@ Numbers that are undefined (a correlation of a constant) are ``None``, never NaN
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -308,6 +309,25 @@ class ProblemResults:
         ]
 
 
+#: Suite fields that describe a run without changing its numbers.
+CONFIGURATION_PROSE = ("description", "source")
+
+
+def configuration_of(suite: dict[str, Any], fingerprints: dict[str, str]) -> dict[str, Any]:
+    """What decides the numbers a run should reproduce: the suite without its prose (name,
+    problems, selection, estimators, responses, stages, metrics, seed, damping) and each
+    problem's fingerprint (its data, model and training recipe). Two runs with equal
+    configurations differ only in the code and the machine, which is what a gate tests."""
+    kept = {key: value for key, value in suite.items() if key not in CONFIGURATION_PROSE}
+    return {"suite": kept, "problem_fingerprints": dict(fingerprints)}
+
+
+def configuration_hash(configuration: dict[str, Any]) -> str:
+    """A short digest of a configuration (canonical JSON, SHA-256, 16 hex digits)."""
+    text = json.dumps(configuration, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 #: problem -> estimator -> response -> metric name -> interval
 MetricTable = dict[str, dict[str, dict[str, dict[str, Interval]]]]
 
@@ -328,6 +348,14 @@ class RunResults:
     @property
     def suite_name(self) -> str:
         return str(self.suite["name"])
+
+    def configuration(self) -> dict[str, Any]:
+        """See ``configuration_of``."""
+        fingerprints = {name: problem.fingerprint for name, problem in self.problems.items()}
+        return configuration_of(self.suite, fingerprints)
+
+    def configuration_hash(self) -> str:
+        return configuration_hash(self.configuration())
 
     def metric_table(self) -> MetricTable:
         """Every metric by problem, estimator, response and name; an LDS appears as response

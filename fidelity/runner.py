@@ -36,6 +36,7 @@ from fidelity import __version__
 from fidelity.core.cache import atomic_write_bytes, pid_alive
 from fidelity.core.errors import FidelityError
 from fidelity.core.locations import check_writable, claimed
+from fidelity.core.logs import stage_logger
 from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
@@ -95,6 +96,8 @@ from retrain import (
     train,
 )
 from retrain.train import check_training
+
+log = stage_logger("runner")
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,13 @@ def prepare(
         problem = load_problem(problem_name, cache=execution.cache)
     trained = train(problem, cache=execution.cache)
     train_seconds = time.perf_counter() - start
+    log.info(
+        "%s: trained (%d parameters, %d training points) in %.1f s",
+        problem.name,
+        trained.n_params,
+        problem.n_train,
+        train_seconds,
+    )
     selection = suite.selection_for(problem_name, problem.name)
     check_selection(selection, problem)
     rng = problem_seed(suite.seed, problem.name)
@@ -309,6 +319,14 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
             # conformance finding (with the numbers) instead of ending the run.
             _check_finite(predicted, f"estimator {label!r} on {problem.name!r}")
         deltas[label] = predicted
+        log.info(
+            "%s: estimator %s fitted in %.1f s, scored %d x %d in %.1f s",
+            problem.name,
+            label,
+            timing[label]["fit_seconds"],
+            *predicted.shape,
+            time.perf_counter() - tick,
+        )
         spec = next(spec for spec in suite.estimators if spec.label == label)
         records[label] = EstimatorRecord(
             kind=spec.kind,
@@ -351,6 +369,14 @@ def respond(
         actual = result.deltas.detach().cpu().numpy()
         _check_finite(actual, f"response {spec.label!r} on {problem.name!r}")
         deltas[spec.label] = actual
+        log.info(
+            "%s: response %s (%s) for %d removals in %.1f s",
+            problem.name,
+            spec.label,
+            spec.kind,
+            actual.shape[1],
+            time.perf_counter() - tick,
+        )
         stages.append(Stage(spec.label, spec.kind, actual, result.thetas))
         ceiling: NoiseCeiling | None = None
         if result.per_seed is not None:
@@ -771,6 +797,7 @@ def evaluate_problem(
         if gaps is not None:
             timings["decomposition_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - start
+    log.info("%s: done in %.1f s", setup.problem.name, timings["total_seconds"])
     return assemble(setup, predictions, responses, scores, gaps, timings, datamodels)
 
 

@@ -8,6 +8,7 @@ runs, so no number depends on the backend, the worker count or the group size.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.errors import FidelityError
+from fidelity.core.logs import stage_logger
 from fidelity.core.problem import TrainedProblem
 
 BACKENDS = ("loky", "threading", "sequential", "dask")
+log = stage_logger("retrain")
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ def retrain_indices(
     if missing:
         solver = make_solver()
         jobs = [delayed(_run_group)(solver, g, execution.workers, os.getpid()) for g in groups]
+    start, done = time.perf_counter(), 0
     bar = tqdm(
         total=len(missing),
         desc=f"{stage} {trained.problem.name}",
@@ -163,6 +167,18 @@ def retrain_indices(
                     },
                 )
             bar.update(len(group))
+            done += len(group)
+            log.debug(
+                "%s %s: %d of %d refits done", stage, trained.problem.name, done, len(missing)
+            )
+    log.info(
+        "%s %s: %d refits (%d from the cache) in %.1f s",
+        stage,
+        trained.problem.name,
+        len(indices),
+        len(indices) - len(missing),
+        time.perf_counter() - start,
+    )
     return Refits(thetas, iterations, grad_norms, len(missing))
 
 

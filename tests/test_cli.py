@@ -382,10 +382,12 @@ def test_check_passes_on_an_identical_baseline_and_fails_on_a_doctored_one(
     printed = capsys.readouterr().out
     assert "FAIL regressed: diabetes-ridge exact vs cold pearson" in printed
     assert printed.count("FAIL") == 1 and "fidelity check failed" in printed
+    # Against the history: the first run, never checked, passes as the first of its
+    # configuration and becomes the baseline the second is compared with.
+    assert run_cli("check", first, "--against-last", "--history", history) == 0
+    assert "first run of this configuration" in capsys.readouterr().out
     assert run_cli("check", second, "--against-last", "--history", history) == 0
     assert "against run" in capsys.readouterr().out
-    assert run_cli("check", first, "--against-last", "--history", history) == 2
-    assert "no earlier run" in capsys.readouterr().err
 
 
 def test_report_rerenders_a_run_directory(recorded_runs, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -80,9 +81,14 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path
 
 
+STAGE_LINE = re.compile(r"fidelity: \d\d:\d\d:\d\d ")
+
+
 def refused(capsys, code: int, message: str) -> str:
-    """The command exited 2 with one error line holding ``message``."""
+    """The command exited 2 with one error line holding ``message`` (after any stage lines the
+    work done before the error logged)."""
     err = capsys.readouterr().err
+    err = "".join(line for line in err.splitlines(True) if not STAGE_LINE.match(line))
     assert code == 2, err
     assert err.startswith("fidelity: error: "), err
     assert err.count("\n") == 1, err

@@ -56,6 +56,8 @@ def _load(directory: Path):
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    # Loading bars would leak into CI logs; fidelity's own log lines say what happens.
+    transformers_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     model = AutoModel.from_pretrained(
         str(directory), local_files_only=True, dtype=torch.float32

@@ -1,10 +1,17 @@
-"""Regression gating: a drop beyond tolerance and interval fails; noise and equality pass."""
+"""Regression gating: a drop beyond tolerance and interval fails; noise and equality pass;
+the paired bootstrap of a metric's drop, against the one-replicate-at-a-time metrics."""
 
+import numpy as np
 import pytest
 
 from fidelity.core.errors import FidelityError
-from fidelity.gate import compare
+from fidelity.gate import GateSettings, compare
+from fidelity.metrics import METRICS, _batched_metric, paired_difference
 from fidelity.results import Interval
+
+
+def settings(**options):
+    return GateSettings(**options)
 
 
 def problems(pearson=0.90, low=0.85, high=0.93, spearman=0.80):
@@ -30,19 +37,21 @@ def test_identical_runs_pass():
 def test_a_drop_beyond_tolerance_and_interval_fails():
     current = problems()
     current["p"]["cg"]["cold"]["pearson"] = Interval(0.80, 0.75, 0.85)
-    found = statuses(compare(current, problems(), tolerance=0.02))
+    found = statuses(compare(current, problems(), settings(tolerance=0.02)))
     assert found[("cg", "pearson")] == "regressed"
     assert sum(status != "ok" for status in found.values()) == 1
     (failure,) = [f for f in compare(current, problems()) if f.status != "ok"]
-    assert failure.drop == pytest.approx(0.10)
+    assert failure.drop.value == pytest.approx(0.10) and not failure.paired
     assert "p cg vs cold pearson: 0.8000" in failure.describe()
 
 
 def test_a_drop_inside_the_baseline_interval_or_tolerance_passes():
     current = problems(pearson=0.86)  # drop 0.04 > tolerance but above the baseline low 0.85
-    assert all(f.status == "ok" for f in compare(current, problems(), tolerance=0.02))
+    assert all(f.status == "ok" for f in compare(current, problems(), settings(tolerance=0.02)))
     wide = problems(pearson=0.80)  # below the interval, but within a tolerance of 0.15
-    assert all(f.status == "ok" for f in compare(wide, problems(), tolerance=0.15))
+    assert all(
+        f.status == "ok" for f in compare(wide, problems(), settings(tolerance=0.15, floor=0.2))
+    )
     without_interval = problems(low=None, high=None)
     assert statuses(compare(problems(pearson=0.86), without_interval))[("exact", "pearson")] == (
         "regressed"
@@ -56,7 +65,63 @@ def test_missing_and_undefined_metrics_fail_and_metric_choice_is_honoured():
     found = statuses(compare(current, problems()))
     assert found[("cg", "pearson")] == "missing"
     assert found[("exact", "spearman")] == "undefined"
-    only_kendall = compare(problems(), problems(), metrics=("kendall",))
+    only_kendall = compare(problems(), problems(), settings(metrics=("kendall",)))
     assert {f.metric for f in only_kendall} == {"kendall"}
     with pytest.raises(FidelityError, match="tolerance"):
-        compare(problems(), problems(), tolerance=-1)
+        settings(tolerance=-1)
+    with pytest.raises(FidelityError, match="floor"):
+        settings(tolerance=0.2, floor=0.1)
+
+
+def test_a_drop_beyond_the_floor_fails_whatever_the_intervals():
+    wide = problems(pearson=0.77, low=0.37, high=0.89)
+    current = problems(pearson=0.40, low=0.10, high=0.70)  # inside the baseline's interval
+    found = {(f.estimator, f.metric): f for f in compare(current, wide)}
+    assert found[("exact", "pearson")].status == "regressed"
+    assert "hard floor 0.1" in found[("exact", "pearson")].reason
+    near = problems(pearson=0.70, low=0.30, high=0.85)  # drop 0.07, below the floor
+    assert statuses(compare(near, wide))[("exact", "pearson")] == "ok"  # unpaired: inside
+
+
+def test_a_paired_drop_fails_beyond_the_tolerance_only_when_its_interval_excludes_zero():
+    base = problems(pearson=0.77, low=0.37, high=0.89)
+    now = problems(pearson=0.70, low=0.30, high=0.85)
+    key = ("p", "exact", "cold", "pearson")
+    tight = {key: Interval(0.07, 0.05, 0.09)}
+    loose = {key: Interval(0.07, -0.01, 0.15)}
+    assert statuses(compare(now, base, drops=tight))[("exact", "pearson")] == "regressed"
+    assert statuses(compare(now, base, drops=loose))[("exact", "pearson")] == "ok"
+    (finding,) = [f for f in compare(now, base, drops=tight) if f.status != "ok"]
+    assert finding.paired and "paired interval above zero" in finding.reason
+
+
+def test_batched_metrics_equal_the_one_at_a_time_metrics():
+    rng = np.random.default_rng(0)
+    predicted = rng.normal(size=(6, 5, 7))
+    actual = predicted + rng.normal(size=(6, 5, 7))
+    actual[2, 1] = 3.0  # a constant row: undefined per-test correlation, skipped
+    predicted[3] = np.round(predicted[3])  # ties
+    for name, function in METRICS.items():
+        expected = [function(p, a) for p, a in zip(predicted, actual, strict=True)]
+        np.testing.assert_allclose(
+            _batched_metric(name, predicted, actual), expected, rtol=1e-12, atol=1e-14
+        )
+
+
+def test_paired_difference_is_zero_for_identical_runs_and_brackets_a_real_drop():
+    rng = np.random.default_rng(1)
+    actual = rng.normal(size=(10, 40))
+    predicted = actual + 0.5 * rng.normal(size=actual.shape)
+    same = paired_difference((predicted, actual), (predicted, actual), "pearson", n_boot=200)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    worse = predicted + 1.0 * rng.normal(size=actual.shape)
+    drop = paired_difference((predicted, actual), (worse, actual), "spearman", n_boot=300)
+    expected = METRICS["spearman"](predicted, actual) - METRICS["spearman"](worse, actual)
+    assert drop.value == pytest.approx(expected, abs=1e-12)
+    assert 0 < drop.low < drop.value < drop.high
+    repeat = paired_difference((predicted, actual), (worse, actual), "spearman", n_boot=300)
+    assert repeat == drop  # seeded
+    with pytest.raises(FidelityError, match="unknown metric"):
+        paired_difference((predicted, actual), (worse, actual), "nope")
+    with pytest.raises(FidelityError, match="one 2-d shape"):
+        paired_difference((predicted, actual), (worse[:, :3], actual), "pearson")

@@ -8,11 +8,12 @@ import pytest
 from fidelity.core.errors import FidelityError
 from fidelity.history import (
     append_run,
-    as_metric_table,
     connect,
     count_runs,
     metric_rows,
     recent_runs,
+    record_verdict,
+    recorded_results,
 )
 from fidelity.results import Interval
 from tests.fakes import fake_results
@@ -43,7 +44,6 @@ def test_a_run_round_trips_with_intervals_and_timings(tmp_path):
         "response/cold": 2.0,
         "response/pbrf": 1.0,
     }
-    assert as_metric_table(run)["digits-logreg"]["exact"]["cold"]["pearson"] == stored
 
 
 def test_selection_by_suite_time_exclusion_and_count(tmp_path):
@@ -107,3 +107,66 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     assert count_runs(path) == (160, 160 * 12)
     ids = {run.run_id for run in recent_runs(path)}
     assert ids == {f"w{w}-r{n}" for w in range(8) for n in range(20)}
+
+
+VERSION_1_SCHEMA = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, suite TEXT NOT NULL, created TEXT NOT NULL,
+    git_revision TEXT, fidelity_version TEXT, run_dir TEXT, total_seconds REAL,
+    results TEXT NOT NULL);
+CREATE TABLE metrics (run_id TEXT NOT NULL, problem TEXT NOT NULL, estimator TEXT NOT NULL,
+    response TEXT NOT NULL, metric TEXT NOT NULL, value REAL, low REAL, high REAL,
+    PRIMARY KEY (run_id, problem, estimator, response, metric));
+CREATE TABLE timings (run_id TEXT NOT NULL, problem TEXT NOT NULL, step TEXT NOT NULL,
+    seconds REAL, PRIMARY KEY (run_id, problem, step));
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_history_is_upgraded_with_configuration_hashes(tmp_path):
+    import json
+
+    path = tmp_path / "old.db"
+    results = fake_results(pearson=0.9)
+    old = sqlite3.connect(path)
+    old.executescript(VERSION_1_SCHEMA)
+    old.execute(
+        "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            results.run_id,
+            "nightly",
+            results.created,
+            None,
+            "0",
+            None,
+            1.0,
+            json.dumps(results.to_json()),
+        ),
+    )
+    old.execute(
+        "INSERT INTO runs VALUES ('broken', 'nightly', '2020-01-01', NULL, '0', NULL, 1.0, '{')"
+    )
+    old.commit()
+    old.close()
+    runs = {run.run_id: run for run in recent_runs(path)}
+    assert runs[results.run_id].config_hash == results.configuration_hash()
+    assert runs["broken"].config_hash is None  # unreadable: never a baseline
+    assert all(run.passed is None for run in runs.values())
+    assert record_verdict(path, results.run_id, passed=True, baseline_run_id=None, summary="ok")
+    assert not record_verdict(path, "unknown", passed=True, baseline_run_id=None, summary="ok")
+    with connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_verdicts_select_the_passing_runs_and_a_recheck_replaces_one(tmp_path):
+    path = tmp_path / "h.db"
+    for day in (1, 2, 3):
+        append_run(path, fake_results("a", f"2026-12-0{day}T00:00:00+00:00", run_id=f"r{day}"))
+    record_verdict(path, "r1", passed=True, baseline_run_id=None, summary="first")
+    record_verdict(path, "r2", passed=False, baseline_run_id="r1", summary="failed")
+    assert [run.run_id for run in recent_runs(path, passed=True)] == ["r1"]
+    assert [run.passed for run in recent_runs(path)] == [True, False, None]
+    record_verdict(path, "r2", passed=True, baseline_run_id="r1", summary="rechecked")
+    assert [run.run_id for run in recent_runs(path, passed=True)] == ["r1", "r2"]
+    assert recorded_results(path, "r3").run_id == "r3"
+    with pytest.raises(FidelityError, match="not in history"):
+        recorded_results(path, "r9")
