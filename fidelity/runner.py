@@ -33,6 +33,7 @@ import torch
 
 from estimators import ESTIMATORS, Estimator, GroupEffects
 from fidelity import __version__
+from fidelity.contract import check_estimator
 from fidelity.core.cache import atomic_write_bytes, pid_alive
 from fidelity.core.errors import FidelityError
 from fidelity.core.locations import check_writable, claimed
@@ -214,6 +215,8 @@ def preflight(suite: Suite, execution: Execution) -> dict[str, Problem]:
     loss, the memory Newton training needs (``check_training``) and the selection against the
     splits' sizes, so that a bad input is refused in seconds, not after the first problem's
     compute. Returns the problems by their suite name."""
+    for spec in suite.estimators:
+        check_user_estimator(spec, suite)
     problems = {}
     for problem_name in suite.problems:
         problem = load_problem(problem_name, cache=execution.cache)
@@ -221,6 +224,27 @@ def preflight(suite: Suite, execution: Execution) -> dict[str, Problem]:
         check_selection(suite.selection_for(problem_name, problem.name), problem)
         problems[problem_name] = problem
     return problems
+
+
+#: Estimator classes of these packages are fidelity's own, tested by its own suite.
+OWN_PACKAGES = ("estimators.", "fidelity.")
+
+
+def check_user_estimator(spec: ComponentSpec, suite: Suite) -> None:
+    """The estimator contract (``fidelity.contract``) for a class the suite names by import
+    path and fidelity does not ship, with the entry's settings; before any compute."""
+    if ":" not in spec.kind or spec.missing_modules():
+        return
+    cls = ESTIMATORS.get(spec.kind)
+    if cls.__module__.startswith(OWN_PACKAGES):
+        return
+    try:
+        check_estimator(cls, suite.settings_for(spec), numeric=spec.contract)
+    except FidelityError as exc:
+        hint = (
+            "" if not spec.contract else " (contract = false in the entry skips the numeric rules)"
+        )
+        raise FidelityError(f"estimator {spec.label!r}: {exc}{hint}") from exc
 
 
 def check_selection(selection: SelectionSpec, problem: Problem) -> None:

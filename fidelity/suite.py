@@ -82,6 +82,10 @@ class ComponentSpec:
     requires: tuple[str, ...] = ()
     # Whether its constructor takes `damping`, so that it inherits the suite's damping.
     damped: bool = False
+    # Estimators only: whether a user class (named by import path) gets the numeric contract
+    # check on the contract problem before any compute (``contract = false`` in the entry:
+    # only the class checks, for settings that fit nothing but the user's own model).
+    contract: bool = True
 
     def missing_modules(self) -> list[str]:
         """The modules of ``requires`` that cannot be imported here."""
@@ -195,6 +199,7 @@ class Suite:
                         if c[k] is not None
                     },
                     **({"requires": list(c["requires"])} if c["requires"] else {}),
+                    **({} if c["contract"] else {"contract": False}),
                 }
                 for c in data[group]
             ]
@@ -318,7 +323,7 @@ def _components(
         if label in labels:
             raise FidelityError(f"{at}: label {label!r} is used twice; give each a unique label")
         labels.add(label)
-        estimator_keys = ("reference", "requires", "tolerance") if references else ()
+        estimator_keys = ("reference", "requires", "tolerance", "contract") if references else ()
         reserved = ("kind", "label", "overrides", "problems", *estimator_keys)
         settings = {k: v for k, v in entry.items() if k not in reserved}
         reference = entry.get("reference")
@@ -332,6 +337,9 @@ def _components(
                     f"{at}.tolerance must be a non-negative number next to a reference"
                 )
             tolerance = float(tolerance)
+        contract = (
+            _expect(entry.get("contract", True), bool, f"{at}.contract") if references else True
+        )
         requires = entry.get("requires", []) if references else []
         requires = [requires] if isinstance(requires, str) else requires
         _expect(requires, list, f"{at}.requires")
@@ -359,6 +367,7 @@ def _components(
                 tolerance,
                 tuple(requires),
                 damped,
+                contract,
             )
         )
     for spec in specs:

@@ -7,10 +7,12 @@
                         response="cold", at_least=0.97, settings={"damping": 0.0})
 
 The estimator (a registered name or an import path ``package.module:Class`` honouring the
-estimator contract) is scored on the named problem against the named response stage, exactly as
-``fidelity run`` would score it. Ground truth (trained model and every retrain) comes from the
-artefact cache (``cache_dir``, default ``$FIDELITY_CACHE_DIR`` or ``~/.cache/fidelity``), so only
-the first test run retrains.
+estimator contract, which ``check_estimator`` tests) is scored on the named problem against the
+named response stage, exactly as ``fidelity run`` would score it. The removed training points are
+chosen by a reference estimator (``top_by``, default ``grad-dot``), never by the candidate, so
+that every version of a solver is measured on the same removals and the same retrains. Ground
+truth (trained model and every retrain) comes from the artefact cache (``cache_dir``, default
+``$FIDELITY_CACHE_DIR`` or ``~/.cache/fidelity``), so only the first test run retrains.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fidelity.contract import check_estimator
 from fidelity.core.cache import ArtifactCache, default_cache_dir
 from fidelity.core.errors import FidelityError
 from fidelity.results import Interval, ProblemResults
@@ -28,6 +31,11 @@ from reports.format import format_interval
 from retrain import Execution
 
 CANDIDATE = "candidate"
+REFERENCE = "reference"
+#: The default ranking of removals: cheap on any model and independent of the candidate.
+DEFAULT_TOP_BY = "grad-dot"
+
+__all__ = ["FidelityScore", "assert_fidelity", "check_estimator", "measure_fidelity"]
 
 
 @dataclass(frozen=True)
@@ -57,20 +65,33 @@ def measure_fidelity(
     seed: int = 0,
     bootstrap: int = 200,
     cache_dir: Path | str | None = None,
+    top_by: str | None = DEFAULT_TOP_BY,
+    top_by_settings: dict[str, Any] | None = None,
 ) -> FidelityScore:
     """Score ``estimator`` against ``response`` on ``problem`` (see the module docstring).
 
     Removed points: the ``top`` training points with the largest mean |predicted delta| under
-    the estimator itself, plus ``random`` drawn uniformly, against ``test_points`` test points.
+    the reference estimator ``top_by`` (a registered kind or import path, configured by
+    ``top_by_settings``; ``"exact"`` on small convex problems), plus ``random`` drawn uniformly,
+    against ``test_points`` test points. ``top_by=None`` ranks by the candidate itself (the old
+    behaviour: each solver change then retrains a different evaluation set).
     """
+    estimators = [{**(settings or {}), "kind": estimator, "label": CANDIDATE}]
+    if top_by is not None:
+        estimators.append({**(top_by_settings or {}), "kind": top_by, "label": REFERENCE})
     suite = parse_suite(
         {
             "name": "fidelity.testing",
             "problems": [problem],
             "seed": seed,
-            "selection": {"test_points": test_points, "top": top, "random": random},
+            "selection": {
+                "test_points": test_points,
+                "top": top,
+                "random": random,
+                "top_by": REFERENCE if top_by is not None else CANDIDATE,
+            },
             "metrics": {"bootstrap": bootstrap},
-            "estimators": [{**(settings or {}), "kind": estimator, "label": CANDIDATE}],
+            "estimators": estimators,
             "responses": [{**(response_settings or {}), "kind": response, "label": response}],
         },
         source="fidelity.testing",

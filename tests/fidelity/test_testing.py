@@ -51,3 +51,17 @@ def test_bad_requests_are_errors(tmp_path):
         assert_fidelity("exact", problem=TINY, at_least=0.5, bound="high", cache_dir=tmp_path)
     with pytest.raises(FidelityError, match="unknown estimator"):
         measure_fidelity("no-such", problem=TINY, cache_dir=tmp_path)
+
+
+def test_removals_are_chosen_by_the_reference_so_solver_versions_share_retrains(tmp_path):
+    options = {"problem": TINY, "top": 5, "random": 3, "test_points": 4, "cache_dir": tmp_path}
+    first = measure_fidelity("exact", **options)
+    assert first.results.top_by == "reference"
+    assert first.results.responses["cold"].info["refits"] == 8
+    # Another solver version (here: another damping) is measured on the same removals: every
+    # retrain comes from the cache.
+    other = measure_fidelity("exact", settings={"damping": 0.5}, **options)
+    assert other.results.responses["cold"].info["cached"] == 8
+    assert other.value != first.value
+    own = measure_fidelity("exact", top_by=None, **options)
+    assert own.results.top_by == "candidate"

@@ -25,3 +25,12 @@ class NotAnEstimator:
 
     def __init__(self) -> None:
         self.configured = True
+
+
+class UpweightingSign(GradDotEstimator):
+    """grad-dot with the upweighting sign: a user solver that breaks the contract's sign rule."""
+
+    name = "upweighting-sign"
+
+    def scores(self, test: Examples, train: Examples) -> Tensor:
+        return -super().scores(test, train)
