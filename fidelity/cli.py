@@ -50,8 +50,8 @@ from fidelity.runner import RunOptions, run_suite, safe_filename
 from fidelity.suite import Suite, builtin_suites, load_suite
 from reports import applications as render
 from reports import load_problem_arrays, write_reports
-from reports.format import format_interval
 from reports.markdown import md_escape, terminal_escape
+from reports.tables import summary_lines
 from retrain import RESPONSES, Execution, read_ground_truth, train
 
 
@@ -494,17 +494,9 @@ def _run(suite: Suite, args: argparse.Namespace, *, quiet: bool = False) -> int:
         history=None if args.no_history else (args.history or default_history_path()),
     )
     results = run_suite(suite, options)
+    for line in summary_lines(results):
+        print(terminal_escape(line), file=summary)
     for name, problem in results.problems.items():
-        for estimator, response in problem.pairs():
-            pearson = problem.metric(estimator, response, "pearson")
-            spearman = problem.metric(estimator, response, "spearman")
-            print(
-                terminal_escape(
-                    f"{name:<18} {estimator:>10} vs {response:<8} "
-                    f"pearson {format_interval(pearson)}  spearman {format_interval(spearman)}"
-                ),
-                file=summary,
-            )
         for estimator, response in problem.undefined_pairs():
             warning = (
                 f"fidelity: warning: {name} {estimator} vs {response}: correlations "

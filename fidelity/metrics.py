@@ -269,8 +269,19 @@ def lds(
     return {"lds": found["mean_test_spearman"], "lds_pearson": found["mean_test_pearson"]}
 
 
+#: Bootstrap replicates and split-halves per replicate of the noise bound's interval.
+CEILING_BOOTSTRAP = 200
+CEILING_BOOTSTRAP_SPLITS = 10
+
+
 def split_half_reliability(
-    per_seed: np.ndarray, *, max_splits: int = 100, seed: int = 0, per_row: bool = False
+    per_seed: np.ndarray,
+    *,
+    max_splits: int = 100,
+    seed: int = 0,
+    per_row: bool = False,
+    n_boot: int = CEILING_BOOTSTRAP,
+    confidence: float = 0.95,
 ) -> NoiseCeiling:
     """Reliability of the seed-averaged deltas from ``per_seed`` ``[n_seeds, ...]``.
 
@@ -283,6 +294,11 @@ def split_half_reliability(
     k = S / h (2 r / (1 + r) for an even S), and averaged over up to ``max_splits`` random
     splits. Reported for Pearson and Spearman. ``max_correlation`` = sqrt(Pearson reliability)
     bounds the Pearson correlation a noise-free predictor can reach against the seed mean.
+
+    The bound gets a percentile interval from ``n_boot`` two-way bootstrap replicates (the
+    measured points resampled along both axes after the seed axis, as the metrics' intervals
+    resample them; up to ``CEILING_BOOTSTRAP_SPLITS`` split-halves per replicate): with two
+    seeds there is one split, and the interval is what says how little that one split knows.
     """
     per_seed = np.asarray(per_seed, float)
     n_seeds = per_seed.shape[0]
@@ -307,19 +323,49 @@ def split_half_reliability(
         if per_row
         else (("pearson", pearson), ("spearman", spearman))
     )
-    for one, other in splits:
-        a, b = per_seed[list(one)].mean(0), per_seed[list(other)].mean(0)
-        for name, fn in correlations:
-            r = fn(a, b)
-            values[name].append(k * r / (1 + (k - 1) * r) if r > -1 / (k - 1) else float("nan"))
+    ordered = sorted(splits)
+    for name, fn in correlations:
+        values[name] = _split_half(per_seed, ordered, k, fn)
     reliability = {name: _finite_mean(np.array(v)) for name, v in values.items()}
+    low = high = float("nan")
+    if n_boot and per_seed.ndim == 3:
+        pearson_fn = correlations[0][1]
+        bounds = np.empty(n_boot)
+        few = ordered[:CEILING_BOOTSTRAP_SPLITS]
+        for b in range(n_boot):
+            rows = rng.integers(0, per_seed.shape[1], per_seed.shape[1])
+            cols = rng.integers(0, per_seed.shape[2], per_seed.shape[2])
+            resampled = per_seed[:, rows][:, :, cols]
+            replicate = _finite_mean(np.array(_split_half(resampled, few, k, pearson_fn)))
+            bounds[b] = np.sqrt(max(replicate, 0.0)) if np.isfinite(replicate) else np.nan
+        finite = bounds[np.isfinite(bounds)]
+        if finite.size:
+            tail = 100 * (1 - confidence) / 2
+            low, high = (float(v) for v in np.percentile(finite, [tail, 100 - tail]))
     return NoiseCeiling(
         pearson=finite_or_none(reliability["pearson"]),
         spearman=finite_or_none(reliability["spearman"]),
         max_correlation=finite_or_none(np.sqrt(max(reliability["pearson"], 0.0))),
         seeds=n_seeds,
         splits=len(splits),
+        max_correlation_low=finite_or_none(low),
+        max_correlation_high=finite_or_none(high),
     )
+
+
+def _split_half(
+    per_seed: np.ndarray,
+    splits: list[tuple[tuple[int, ...], ...]],
+    k: float,
+    correlation: Callable[[np.ndarray, np.ndarray], float],
+) -> list[float]:
+    """The Spearman-Brown corrected correlation between the halves' means of every split."""
+    found = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for one, other in splits:
+            r = correlation(per_seed[list(one)].mean(0), per_seed[list(other)].mean(0))
+            found.append(k * r / (1 + (k - 1) * r) if r > -1 / (k - 1) else float("nan"))
+    return found
 
 
 #: Pearson below which an estimator is flagged as not computing the estimand it claims.

@@ -78,6 +78,11 @@ KOH_PANELS = (
 def koh2017_fig2(context: FigureContext) -> list[Path]:
     """For each panel's problem: one test point (drawn by the suite seed), its ``top`` (default
     100) training points by |predicted delta|, each removed and retrained (``cold``)."""
+    if context.runs:
+        raise FidelityError(
+            "koh2017-fig2 computes its own data (one test point's top-100 leave-one-out "
+            "retrains, from the cache where they are) and reads no --run"
+        )
     top = int(context.settings.get("top", 100))
     panels_spec: tuple[tuple[str, dict[str, object], str], ...] = KOH_PANELS
     if context.problems is not None:
@@ -251,8 +256,8 @@ def lds_loo_table(context: FigureContext) -> list[Path]:
 
 def _lds_rows(found: list[RunResults]) -> list[dict[str, Any]]:
     """One row per (problem, estimator, measure): the LDS at the smallest alpha of the first
-    subset stage, and the pooled Pearson against `cold`; noise ceilings as estimator
-    'noise ceiling'."""
+    subset stage, and the pooled Pearson against `cold`; noise bounds as estimator
+    'noise bound' (sqrt of the split-half reliability)."""
     rows: list[dict[str, Any]] = []
     for results in found:
         for name, problem in results.problems.items():
@@ -266,19 +271,16 @@ def _lds_rows(found: list[RunResults]) -> list[dict[str, Any]]:
             for estimator, metrics in first.metrics.items():
                 rows.append(_cell(name, estimator, column, metrics["lds"]))
             if first.noise_ceiling is not None and first.noise_ceiling.spearman is not None:
-                rows.append(
-                    _cell(name, "noise ceiling", column, Interval(first.noise_ceiling.spearman))
-                )
+                bound = Interval(first.noise_ceiling.spearman_bound)
+                rows.append(_cell(name, "noise bound", column, bound))
             if "cold" in problem.responses:
                 for estimator in problem.metrics:
                     found_metric = problem.metric(estimator, "cold", "pearson")
                     if found_metric is not None:
                         rows.append(_cell(name, estimator, "LOO (Pearson)", found_metric))
                 ceiling = problem.responses["cold"].noise_ceiling
-                if ceiling is not None and ceiling.pearson is not None:
-                    rows.append(
-                        _cell(name, "noise ceiling", "LOO (Pearson)", Interval(ceiling.pearson))
-                    )
+                if ceiling is not None and ceiling.max_correlation is not None:
+                    rows.append(_cell(name, "noise bound", "LOO (Pearson)", ceiling.bound))
     if not rows:
         raise FidelityError("no problem of these runs has an LDS")
     return rows

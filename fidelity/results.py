@@ -64,6 +64,19 @@ class NoiseCeiling:
     max_correlation: float | None
     seeds: int
     splits: int
+    #: percentile bootstrap interval of ``max_correlation`` (test and removed points resampled)
+    max_correlation_low: float | None = None
+    max_correlation_high: float | None = None
+
+    @property
+    def spearman_bound(self) -> float | None:
+        """sqrt(Spearman reliability): the bound on a rank correlation such as LDS."""
+        return None if self.spearman is None else math.sqrt(max(self.spearman, 0.0))
+
+    @property
+    def bound(self) -> Interval:
+        """The bound on the Pearson correlation, with its interval."""
+        return Interval(self.max_correlation, self.max_correlation_low, self.max_correlation_high)
 
 
 @dataclass(frozen=True)

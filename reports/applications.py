@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reports.format import literal_text
+from reports.format import literal_text, log_axis
 from reports.markdown import md_escape
 
 Escape = Callable[[object], str]
@@ -183,7 +183,7 @@ def prefilter_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> P
     for method, recall in result["recall"].items():
         style = "--" if method == "random" else "-o"
         axis.plot(ks, [recall[str(k)] for k in ks], style, label=method, markersize=3)
-    axis.set_xscale("log")
+    log_axis(axis, at=ks)
     axis.set_xlabel("candidates retrieved K")
     axis.set_ylabel(f"recall of top-{result['top']} influential")
     axis.set_ylim(0, 1.02)

@@ -67,7 +67,7 @@ FIGURE_CAPTIONS = {
     "decomposition": "Gap decomposition along the response ladder (Bae et al. 2022)",
     "trends": "Pooled Pearson over recent runs",
     "lds": "LDS against the kept fraction alpha, with bootstrap intervals; grey: above the noise "
-    "ceiling of the seed-mean measurements",
+    "bound (sqrt of the Spearman split-half reliability) of the seed-mean measurements",
     "counterfactual": "Top-k counterfactual removal: mean change of the target (band: interval "
     "over test points) and fraction of correct predictions flipped, per ranking",
     "groups": "Predicted against actual group effects per (group, test point), coloured by the "
@@ -93,11 +93,27 @@ def outline(
             f"Created {results.created} · fidelity {results.fidelity_version} · git "
             f"{results.git_revision or 'n/a'} · total {results.timings['total_seconds']:.1f} s"
         ),
+    ]
+    # The first screen: per problem, which estimator tracks which response, and how close to
+    # what the noise allows.
+    every_warning = [
+        f"{name}: {warning}"
+        for name, problem in results.problems.items()
+        for warning in tables.estimator_warnings(problem)
+    ]
+    if every_warning:
+        blocks.append(Warnings(tuple(every_warning)))
+    blocks += [
+        TableBlock(tables.verdict_matrix(problem, explain=position == 0))
+        for position, problem in enumerate(results.problems.values())
+    ]
+    blocks += [
         Paragraph(
             "delta[t, j] = change of test loss t when training point j is removed (positive: j "
             f"helped). Intervals: {metrics['confidence']:.0%} two-way bootstrap over test and "
-            f"removed points ({metrics['bootstrap']} replicates). Noise ceiling: split-half "
-            "reliability of a multi-seed response (Spearman-Brown corrected); '-' for one seed."
+            f"removed points ({metrics['bootstrap']} replicates). Noise bound: sqrt of the "
+            "split-half reliability of a multi-seed response (Spearman-Brown corrected), with a "
+            "bootstrap interval; '-' for one seed."
         ),
         Contents(
             (
@@ -105,7 +121,6 @@ def outline(
                 ("configuration", "configuration"),
             )
         ),
-        TableBlock(tables.summary_table(results)),
     ]
     if history:
         blocks.append(Heading(2, "Trends"))

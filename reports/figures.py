@@ -3,6 +3,7 @@ decomposition, correlation heatmaps, per-test-point distributions and trends."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from fidelity.results import (
     ProblemResults,
     RunResults,
 )
-from reports.format import literal_text
+from reports.format import literal_text, log_axis
 
 
 @literal_text
@@ -114,16 +115,21 @@ def correlation_heatmap(name: str, correlations: CorrelationMatrix, path: Path) 
     ]
     size = 1.2 + 0.55 * len(labels)
     sns.set_theme(style="white", context="paper")
-    figure, axis = plt.subplots(figsize=(size + 1.2, size))
+    figure, axis = plt.subplots(figsize=(size + 1.6, size + 0.8))
+    # A sequential map over the range the values span: correlations of 0.77 and 1.00 must not
+    # share one colour, as they did on a -1..1 diverging map.
+    finite = matrix[np.isfinite(matrix)]
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 1.0
     sns.heatmap(
         matrix,
         xticklabels=names,
         yticklabels=names,
-        vmin=-1,
-        vmax=1,
-        cmap="vlag",
+        vmin=low if high > low else low - 0.01,
+        vmax=high,
+        cmap="viridis",
         annot=len(labels) <= 14,
-        fmt=".2f",
+        fmt=".2f" if high - low > 0.1 else ".3f",  # digits enough to tell the colours apart
         annot_kws={"fontsize": 7},
         square=True,
         cbar_kws={"label": "pooled Pearson r"},
@@ -163,7 +169,7 @@ def per_test_distributions(
         jitter = np.random.default_rng(0).uniform(-0.2, 0.2, rows.size)
         axis.scatter(x[keep], rows + jitter, s=6, color="#2f4b7c", linewidths=0, zorder=3)
         axis.set_ylim(len(names) - 0.5, -0.5)  # the categorical axis, top row first
-        axis.set_xlim(-1.05, 1.05)
+        axis.set_xlim(*_correlation_limits(x[keep]))
         axis.set_xlabel(f"per-test-point {title} r (over removed points)")
         axis.set_title(f"{name}: per-test-point {title}")
     return _save(figure, path)
@@ -180,7 +186,22 @@ def trend_lines(
     sns.set_theme(style="whitegrid", context="paper")
     figure, axes = plt.subplots(len(problems), 1, figsize=(7.0, 2.1 * len(problems)), squeeze=False)
     positions = np.arange(len(runs))
-    labels = [(run.created if run else results.created)[5:16].replace("T", " ") for run in runs]
+    labels = _unique_run_labels([run.created if run else results.created for run in runs])
+    series = list(
+        dict.fromkeys(
+            f"{estimator} vs {response}"
+            for problem in results.problems.values()
+            for estimator, by_response in problem.metrics.items()
+            for response in by_response
+        )
+    )
+    # One look per series across panels (colour: response, marker: estimator), one legend for
+    # the figure; each series shifted a little along x, so that coinciding ones stay visible.
+    responses = list(dict.fromkeys(label.split(" vs ", 1)[1] for label in series))
+    estimators = list(dict.fromkeys(label.split(" vs ", 1)[0] for label in series))
+    palette = dict(zip(responses, sns.color_palette("tab10", max(len(responses), 1)), strict=False))
+    markers = dict(zip(estimators, "osD^vP*Xh<>p" * 3, strict=False))
+    width = 0.3 / max(len(series), 1)
     for axis, name in zip(axes[:, 0], problems, strict=True):
         for estimator, by_response in results.problems[name].metrics.items():
             for response, metrics in by_response.items():
@@ -190,13 +211,24 @@ def trend_lines(
                     values.append(_nan_for_none(None if entry is None else entry.value))
                 current = metrics.get(metric)
                 values.append(_nan_for_none(None if current is None else current.value))
+                label = f"{estimator} vs {response}"
+                shift = (series.index(label) - (len(series) - 1) / 2) * width
                 axis.plot(
-                    positions, values, marker="o", markersize=3, label=f"{estimator} vs {response}"
+                    positions + shift,
+                    values,
+                    marker=markers[estimator],
+                    markersize=3.5,
+                    color=palette[response],
+                    label=label,
                 )
         axis.set_xticks(positions, labels, rotation=30, ha="right")
         axis.set_ylabel(f"pooled {metric} r")
         axis.set_title(f"{name}: last {len(runs)} runs of suite {results.suite_name}")
-        axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    handles = {}
+    for axis in axes[:, 0]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    figure.legend(handles.values(), handles.keys(), fontsize=6, loc="outside right upper")
     return _save(figure, path)
 
 
@@ -221,9 +253,9 @@ def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
         positions = np.arange(len(alphas))
         ceilings = [entry.noise_ceiling for entry in entries]
         if any(c is not None and c.spearman is not None for c in ceilings):
-            values = np.array([_nan_for_none(c.spearman if c else None) for c in ceilings])
+            values = np.array([_nan_for_none(c.spearman_bound if c else None) for c in ceilings])
             axis.fill_between(
-                positions, values, 1.0, color="0.85", step="mid", label="above noise ceiling"
+                positions, values, 1.0, color="0.85", step="mid", label="above the noise bound"
             )
             axis.step(positions, values, where="mid", color="0.45", linewidth=1.0)
         estimators = list(entries[0].metrics)
@@ -270,26 +302,33 @@ def counterfactual_curves(name: str, found: tuple[CounterfactualResults, ...], p
     )
     for row, result in enumerate(found):
         colours = sns.color_palette("tab10", max(len(result.curves), 1))
-        for colour, (method, points) in zip(colours, result.curves.items(), strict=True):
-            ks = np.array([point.k for point in points])
+        # Rankings often coincide (exact and gnh on a convex model): each curve has its own
+        # marker and is shifted by a few percent along the log k axis, so none hides another.
+        count = len(result.curves)
+        for number, (colour, (method, points)) in enumerate(
+            zip(colours, result.curves.items(), strict=True)
+        ):
+            marker = "osD^vP*Xh<>p"[number % 12]
+            ks = np.array([point.k for point in points]) * 1.04 ** (number - (count - 1) / 2)
             value = np.array([_nan_for_none(point.change.value) for point in points])
             low = np.array([_nan_for_none(point.change.low) for point in points])
             high = np.array([_nan_for_none(point.change.high) for point in points])
             style = "--" if method in ("random", "highest loss") else "-"
             axes[row, 0].plot(
-                ks, value, style, marker="o", markersize=3, color=colour, label=method
+                ks, value, style, marker=marker, markersize=3.5, color=colour, label=method
             )
             axes[row, 0].fill_between(ks, low, high, color=colour, alpha=0.15, linewidth=0)
             if flips:
                 flipped = np.array([_nan_for_none(point.flipped) for point in points])
-                axes[row, 1].plot(ks, flipped, style, marker="o", markersize=3, color=colour)
-        axes[row, 0].set_xscale("log")
+                axes[row, 1].plot(ks, flipped, style, marker=marker, markersize=3.5, color=colour)
+        every_k = [point.k for points in result.curves.values() for point in points]
+        log_axis(axes[row, 0], at=every_k)
         axes[row, 0].set_xlabel("k (top-ranked training points removed)")
         axes[row, 0].set_ylabel(f"mean change of test {result.target}")
         axes[row, 0].set_title(f"{name}: {result.response} ({_seeds(result.seeds)})")
         axes[row, 0].legend(fontsize=6)
         if flips:
-            axes[row, 1].set_xscale("log")
+            log_axis(axes[row, 1], at=every_k)
             axes[row, 1].set_ylim(-0.02, 1.02)
             axes[row, 1].set_xlabel("k")
             axes[row, 1].set_ylabel("fraction of correct predictions flipped")
@@ -334,7 +373,9 @@ def group_scatter(
             for kind, fit in result.fits[estimator].items()
             if fit.slope is not None
         )
-        axis.set_title(f"{estimator}\nslope: {slopes}", fontsize=8)
+        # Wrapped to the panel: a long line would run past the figure's edge.
+        title = textwrap.fill(f"{estimator}; slope: {slopes}", 38, break_on_hyphens=False)
+        axis.set_title(title, fontsize=8)
         axis.set_xlabel(f"actual change of test {result.target}")
         axis.set_ylabel("predicted change")
         axis.ticklabel_format(style="sci", scilimits=(-3, 3))
@@ -346,6 +387,30 @@ def group_scatter(
     return _save(figure, path)
 
 
+def _unique_run_labels(created: list[str]) -> list[str]:
+    """``MM-DD HH:MM`` of each run, with the seconds where two share a minute and a count where
+    they share a second, so that no two ticks read alike."""
+    labels = [time[5:16].replace("T", " ") for time in created]
+    if len(set(labels)) < len(labels):
+        labels = [time[5:19].replace("T", " ") for time in created]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return unique
+
+
+def _correlation_limits(values: np.ndarray) -> tuple[float, float]:
+    """Axis limits around the correlations drawn (padded, never beyond [-1.05, 1.05]), so the
+    data fill the panel instead of a sliver of a fixed -1..1 axis."""
+    if not values.size:
+        return -1.05, 1.05
+    low, high = float(values.min()), float(values.max())
+    pad = max(0.05 * (high - low), 0.02)
+    return max(low - pad, -1.05), min(high + pad, 1.05)
+
+
 def _seeds(count: int) -> str:
     return f"{count} seed" if count == 1 else f"{count} seeds"
 
@@ -355,7 +420,7 @@ def _nan_for_none(value: float | None) -> float:
 
 
 def _save(figure: Any, path: Path, *, dpi: int = 150) -> Path:
-    figure.tight_layout()
+    # Laid out by constrained layout (``reports.format.PRINT_READY``), saved with a tight box.
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     plt.close(figure)

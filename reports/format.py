@@ -10,6 +10,16 @@ from fidelity.results import Interval
 
 Draw = TypeVar("Draw", bound=Callable[..., Any])
 
+#: Matplotlib settings every figure is drawn under (see ``literal_text``).
+PRINT_READY = {
+    "text.parse_math": False,
+    "figure.constrained_layout.use": True,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.04,
+}
+
 
 def format_interval(entry: Interval | None) -> str:
     """``value [low, high]`` of a metric, ``value`` alone without an interval, ``n/a`` when
@@ -40,16 +50,37 @@ def format_bytes(value: float | None) -> str:
 
 
 def literal_text(draw: Draw) -> Draw:
-    """Draw a figure with every text literal: labels and names come from data, and a ``$`` in
-    one must print as a dollar sign, not open matplotlib mathtext (where an unbalanced one fails
-    at save time, after the run's compute). Settings the drawing makes (a seaborn theme) are
-    undone afterwards, so figures do not change one another's look."""
+    """Draw a figure print-ready and with every text literal: labels and names come from data,
+    and a ``$`` in one must print as a dollar sign, not open matplotlib mathtext (where an
+    unbalanced one fails at save time, after the run's compute). Figures are laid out by
+    matplotlib's constrained layout (titles, labels and legends get room, none is clipped) and
+    PDFs embed TrueType fonts (``fonttype`` 42: journals reject Type 3). Settings the drawing
+    makes (a seaborn theme) are undone afterwards, so figures do not change one another's look."""
 
     @functools.wraps(draw)
     def literal(*args: Any, **kwargs: Any) -> Any:
         import matplotlib
 
-        with matplotlib.rc_context({"text.parse_math": False}):
+        with matplotlib.rc_context(PRINT_READY):
             return draw(*args, **kwargs)
 
     return cast(Draw, literal)
+
+
+def log_axis(axis: Any, which: str = "x", ticks: int = 6, at: Any = None) -> None:
+    """A logarithmic axis labelled in plain text (``1e-10``, ``0.01``, ``10``): matplotlib's
+    default labels are mathtext, which ``literal_text`` turns off, so they would print as
+    ``$\\mathdefault{10^{-10}}$``; and at most ``ticks`` labelled decades, so that a span of many
+    decades does not crowd its labels together. ``at``: label exactly these values instead (the
+    k of a counterfactual curve), which also labels a span inside one decade."""
+    from matplotlib import ticker
+
+    scale = axis.set_xscale if which == "x" else axis.set_yscale
+    scale("log")
+    target = axis.xaxis if which == "x" else axis.yaxis
+    if at is not None:
+        target.set_major_locator(ticker.FixedLocator(sorted(set(at))))
+    else:
+        target.set_major_locator(ticker.LogLocator(base=10, numticks=ticks))
+    target.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    target.set_minor_formatter(ticker.NullFormatter())

@@ -54,7 +54,7 @@ def table_html(table: Table | None) -> str:
     for row in table.rows:
         cells = [
             f'<td class="num">{escape(c)}</td>'
-            if tables.is_formatted_number(c)
+            if table.align_numbers and tables.is_formatted_number(c)
             else f"<td>{escape(c)}</td>"
             for c in row
         ]

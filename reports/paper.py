@@ -7,11 +7,15 @@ run directories, and writes ``NAME.png``, ``NAME.pdf`` and ``NAME.csv`` into a f
 from __future__ import annotations
 
 import csv
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from reports.format import literal_text
+from reports.format import literal_text, log_axis
+
+#: Gaps below this are float64 round-off of converged solves, drawn at the floor, not as bars.
+ROUND_OFF = 1e-10
 
 #: Full text width of a two-column paper (inches); fonts sized to be read at 100%.
 TEXT_WIDTH = 6.75
@@ -50,12 +54,9 @@ def _figure():
     return plt, sns
 
 
-def _save(
-    plt, figure, out: Path, name: str, rows: Sequence[dict[str, Any]], *, layout: bool = True
-) -> list[Path]:
+def _save(plt, figure, out: Path, name: str, rows: Sequence[dict[str, Any]]) -> list[Path]:
+    # Laid out by constrained layout and saved with a tight box (``reports.format.PRINT_READY``).
     out.mkdir(parents=True, exist_ok=True)
-    if layout:
-        figure.tight_layout()
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     figure.savefig(paths[0], dpi=300)
     figure.savefig(paths[1])
@@ -116,8 +117,9 @@ def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) 
     """Bars of the five gaps per model (Bae et al. 2022): output-space RMS and relative MAE on
     the measurement. ``rows``: {problem, gap, output_rms, relative_mae, ...}; gaps without an
     output-space value (a ranking score such as grad-cos) are written to the CSV, not drawn.
-    Both axes are logarithmic; a gap of exactly 0 (the stages agree to the last bit) is drawn
-    at the axis floor and labelled 0."""
+    Both axes are logarithmic; a gap below ``ROUND_OFF`` (the stages agree to float64
+    round-off, as on a convex model: 1e-16 there is noise, not a gap) is drawn at the axis floor
+    and labelled "< 1e-10" instead of as a bar of its own size."""
     import numpy as np
 
     plt, sns = _figure()
@@ -131,10 +133,9 @@ def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) 
         (axes[0, 1], "relative_mae", "mean |Δa − Δb| / mean |Δ cold|"),
     ):
         values = np.array([np.nan if row[key] is None else row[key] for row in drawn], float)
-        positive = values[np.isfinite(values) & (values > 0)]
-        floor = 10 ** np.floor(np.log10(positive.min())) / 10 if positive.size else 1e-16
+        floor = ROUND_OFF / 10
         sns.barplot(
-            x=np.where(values > 0, values, floor),
+            x=np.where(values >= ROUND_OFF, values, floor),
             y=[row["gap"] for row in drawn],
             hue=[row["problem"] for row in drawn],
             hue_order=problems,
@@ -143,20 +144,20 @@ def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) 
             orient="h",
             legend=axis is axes[0, 0],
         )
-        axis.set_xscale("log")
+        log_axis(axis)
         axis.set_xlim(left=floor)
         for container in axis.containers:
             labels = [
-                "0" if bar.get_width() <= floor else f"{bar.get_width():.2g}" for bar in container
+                f"< {ROUND_OFF:.0e}" if bar.get_width() <= floor else f"{bar.get_width():.2g}"
+                for bar in container
             ]
             axis.bar_label(container, labels=labels, fontsize=6, padding=1.5)
         axis.set_xlabel(label)
         axis.set_ylabel("")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     axes[0, 0].get_legend().remove()
-    figure.legend(handles, labels, title="model", loc="lower center", ncol=len(labels))
-    figure.tight_layout(rect=(0, 0.55 / height, 1, 1))
-    return _save(plt, figure, out, name, rows, layout=False)
+    figure.legend(handles, labels, title="model", loc="outside lower center", ncol=len(labels))
+    return _save(plt, figure, out, name, rows)
 
 
 @literal_text
@@ -174,12 +175,18 @@ def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> li
     )
     for axis in axes.ravel()[len(problems) :]:
         axis.set_visible(False)
+    every_estimator = list(dict.fromkeys(row["estimator"] for row in rows))
+    markers = dict(zip(every_estimator, "osD^vP*Xh<>p" * 3, strict=False))
+    # Estimators often coincide (exact, gnh and cg on a convex model): each is shifted a little
+    # along x and has its own marker, so that overlapping series stay visible.
+    width = 0.5 / max(len(every_estimator), 1)
     for axis, problem in zip(axes.ravel(), problems, strict=False):
         mine = [row for row in rows if row["problem"] == problem]
         stages = list(dict.fromkeys(row["stage"] for row in mine))
         for estimator in dict.fromkeys(row["estimator"] for row in mine):
             points = {row["stage"]: row for row in mine if row["estimator"] == estimator}
-            x = np.arange(len(stages))
+            shift = (every_estimator.index(estimator) - (len(every_estimator) - 1) / 2) * width
+            x = np.arange(len(stages)) + shift
             y = np.array([_value(points.get(s), "pearson") for s in stages])
             low = np.array([_value(points.get(s), "low") for s in stages])
             high = np.array([_value(points.get(s), "high") for s in stages])
@@ -187,8 +194,8 @@ def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> li
                 x,
                 y,
                 yerr=[np.nan_to_num(y - low), np.nan_to_num(high - y)],
-                marker="o",
-                markersize=3,
+                marker=markers[estimator],
+                markersize=3.5,
                 capsize=2,
                 linewidth=1,
                 label=estimator,
@@ -201,15 +208,9 @@ def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> li
     axes.ravel()[0].set_ylim(bottom - 0.05 * (1.02 - bottom), 1.02)  # shared: every value shows
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
     figure.legend(
-        handles,
-        labels,
-        title="estimator",
-        loc="lower center",
-        ncol=len(labels),
-        bbox_to_anchor=(0.5, -0.02),
+        handles, labels, title="estimator", loc="outside lower center", ncol=min(len(labels), 6)
     )
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
-    return _save(plt, figure, out, name, rows, layout=False)
+    return _save(plt, figure, out, name, rows)
 
 
 def _value(row: dict[str, Any] | None, key: str) -> float:
@@ -229,11 +230,9 @@ def lds_loo_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[
 
     plt, _ = _figure()
     columns = list(dict.fromkeys((row["problem"], row["measure"]) for row in rows))
-    estimators = [
-        e for e in dict.fromkeys(row["estimator"] for row in rows) if e != "noise ceiling"
-    ]
-    if any(row["estimator"] == "noise ceiling" for row in rows):
-        estimators.append("noise ceiling")
+    estimators = [e for e in dict.fromkeys(row["estimator"] for row in rows) if e != "noise bound"]
+    if any(row["estimator"] == "noise bound" for row in rows):
+        estimators.append("noise bound")
     cells = {(row["estimator"], row["problem"], row["measure"]): row for row in rows}
     values = np.full((len(estimators), len(columns)), np.nan)
     for i, estimator in enumerate(estimators):
@@ -253,7 +252,7 @@ def lds_loo_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[
                 text = f"{cell['value']:.3f}"
             else:
                 text = f"{cell['value']:.3f} [{cell['low']:.2f}, {cell['high']:.2f}]"
-            style = "italic" if estimator == "noise ceiling" else "normal"
+            style = "italic" if estimator == "noise bound" else "normal"
             axis.text(j, i, text, ha="center", va="center", fontsize=6.5, style=style)
     axis.set_xticks(range(len(columns)), [f"{p}\n{m}" for p, m in columns])
     axis.xaxis.tick_top()
@@ -307,7 +306,8 @@ def koh2019_groups(panels: Sequence[dict[str, Any]], out: Path, name: str) -> li
         low = float(min(actual.min(), predicted.min()))
         high = float(max(actual.max(), predicted.max()))
         axis.plot([low, high], [low, high], "--", color="0.4", lw=0.8)
-        axis.set_title(f"{panel['problem']}: {panel['estimator']}")
+        title = f"{panel['problem']}: {panel['estimator']}"
+        axis.set_title(textwrap.fill(title, 30, break_on_hyphens=False))
         axis.set_xlabel(f"actual change of test {panel['target']}")
         axis.set_ylabel("predicted change")
         axis.legend(fontsize=5.5, loc="upper left", handletextpad=0.2, borderpad=0.3)

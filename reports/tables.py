@@ -42,13 +42,120 @@ class Table:
     header: tuple[str, ...]
     rows: Sequence[tuple[str, ...]] = field(default_factory=list)
     note: str = ""
+    #: right-align cells that are numbers (off where a column mixes numbers and words)
+    align_numbers: bool = True
 
 
-def format_ceiling(ceiling: NoiseCeiling | None) -> str:
+def format_reliability(ceiling: NoiseCeiling | None) -> str:
     """Split-half reliability of a multi-seed response, or '-' for a single seed."""
     if ceiling is None:
         return "-"
     return f"{number(ceiling.pearson)} / {number(ceiling.spearman)} ({ceiling.seeds} seeds)"
+
+
+def format_bound(ceiling: NoiseCeiling | None) -> str:
+    """The noise bound on the Pearson correlation with its interval, or '-' for one seed."""
+    if ceiling is None:
+        return "-"
+    return f"{format_interval(ceiling.bound)} ({ceiling.seeds} seeds)"
+
+
+#: Marks the best estimator against a response in the verdict matrix.
+BEST = "\u2605"
+
+
+def ranked(problem: ProblemResults, response: str, metric: str = "pearson") -> list[str]:
+    """The estimators scored against ``response``, best ``metric`` first (undefined last)."""
+    scored = [e for e, by_response in problem.metrics.items() if response in by_response]
+
+    def key(estimator: str) -> float:
+        entry = problem.metric(estimator, response, metric)
+        return -entry.value if entry is not None and entry.value is not None else np.inf
+
+    return sorted(scored, key=key)
+
+
+def scored_responses(problem: ProblemResults) -> list[str]:
+    """The responses some estimator was scored against, in the suite's order."""
+    return [r for r in problem.responses if any(r in m for m in problem.metrics.values())]
+
+
+def _fraction_of_bound(value: float | None, ceiling: NoiseCeiling | None) -> str:
+    if value is None or ceiling is None or not ceiling.max_correlation:
+        return ""
+    return f" \u00b7 {value / ceiling.max_correlation:.0%} of bound"
+
+
+def verdict_matrix(
+    problem: ProblemResults, metric: str = "pearson", *, explain: bool = True
+) -> Table | None:
+    """The report's first screen for one problem: every estimator (rows, sorted by ``metric``
+    against the first response) against every response (columns), the best in each column
+    marked, each value with its interval and the fraction of the response's noise bound it
+    reaches; a last row holds each response's bound with its interval. ``explain``: with the
+    note that says how to read it (the first problem's matrix carries it)."""
+    responses = scored_responses(problem)
+    if not responses:
+        return None
+    best: dict[str, float | None] = {}
+    for response in responses:
+        leader = ranked(problem, response, metric)[:1]
+        entry = problem.metric(leader[0], response, metric) if leader else None
+        best[response] = None if entry is None else entry.value
+    rows = []
+    for estimator in ranked(problem, responses[0], metric) + [
+        e for e in problem.metrics if responses[0] not in problem.metrics[e]
+    ]:
+        cells = []
+        for response in responses:
+            entry = problem.metric(estimator, response, metric)
+            if entry is None:
+                cells.append("")
+                continue
+            ceiling = problem.responses[response].noise_ceiling
+            top = best[response]
+            # Ties at the shown precision are all best (exact, gnh and cg on a convex model).
+            tied = top is not None and entry.value is not None and top - entry.value < 5e-5
+            mark = f" {BEST}" if tied else ""
+            cells.append(format_interval(entry) + mark + _fraction_of_bound(entry.value, ceiling))
+        rows.append((estimator, *cells))
+    bounds = [format_bound(problem.responses[r].noise_ceiling) for r in responses]
+    if any(bound != "-" for bound in bounds):
+        rows.append(("noise bound", *bounds))
+    note = (
+        ""
+        if not explain
+        else (
+            f"{BEST}: the best estimator against that response; sorted by {metric} against "
+            f"{responses[0]}; intervals: two-way bootstrap over test and removed points. The noise "
+            "bound of a multi-seed response is sqrt(split-half reliability), the highest Pearson a "
+            "noise-free estimator can reach against the seed mean, with its bootstrap interval; "
+            "'% of bound' divides the value by it."
+        )
+    )
+    title = f"{problem.name}: {metric} against each response"
+    return Table(title, ("estimator", *responses), rows, note, align_numbers=False)
+
+
+def summary_lines(results: RunResults, metric: str = "pearson") -> list[str]:
+    """The verdict matrices in a few console lines: per problem and response, the estimators
+    best first, the best with its interval and the share of the noise bound."""
+    lines = []
+    for name, problem in results.problems.items():
+        for response in scored_responses(problem):
+            ceiling = problem.responses[response].noise_ceiling
+            order = ranked(problem, response, metric)
+            entries = [problem.metric(e, response, metric) for e in order]
+            parts = []
+            for position, (estimator, entry) in enumerate(zip(order, entries, strict=True)):
+                if position == 0 and entry is not None and entry.value is not None:
+                    share = _fraction_of_bound(entry.value, ceiling).replace(" \u00b7 ", ", ")
+                    parts.append(f"{estimator} {format_interval(entry)}{share}")
+                else:
+                    parts.append(f"{estimator} {format_interval(entry)}")
+            bound = "" if ceiling is None else f" (noise bound {format_interval(ceiling.bound)})"
+            lines.append(f"{name} vs {response}{bound}: {', '.join(parts)}")
+    return lines
 
 
 def metrics_table(problem: ProblemResults) -> Table:
@@ -57,31 +164,18 @@ def metrics_table(problem: ProblemResults) -> Table:
     for estimator, by_response in problem.metrics.items():
         for response, metrics in by_response.items():
             cells = [format_interval(metrics.get(key)) for key, _ in METRIC_COLUMNS]
-            ceiling = format_ceiling(problem.responses[response].noise_ceiling)
-            rows.append((estimator, response, *cells, ceiling))
-    header = ("estimator", "response", *(t for _, t in METRIC_COLUMNS), "noise ceiling (P / S)")
+            ceiling = problem.responses[response].noise_ceiling
+            rows.append(
+                (estimator, response, *cells, format_bound(ceiling), format_reliability(ceiling))
+            )
+    header = (
+        "estimator",
+        "response",
+        *(t for _, t in METRIC_COLUMNS),
+        "noise bound (Pearson)",
+        "split-half reliability (P / S)",
+    )
     return Table("Fidelity", header, rows)
-
-
-def summary_table(results: RunResults) -> Table:
-    """Pooled Pearson and Spearman of every estimator x response of every problem."""
-    rows = []
-    for name, problem in results.problems.items():
-        for estimator, by_response in problem.metrics.items():
-            for response, metrics in by_response.items():
-                ceiling = format_ceiling(problem.responses[response].noise_ceiling)
-                rows.append(
-                    (
-                        name,
-                        estimator,
-                        response,
-                        format_interval(metrics.get("pearson")),
-                        format_interval(metrics.get("spearman")),
-                        ceiling,
-                    )
-                )
-    header = ("problem", "estimator", "response", "Pearson", "Spearman", "noise ceiling (P / S)")
-    return Table("Summary", header, rows)
 
 
 def lds_table(problem: ProblemResults) -> Table | None:
@@ -96,7 +190,7 @@ def lds_table(problem: ProblemResults) -> Table | None:
             f"{entry.subsets} x {entry.seeds}",
             format_interval(metrics.get("lds")),
             format_interval(metrics.get("lds_pearson")),
-            format_ceiling(entry.noise_ceiling),
+            format_bound(entry.noise_ceiling),
         )
         for entry in problem.lds
         for estimator, metrics in entry.metrics.items()
@@ -108,7 +202,7 @@ def lds_table(problem: ProblemResults) -> Table | None:
         "subsets x seeds",
         "LDS (Spearman)",
         "LDS (Pearson)",
-        "noise ceiling (P / S)",
+        "noise bound (per-test Pearson)",
     )
     note = (
         "per test point, the correlation over subsets between the estimator's additive "

@@ -107,6 +107,27 @@ def test_split_half_reliability_matches_the_closed_form(n_seeds):
     assert result.seeds == n_seeds
 
 
+def test_the_noise_bound_has_an_interval_that_narrows_with_more_points():
+    """Two seeds give one split; the bound's bootstrap interval says how little that knows."""
+    from fidelity.metrics import split_half_reliability
+
+    rng = np.random.default_rng(3)
+
+    def ceiling(rows, cols):
+        signal = rng.standard_normal((rows, cols))
+        return split_half_reliability(signal + rng.standard_normal((2, rows, cols)))
+
+    small, large = ceiling(5, 20), ceiling(40, 300)
+    for found in (small, large):
+        bound = found.bound
+        assert found.splits == 1 and bound.low < bound.value < bound.high
+    expected = np.sqrt(1 / (1 + 1 / 2))  # reliability of the mean of two unit-noise seeds
+    assert large.bound.low < expected < large.bound.high
+    assert (large.bound.high - large.bound.low) < (small.bound.high - small.bound.low) / 3
+    unbounded = split_half_reliability(rng.standard_normal((2, 5, 20)), n_boot=0)
+    assert unbounded.max_correlation_low is None and unbounded.max_correlation_high is None
+
+
 def test_split_half_reliability_needs_two_seeds():
     from fidelity.metrics import split_half_reliability
 

@@ -56,8 +56,10 @@ def test_the_report_is_one_file_with_every_figure_embedded(markup_run):
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert not re.search(r'(href|src)="(https?:)?//', page)
+    # The first screen: the verdict matrix right after the title.
+    first_table = page.index("<table")
+    assert page.index("against each response") < first_table < page.index("<h2")
     for heading in (
-        "Summary",
         "Fidelity",
         "Per-test-point correlations",
         "Most influential removals",

@@ -1,0 +1,191 @@
+"""Every figure print-ready: each report figure of a run that has every stage, and each paper
+figure drawn from such runs, is checked for text outside the canvas (titles, labels, legends:
+nothing clipped) and, for the PDFs, for TrueType fonts (journals reject Type 3)."""
+
+from pathlib import Path
+
+import matplotlib.figure
+import numpy as np
+import pytest
+
+from fidelity.cli import main
+
+EVERYTHING = """
+name = "everything"
+problems = ["tests.fidelity.user_problems:tiny", "tests.fidelity.user_problems:tiny_network"]
+[selection]
+test_points = 4
+top = 4
+random = 6
+top_by = "exact"
+[metrics]
+bootstrap = 50
+[[estimators]]
+kind = "exact"
+damping = 0.1
+[[estimators]]
+kind = "gnh"
+damping = 0.1
+[[estimators]]
+kind = "grad-dot"
+[[responses]]
+kind = "cold"
+seeds = 2
+[[responses]]
+kind = "warm"
+[[responses]]
+kind = "proximal"
+damping = 0.1
+[[responses]]
+kind = "pbrf"
+damping = 0.1
+[[responses]]
+kind = "linear"
+damping = 0.1
+[[subsets]]
+kind = "subsets"
+alphas = [0.5, 0.8]
+subsets = 12
+seeds = 2
+[[counterfactuals]]
+kind = "counterfactual"
+ks = [2, 5]
+seeds = 1
+[[groups]]
+kind = "groups"
+sizes = [3, 6]
+groups = 2
+seeds = 1
+"""
+
+
+def drawn_tick_labels(axis):
+    """The tick labels matplotlib draws: those of ticks inside the view limits."""
+    for ticks, limits in (
+        (axis.xaxis.get_major_ticks(), axis.get_xlim()),
+        (axis.yaxis.get_major_ticks(), axis.get_ylim()),
+    ):
+        low, high = sorted(limits)
+        span = (high - low) * 1e-9
+        for tick in ticks:
+            if low - span <= tick.get_loc() <= high + span:
+                yield from (tick.label1, tick.label2)
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """Every figure saved while a run of every stage is reported and each paper figure is
+    drawn from it, with the text that lay outside its canvas."""
+    root = tmp_path_factory.mktemp("figures")
+    (root / "everything.toml").write_text(EVERYTHING)
+    found: dict[str, list[str]] = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def checked(figure, path, *args, **kwargs):
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        box = figure.bbox
+        outside = []
+        # The drawn texts only (a tick label beyond the view limits is not drawn).
+        drawn_texts = [
+            text
+            for axis in figure.axes
+            for text in (
+                axis.title,
+                axis._left_title,
+                axis._right_title,
+                axis.xaxis.label,
+                axis.yaxis.label,
+                *drawn_tick_labels(axis),
+                *(axis.get_legend().get_texts() if axis.get_legend() else ()),
+            )
+        ]
+        drawn_texts += [
+            *figure.texts,
+            *(t for legend in figure.legends for t in legend.get_texts()),
+        ]
+        if figure._suptitle is not None:
+            drawn_texts.append(figure._suptitle)
+        for text in drawn_texts:
+            if not text.get_visible() or not text.get_text().strip():
+                continue
+            extent = text.get_window_extent(renderer)
+            if (
+                extent.x0 < box.x0 - 1
+                or extent.y0 < box.y0 - 1
+                or extent.x1 > box.x1 + 1
+                or extent.y1 > box.y1 + 1
+            ):
+                outside.append(text.get_text())
+        # Everything drawn (legends, colour bars, tick labels) inside the canvas.
+        tight = figure.get_tightbbox(renderer).transformed(figure.dpi_scale_trans)
+        if tight.x0 < -1 or tight.y0 < -1 or tight.x1 > box.x1 + 1 or tight.y1 > box.y1 + 1:
+            outside.append(f"drawn area {tight.bounds} beyond the canvas {box.bounds}")
+        found[str(path)] = outside
+        return original(figure, path, *args, **kwargs)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(matplotlib.figure.Figure, "savefig", checked)
+    try:
+        run = root / "run"
+        args = ["--cache-dir", str(root / "cache"), "--history", str(root / "h.db"), "-q"]
+        assert main(["run", str(root / "everything.toml"), "--out", str(run), *args]) == 0
+        assert (
+            main(["run", str(root / "everything.toml"), "--out", str(root / "again"), *args]) == 0
+        )
+        assert main(["report", str(root / "again"), "--history", str(root / "h.db"), "-q"]) == 0
+        for name in (
+            "bae2022-decomposition",
+            "estimator-ladder",
+            "lds-loo-table",
+            "koh2019-groups",
+        ):
+            out = root / "paper"
+            assert main(["figures", name, "--out", str(out), "--run", str(run), "-q"]) == 0
+    finally:
+        patch.undo()
+    return root, found
+
+
+def test_every_report_figure_is_drawn_with_no_text_outside_the_canvas(drawn):
+    _, found = drawn
+    names = {Path(p).name for p in found if "/figures/" in p}
+    assert "trends.png" in names  # the second run's report draws the trend
+    for suffix in ("correlations", "per-test", "decomposition", "lds", "counterfactual"):
+        assert any(name.endswith(f"-{suffix}.png") for name in names), (suffix, names)
+    assert any("groups" in name for name in names)
+    clipped = {Path(path).name: texts for path, texts in found.items() if texts}
+    assert not clipped, "\n".join(f"{name}: {texts}" for name, texts in clipped.items())
+
+
+def test_every_paper_figure_embeds_truetype_fonts(drawn):
+    root, _ = drawn
+    pdfs = sorted((root / "paper").glob("*.pdf"))
+    assert [p.stem for p in pdfs] == sorted(
+        ["bae2022-decomposition", "estimator-ladder", "lds-loo-table", "koh2019-groups"]
+    )
+    for pdf in pdfs:
+        data = pdf.read_bytes()
+        assert b"/Type3" not in data, pdf.name
+        assert b"/TrueType" in data or b"/CIDFontType2" in data, pdf.name
+
+
+def test_koh2017_fig2_refuses_runs_it_would_ignore(tmp_path, capsys):
+    code = main(["figures", "koh2017-fig2", "--out", str(tmp_path), "--run", str(tmp_path), "-q"])
+    assert code == 2
+    assert "reads no --run" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_trend_labels_are_unique_and_correlation_limits_follow_the_data():
+    from reports.figures import _correlation_limits, _unique_run_labels
+
+    created = ["2026-12-01T10:00:01+00:00", "2026-12-01T10:00:59+00:00", "2026-12-01T10:00:59"]
+    labels = _unique_run_labels(created)
+    assert len(set(labels)) == 3 and labels[0] == "12-01 10:00:01"
+    assert _unique_run_labels(["2026-12-01T10:00:00", "2026-12-02T11:00:00"]) == [
+        "12-01 10:00",
+        "12-02 11:00",
+    ]
+    low, high = _correlation_limits(np.array([0.95, 0.99]))
+    assert 0.9 < low < 0.95 and 0.99 < high <= 1.05
