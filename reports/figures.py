@@ -224,11 +224,11 @@ def trend_lines(
         axis.set_xticks(positions, labels, rotation=30, ha="right")
         axis.set_ylabel(f"pooled {metric} r")
         axis.set_title(f"{name}: last {len(runs)} runs of suite {results.suite_name}")
-    handles = {}
+    handles: dict[str, Any] = {}
     for axis in axes[:, 0]:
         for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    figure.legend(handles.values(), handles.keys(), fontsize=6, loc="outside right upper")
+    figure.legend(list(handles.values()), list(handles), fontsize=6, loc="outside right upper")
     return _save(figure, path)
 
 

@@ -11,7 +11,7 @@ from fidelity.results import Interval
 Draw = TypeVar("Draw", bound=Callable[..., Any])
 
 #: Matplotlib settings every figure is drawn under (see ``literal_text``).
-PRINT_READY = {
+PRINT_READY: dict[str, Any] = {
     "text.parse_math": False,
     "figure.constrained_layout.use": True,
     "pdf.fonttype": 42,
@@ -61,7 +61,7 @@ def literal_text(draw: Draw) -> Draw:
     def literal(*args: Any, **kwargs: Any) -> Any:
         import matplotlib
 
-        with matplotlib.rc_context(PRINT_READY):
+        with matplotlib.rc_context(cast(Any, PRINT_READY)):
             return draw(*args, **kwargs)
 
     return cast(Draw, literal)
