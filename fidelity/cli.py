@@ -24,6 +24,7 @@ from fidelity.core.cache import ArtifactCache, atomic_write_bytes, default_cache
 from fidelity.core.errors import FidelityError
 from fidelity.core.locations import check_writable
 from fidelity.core.problem import NewtonRecipe
+from fidelity.environment import provenance
 from fidelity.gate import (
     DEFAULT_METRICS,
     GateSettings,
@@ -40,7 +41,9 @@ from fidelity.history import (
     check_history,
     default_history_path,
     recent_runs,
+    record_application,
     record_verdict,
+    recorded_applications,
     recorded_results,
 )
 from fidelity.paper import PAPER_FIGURES, FigureContext
@@ -171,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--estimator", help="only this estimator label")
     history.add_argument("--response", help="only this response label")
     history.add_argument("--last", type=_positive_int, default=10, metavar="N", help="runs shown")
+    history.add_argument(
+        "--applications",
+        action="store_true",
+        help="list the recorded outputs of explain, poison, mislabel and prefilter instead",
+    )
     _add_history_option(history)
     _add_json_option(history)
 
@@ -370,6 +378,10 @@ def _add_applications(commands) -> None:
             "--cache-dir", type=Path, help="artefact cache (trained models, encodings)"
         )
         command.add_argument("--no-cache", action="store_true", help="recompute everything")
+        _add_history_option(command)
+        command.add_argument(
+            "--no-history", action="store_true", help="do not record the output in the history"
+        )
         return command
 
     explain = common("explain", "most helpful and harmful training points for one test point")
@@ -549,6 +561,8 @@ def command_history(args: argparse.Namespace) -> int:
     path = args.history or default_history_path()
     if not path.is_file():
         raise FidelityError(f"no run history at {str(path)!r} (runs record there by default)")
+    if args.applications:
+        return _print_applications(path, args)
     runs = recent_runs(path, suite=args.suite, last=args.last)
     if not runs and not args.json:
         print(f"no runs recorded{f' for suite {args.suite!r}' if args.suite else ''} in {path}")
@@ -599,6 +613,21 @@ def command_history(args: argparse.Namespace) -> int:
         known = [v for v in values if v is not None]
         change = f"  change {known[-1] - known[0]:+.4f}" if len(known) > 1 else ""
         print(terminal_escape(f"{suite} {problem} {estimator} vs {response}: {cells}{change}"))
+    return 0
+
+
+def _print_applications(path: Path, args: argparse.Namespace) -> int:
+    found = recorded_applications(path, last=args.last)
+    if args.json:
+        print(json.dumps([vars(entry) for entry in found], indent=2))
+        return 0
+    print(f"{len(found)} application output(s), oldest first:")
+    for entry in found:
+        line = (
+            f"  {entry.created} {entry.application} {entry.problem} "
+            f"{entry.git_revision or '-'} {entry.out_dir or ''}"
+        )
+        print(terminal_escape(line))
     return 0
 
 
@@ -844,6 +873,9 @@ def command_application(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}"
     # Where the results go is checked before anything is computed.
     check_writable(out, "output directory", directory=True)
+    history = None if args.no_history else (args.history or default_history_path())
+    if history is not None:
+        check_history(history)
     if cache.root is not None:
         check_writable(cache.root, "cache directory", directory=True)
     problem = load_problem(args.problem, cache=cache)
@@ -896,16 +928,22 @@ def command_application(args: argparse.Namespace) -> int:
         )
         figure = render.prefilter_figure(result, out / "prefilter.png").name
         text, shown = (render.render_prefilter(result, figure, escape=e) for e in escapes)
+    # What the output was made with, as a run's results carry it; and its row in the history.
+    result = {**result, "provenance": {**provenance(), "command": ["fidelity", *args.argv]}}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.command}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / f"{args.command}.md").write_text(text, encoding="utf-8")
     print(shown)
     print(f"wrote {out}")
+    if history is not None:
+        record_application(history, result, out)
+        print(terminal_escape(f"recorded in history {history}"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logs.configure(args.verbose - args.quiet)
     # `package.module:name` specs resolve from the working directory, as `python -m` would
     # (the console script's own folder is bin/, so a project's modules were not found).

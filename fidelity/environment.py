@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -63,4 +64,17 @@ def environment() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "packages": package_versions(),
+    }
+
+
+def provenance() -> dict[str, object]:
+    """What an output was made with and when: fidelity's version, the git revision, the
+    environment and the time (UTC), as run results carry them."""
+    from fidelity import __version__
+
+    return {
+        "fidelity_version": __version__,
+        "git_revision": git_revision(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
     }

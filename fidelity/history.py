@@ -12,6 +12,7 @@ import math
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -31,8 +32,7 @@ DEFAULT_HISTORY = "fidelity.db"
 SQLITE_HEADER = b"SQLite format 3\x00"
 SCHEMA_VERSION = 2
 
-_SCHEMA = (
-    """
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     suite TEXT NOT NULL,
@@ -64,20 +64,10 @@ CREATE TABLE IF NOT EXISTS timings (
     PRIMARY KEY (run_id, problem, step)
 );
 """
-    + """
-CREATE TABLE IF NOT EXISTS verdicts (
-    run_id TEXT PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE,
-    passed INTEGER NOT NULL,
-    baseline_run_id TEXT,
-    checked TEXT NOT NULL,
-    summary TEXT NOT NULL
-);
-"""
-)
 
-#: Version 1 -> 2: runs carry their configuration hash, verdicts record what checks decided.
-_UPGRADE_FROM_1 = """
-ALTER TABLE runs ADD COLUMN config_hash TEXT;
+#: Tables of version 2: verdicts record what checks decided, applications the outputs of
+#: explain, poison, mislabel and prefilter.
+_SINCE_VERSION_2 = """
 CREATE TABLE IF NOT EXISTS verdicts (
     run_id TEXT PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE,
     passed INTEGER NOT NULL,
@@ -85,7 +75,22 @@ CREATE TABLE IF NOT EXISTS verdicts (
     checked TEXT NOT NULL,
     summary TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS applications (
+    output_id TEXT PRIMARY KEY,
+    application TEXT NOT NULL,
+    problem TEXT NOT NULL,
+    created TEXT NOT NULL,
+    git_revision TEXT,
+    fidelity_version TEXT,
+    out_dir TEXT,
+    result TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS applications_by_kind ON applications (application, created);
 """
+_SCHEMA += _SINCE_VERSION_2
+
+#: Version 1 -> 2: runs carry their configuration hash, and the version-2 tables.
+_UPGRADE_FROM_1 = "ALTER TABLE runs ADD COLUMN config_hash TEXT;" + _SINCE_VERSION_2
 
 
 def default_history_path() -> Path:
@@ -405,6 +410,78 @@ def _read_runs(path: Path, where: str, limit: str, parameters: list[str | int]) 
                 HistoryRun(run_id, run_suite, created, revision, run_dir, metrics, config, known)
             )
     return found
+
+
+def record_application(
+    path: Path, document: dict, out_dir: Path | None = None, *, wait: float | None = None
+) -> str:
+    """Record an application's output (explain, poison, mislabel, prefilter: the JSON it
+    wrote, with its provenance) and return its id."""
+    output_id = uuid.uuid4().hex
+    made = document.get("provenance", {})
+
+    def write(timeout: float) -> None:
+        with connect(path, timeout=timeout) as connection, _transaction(connection):
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(
+                "INSERT INTO applications VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    output_id,
+                    str(document["application"]),
+                    str(document["problem"]),
+                    str(made.get("created") or _now()),
+                    made.get("git_revision"),
+                    made.get("fidelity_version"),
+                    None if out_dir is None else str(Path(out_dir).resolve()),
+                    json.dumps(document),
+                ),
+            )
+            connection.execute("COMMIT")
+
+    _retrying(path, write, wait)
+    return output_id
+
+
+@dataclass(frozen=True)
+class RecordedApplication:
+    output_id: str
+    application: str
+    problem: str
+    created: str
+    git_revision: str | None
+    out_dir: str | None
+    result: dict
+
+
+def recorded_applications(
+    path: Path, *, application: str | None = None, last: int | None = None
+) -> list[RecordedApplication]:
+    """Recorded application outputs, oldest first (of one ``application`` where given)."""
+    if not Path(path).is_file():
+        return []
+    where = "WHERE application = ?" if application else ""
+    limit = "" if last is None else f"LIMIT {int(last)}"
+    try:
+        with connect(path) as connection:
+            rows = connection.execute(
+                "SELECT output_id, application, problem, created, git_revision, out_dir, result "
+                f"FROM applications {where} ORDER BY created DESC, rowid DESC {limit}",
+                [application] if application else [],
+            ).fetchall()
+    except sqlite3.Error as exc:
+        raise FidelityError(f"cannot read history database {str(path)!r}: {exc}") from None
+    return [
+        RecordedApplication(
+            output_id=row[0],
+            application=row[1],
+            problem=row[2],
+            created=row[3],
+            git_revision=row[4],
+            out_dir=row[5],
+            result=json.loads(row[6]),
+        )
+        for row in reversed(rows)
+    ]
 
 
 def recorded_results(path: Path, run_id: str) -> RunResults:

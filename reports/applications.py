@@ -26,6 +26,14 @@ def _interval(entry: dict[str, Any]) -> str:
     return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
+def _paired(entry: dict[str, Any] | None) -> str:
+    """A paired difference against random: mean [interval], p-value of the paired t-test."""
+    if entry is None:
+        return "-"
+    p = entry.get("p_value")
+    return _interval(entry) + ("" if p is None else f", p = {p:.2g}")
+
+
 def render_explain(result: dict[str, Any], *, escape: Escape = md_escape) -> str:
     test = result["test"]
     lines = [
@@ -82,10 +90,23 @@ def render_poison(result: dict[str, Any], *, escape: Escape = md_escape) -> str:
             "Training is convex and converged, so only the random choice varies with the seed; "
             "a choice that does not is retrained once (no interval)."
         )
-    lines += ["", "| points chosen by | accuracy after | change |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "| points chosen by | accuracy after | change | drop beyond random (paired by seed) |",
+        "|---|---:|---:|---:|",
+    ]
     before = result["accuracy_before"]["mean"]
+    beyond = result.get("drop_beyond_random", {})
     for name, entry in result["accuracy_after"].items():
-        lines.append(f"| {escape(name)} | {_interval(entry)} | {entry['mean'] - before:+.3f} |")
+        lines.append(
+            f"| {escape(name)} | {_interval(entry)} | {entry['mean'] - before:+.3f} | "
+            f"{_paired(beyond.get(name))} |"
+        )
+    lines += [
+        "",
+        "Drop beyond random: the random flips' accuracy minus the choice's, seed by seed (the same "
+        "training seed and draw), mean [95% Student-t interval], p-value of the paired t-test.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -104,8 +125,8 @@ def render_mislabel(
         + " | ".join(f"found @{100 * f:.0f}%" for f in fractions)
         + " | "
         + " | ".join(f"accuracy fixed @{100 * f:.0f}%" for f in fractions)
-        + " |",
-        "|---|---:|" + "---:|" * (2 * len(fractions)),
+        + " | AUC beyond random (paired) |",
+        "|---|---:|" + "---:|" * (2 * len(fractions) + 1),
     ]
     for name, entry in result["rankings"].items():
         found = [f"{entry['found_at'][str(f)]:.3f}" for f in fractions]
@@ -115,8 +136,14 @@ def render_mislabel(
             + " | ".join(found)
             + " | "
             + " | ".join(fixed)
-            + " |"
+            + f" | {_paired(entry.get('auc_beyond_random'))} |"
         )
+    lines += [
+        "",
+        "AUC beyond random: the ranking's AUC minus random's, seed by seed (the same flips), mean "
+        "[95% Student-t interval], p-value of the paired t-test; per checked fraction the same "
+        "comparison of the repaired accuracy is in mislabel.json (accuracy_beyond_random).",
+    ]
     if figure:
         lines += ["", f"![fraction of flipped labels found]({escape(figure)})"]
     return "\n".join(lines) + "\n"

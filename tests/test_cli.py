@@ -290,15 +290,46 @@ def test_explain_command_writes_json_and_markdown(tmp_path, capsys):
             str(out),
             "--cache-dir",
             str(tmp_path / "cache"),
+            "--history",
+            str(tmp_path / "fidelity.db"),
         ]
     )
     assert code == 0
     result = json.loads((out / "explain.json").read_text())
+    made = result["provenance"]
+    assert made["fidelity_version"] and "git_revision" in made and made["created"]
+    assert made["environment"]["packages"]["torch"]
+    assert made["command"][:3] == ["fidelity", "explain", "cancer-logreg"]
+    from fidelity.history import recorded_applications
+
+    (recorded,) = recorded_applications(tmp_path / "fidelity.db")
+    assert recorded.application == "explain" and recorded.problem == "cancer-logreg"
+    assert recorded.result == result and recorded.out_dir == str(out.resolve())
+    capsys.readouterr()
+    assert main(["history", "--applications", "--history", str(tmp_path / "fidelity.db")]) == 0
+    assert "1 application output(s)" in capsys.readouterr().out
     assert set(result["estimators"]) == {"exact", "cg[tol=1e-10]"}
     assert result["loo"] == "shown"  # convex problem: actual deltas of the points shown
     assert all(row["actual"] is not None for row in result["estimators"]["exact"]["helpful"])
     assert result["overlap"]["helpful"]["exact"]["cg[tol=1e-10]"] == 1.0
     assert "## Explanation on cancer-logreg" in (out / "explain.md").read_text()
+    assert (
+        main(
+            [
+                "explain",
+                "cancer-logreg",
+                "--test",
+                "2",
+                "--out",
+                str(tmp_path / "again"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--no-history",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "most helpful" in capsys.readouterr().out
 
 

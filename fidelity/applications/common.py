@@ -108,3 +108,34 @@ def summary(values: Sequence[float], confidence: float = 0.95) -> dict[str, obje
 
 def text_of(texts: tuple[str, ...] | None, index: int) -> str | None:
     return None if texts is None else texts[index]
+
+
+def against_baseline(
+    values: Sequence[float], baseline: Sequence[float], confidence: float = 0.95
+) -> dict[str, object]:
+    """``values`` minus ``baseline`` seed by seed (the same seed drew both: the same training
+    noise, the same random draw), with a Student-t interval and the two-sided p-value of the
+    paired t-test. A method measured once (a convex refit, the same for every seed) is compared
+    with every baseline seed (a one-sample test of the baseline around that value). With a
+    single difference there is no interval and no test."""
+    ours = np.asarray(values, dtype=float)
+    theirs = np.asarray(baseline, dtype=float)
+    if len(ours) == 1 and len(theirs) > 1:
+        ours = np.full(len(theirs), ours[0])
+    if len(theirs) == 1 and len(ours) > 1:
+        theirs = np.full(len(ours), theirs[0])
+    if len(ours) != len(theirs):
+        raise FidelityError(f"paired comparison of {len(ours)} and {len(theirs)} seeds")
+    differences = ours - theirs
+    entry = summary(differences, confidence)
+    entry["p_value"] = None
+    if len(differences) > 1:
+        from scipy import stats
+
+        spread = float(differences.std(ddof=1))
+        if spread > 0:
+            statistic = float(differences.mean()) / (spread / math.sqrt(len(differences)))
+            entry["p_value"] = float(2 * stats.t.sf(abs(statistic), len(differences) - 1))
+        else:
+            entry["p_value"] = 0.0 if differences.mean() != 0 else 1.0
+    return entry

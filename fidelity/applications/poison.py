@@ -9,6 +9,7 @@ import torch
 from estimators import Estimator
 from fidelity.applications.common import (
     accuracy,
+    against_baseline,
     check_classification,
     flip_labels,
     labels,
@@ -38,7 +39,8 @@ def poison(
     ``seeds`` (initialisation and batch order; the seed of the problem's own recipe is the first);
     for a convex problem trained to its unique minimum only the random choice depends on the
     seed. Accuracies are over the whole test split, before and after, with Student-t intervals
-    over seeds.
+    over seeds; ``drop_beyond_random`` is each choice's accuracy loss beyond the random flips'
+    of the same seed, with its interval and a paired t-test.
     """
 
     problem = trained.problem
@@ -88,5 +90,12 @@ def poison(
         "correct_test_points": len(correct),
         "accuracy_before": summary(before),
         "accuracy_after": {name: summary(values) for name, values in after.items()},
+        # Accuracy lost beyond what flipping `budget` random labels loses, seed by seed
+        # (positive: the ranking's flips hurt more than random ones).
+        "drop_beyond_random": {
+            name: against_baseline(after["random"], values)
+            for name, values in after.items()
+            if name != "random"
+        },
         "flipped": {name: index.tolist() for name, index in chosen.items()},
     }

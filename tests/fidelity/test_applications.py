@@ -87,6 +87,11 @@ def test_poison_by_influence_lowers_accuracy_more_than_random(cancer):
     assert after["exact"]["mean"] < before
     assert after["exact"]["mean"] < after["random"]["mean"]
     assert len(result["flipped"]["exact"]) == 30
+    # Paired by seed against the random flips: the one convex value against each seed's random.
+    beyond = result["drop_beyond_random"]["exact"]
+    expected = np.array(after["random"]["values"]) - after["exact"]["values"][0]
+    assert beyond["values"] == pytest.approx(expected.tolist())
+    assert beyond["mean"] > 0 and beyond["low"] is not None and 0 <= beyond["p_value"] <= 1
     with pytest.raises(FidelityError, match="budget"):
         poison(cancer, estimators, budget=0)
 
@@ -105,6 +110,27 @@ def test_mislabel_detection_and_fixing_everything_restores_the_clean_model(cance
         )
     assert rankings["exact"]["auc"]["mean"] > rankings["random"]["auc"]["mean"] + 0.1
     assert result["flipped_count"] == round(0.1 * cancer.problem.n_train)
+    beyond = rankings["exact"]["auc_beyond_random"]
+    difference = rankings["exact"]["auc"]["mean"] - rankings["random"]["auc"]["mean"]
+    assert beyond["mean"] == pytest.approx(difference) and beyond["p_value"] is None  # one seed
+    assert "auc_beyond_random" not in rankings["random"]
+    assert set(rankings["exact"]["accuracy_beyond_random"]) == {"0.2", "1.0"}
+
+
+def test_the_paired_comparison_against_a_baseline():
+    from fidelity.applications.common import against_baseline
+
+    paired = against_baseline([0.9, 0.85, 0.88], [0.7, 0.66, 0.69])
+    assert paired["mean"] == pytest.approx(np.mean([0.2, 0.19, 0.19]))
+    assert paired["low"] < paired["mean"] < paired["high"] and paired["p_value"] < 0.05
+    from scipy import stats
+
+    expected = stats.ttest_rel([0.9, 0.85, 0.88], [0.7, 0.66, 0.69]).pvalue
+    assert paired["p_value"] == pytest.approx(expected, rel=1e-9)
+    once = against_baseline([0.9], [0.7, 0.72, 0.69])
+    assert once["values"] == pytest.approx([0.2, 0.18, 0.21])
+    with pytest.raises(FidelityError, match="paired comparison"):
+        against_baseline([0.9, 0.8], [0.7, 0.72, 0.69])
 
 
 def test_bm25_equals_its_definition_on_a_tiny_corpus():
