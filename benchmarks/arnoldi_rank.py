@@ -14,9 +14,9 @@ import time
 import numpy as np
 import torch
 
-from estimators import ArnoldiEstimator, ExactEstimator
+from fidelity.estimators import ArnoldiEstimator, ExactEstimator
 from fidelity.problems import load_problem
-from retrain import train
+from fidelity.retrain import train
 
 
 def main() -> None:

@@ -24,13 +24,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's attribute() draws progres
 import numpy as np
 import torch
 
-from estimators import ArnoldiEstimator, EkfacEstimator, ExactEstimator
-from estimators.external.dattri import DattriEstimator
-from estimators.kfac import select_layers
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.objective import per_example_grads
+from fidelity.estimators import ArnoldiEstimator, EkfacEstimator, ExactEstimator
+from fidelity.estimators.external.dattri import DattriEstimator
+from fidelity.estimators.kfac import select_layers
 from fidelity.problems import load_problem
-from retrain import train
+from fidelity.retrain import train
 
 
 def timed_scores(estimator, trained, test) -> tuple[float, torch.Tensor]:

@@ -4,12 +4,12 @@ Each estimator is timed for fit + scores and compared (pooled Pearson, relative 
 dense reference at the same damping: `exact` for Hessian-based solvers, `gnh` for Gauss-Newton
 ones and the baselines. Settings are those of the bundled `solvers` suite for digits-mlp.
 Where pyDVL is importable (the environment of benchmarks/peers_env.sh) the same model and data
-are scored by its direct, CG, LiSSA and Arnoldi solvers through `estimators.external.pydvl`
+are scored by its direct, CG, LiSSA and Arnoldi solvers through `fidelity.estimators.external.pydvl`
 (same damping, LiSSA with our fitted scale and depth, Arnoldi with our rank), and the benchmark
 prints each peer's time, the ratio to ours, and its Pearson correlation with our estimator and
 with the dense reference. Likewise captum's naive (dense, full projection) and Arnoldi influence
-functions through `estimators.external.captum`. torch-influence is not on PyPI: it is reported
-as importable or not.
+functions through `fidelity.estimators.external.captum`. torch-influence is not on PyPI: it is
+reported as importable or not.
 
     python -m benchmarks.estimators [--problem digits-mlp] [--test-points 50]
     .peers-venv/bin/python -m benchmarks.estimators      # with the peer comparison
@@ -24,10 +24,10 @@ import time
 import numpy as np
 import torch
 
-from estimators import ESTIMATORS
+from fidelity.estimators import ESTIMATORS
 from fidelity.problems import load_problem
+from fidelity.retrain import train
 from fidelity.suite import build_component, load_suite
-from retrain import train
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
 def compare_captum(trained, test, results) -> None:
     import warnings
 
-    from estimators.external.captum import CaptumEstimator
+    from fidelity.estimators.external.captum import CaptumEstimator
 
     print(f"{'captum':<10} {'seconds':>8} {'ours':>8} {'ratio':>7} {'r(ours)':>9} {'r(ref)':>9}")
     for method, ours in (("naive", "exact"), ("arnoldi", "arnoldi")):
@@ -109,7 +109,7 @@ def report_peer(name, seconds, scores, ours_seconds, ours_scores, results) -> No
 def compare_pydvl(trained, test, results) -> None:
     import warnings
 
-    from estimators.external.pydvl import PydvlEstimator
+    from fidelity.estimators.external.pydvl import PydvlEstimator
 
     problem = trained.problem
     print(f"{'pydvl':<10} {'seconds':>8} {'ours':>8} {'ratio':>7} {'r(ours)':>9} {'r(ref)':>9}")

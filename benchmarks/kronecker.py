@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from estimators import ESTIMATORS
+from fidelity.estimators import ESTIMATORS
 from fidelity.problems import load_problem
-from retrain import train
+from fidelity.retrain import train
 
 
 def main() -> None:

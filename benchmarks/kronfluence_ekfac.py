@@ -15,10 +15,10 @@ import time
 import numpy as np
 import torch
 
-from estimators import EkfacEstimator, KfacEstimator
-from estimators.external.kronfluence import KronfluenceEstimator
+from fidelity.estimators import EkfacEstimator, KfacEstimator
+from fidelity.estimators.external.kronfluence import KronfluenceEstimator
 from fidelity.problems import load_problem
-from retrain import train
+from fidelity.retrain import train
 
 
 def timed_scores(estimator, trained, test) -> tuple[float, np.ndarray]:

@@ -14,15 +14,15 @@ import warnings
 import numpy as np
 import torch
 
-from estimators import ESTIMATORS
+from fidelity.estimators import ESTIMATORS
 from fidelity.problems import load_problem
-from retrain import train
+from fidelity.retrain import train
 
 SETTINGS = {"damping": 0.01, "scale": "auto", "depth": 1000, "minibatch_size": 512}
 
 
 def main() -> None:
-    from estimators.external.pydvl import PydvlEstimator
+    from fidelity.estimators.external.pydvl import PydvlEstimator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import warnings
 
-from estimators import EkfacEstimator, ExactEstimator, KfacEstimator
-from estimators.external.pydvl import PydvlEstimator
+from fidelity.estimators import EkfacEstimator, ExactEstimator, KfacEstimator
+from fidelity.estimators.external.pydvl import PydvlEstimator
 from fidelity.metrics import pearson
-from retrain import train
+from fidelity.retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.references import relative_error
 

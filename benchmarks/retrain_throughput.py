@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fidelity.problems import load_problem
-from retrain import ColdResponse, Execution, WarmResponse, train
+from fidelity.retrain import ColdResponse, Execution, WarmResponse, train
 
 
 def sklearn_refits(problem, removed: np.ndarray, test_index: np.ndarray, tol: float):

@@ -21,8 +21,8 @@ import time
 import torch
 
 from fidelity.problems import load_problem
-from retrain import Execution, SubsetsResponse, train
-from retrain.subsets import draw_masks, retrain_masks
+from fidelity.retrain import Execution, SubsetsResponse, train
+from fidelity.retrain.subsets import draw_masks, retrain_masks
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ import torch
 from fidelity.core.cache import ArtifactCache
 from fidelity.metrics import pearson
 from fidelity.problems import load_problem
+from fidelity.reports import load_problem_arrays
 from fidelity.results import RunResults
-from reports import load_problem_arrays
-from retrain import Execution, WarmResponse, train
+from fidelity.retrain import Execution, WarmResponse, train
 
 DEFAULT_SETTINGS = ("1:resume", "1:fresh", "2:resume", "4:resume", "4:fresh")
 

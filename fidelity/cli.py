@@ -15,7 +15,6 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
-from estimators import ESTIMATORS
 from fidelity import __version__, applications
 from fidelity.applications.common import DEFAULT_ESTIMATORS
 from fidelity.applications.explain import LooMode, check_explained_point
@@ -25,6 +24,7 @@ from fidelity.core.errors import FidelityError
 from fidelity.core.locations import check_writable
 from fidelity.core.problem import NewtonRecipe
 from fidelity.environment import provenance
+from fidelity.estimators import ESTIMATORS
 from fidelity.gate import (
     DEFAULT_METRICS,
     GateSettings,
@@ -48,14 +48,14 @@ from fidelity.history import (
 )
 from fidelity.paper import PAPER_FIGURES, FigureContext
 from fidelity.problems import PROBLEMS, load_problem
+from fidelity.reports import applications as render
+from fidelity.reports import load_problem_arrays, write_reports
+from fidelity.reports.markdown import md_escape, terminal_escape
+from fidelity.reports.tables import summary_lines
 from fidelity.results import RunResults
+from fidelity.retrain import RESPONSES, Execution, read_ground_truth, train
 from fidelity.runner import RunOptions, run_suite, safe_filename
 from fidelity.suite import Suite, builtin_suites, load_suite
-from reports import applications as render
-from reports import load_problem_arrays, write_reports
-from reports.markdown import md_escape, terminal_escape
-from reports.tables import summary_lines
-from retrain import RESPONSES, Execution, read_ground_truth, train
 
 
 def _positive_int(text: str) -> int:

@@ -3,7 +3,7 @@
 ``check_estimator(cls_or_instance)`` raises a ``FidelityError`` with a one-line reason for the
 first broken rule, in this order:
 
-1. it is a subclass (or an instance) of ``estimators.Estimator``;
+1. it is a subclass (or an instance) of ``fidelity.estimators.Estimator``;
 2. ``__init__`` only configures: no fitted state (attributes ending in ``_``) before ``fit``;
 3. ``get_params()`` is a dict of the constructor's arguments that builds an equal estimator;
 4. on the contract problem (a float64 ridge regression, ``contract_problem()``), ``fit``
@@ -35,11 +35,11 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from estimators import Estimator
 from fidelity.core.errors import FidelityError, user_code
 from fidelity.core.problem import NewtonRecipe, Problem, TrainedProblem
+from fidelity.estimators import Estimator
 from fidelity.problems.models import linear_model
-from retrain import train
+from fidelity.retrain import train
 
 #: Determinism and subset agreement allow only round-off.
 AGREEMENT_RTOL = 1e-9
@@ -156,7 +156,7 @@ def _broken(name: str, reason: str) -> NoReturn:
 
 def _check_subclass(cls: type, name: str) -> None:
     if not issubclass(cls, Estimator):
-        _broken(name, "it does not subclass estimators.Estimator")
+        _broken(name, "it does not subclass fidelity.estimators.Estimator")
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         _broken(name, f"it leaves {missing} abstract")

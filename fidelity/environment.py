@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from fidelity import __version__
+
 PACKAGES = (
     "influence-fidelity",
     "torch",
@@ -70,8 +72,6 @@ def environment() -> dict[str, object]:
 def provenance() -> dict[str, object]:
     """What an output was made with and when: fidelity's version, the git revision, the
     environment and the time (UTC), as run results carry them."""
-    from fidelity import __version__
-
     return {
         "fidelity_version": __version__,
         "git_revision": git_revision(),

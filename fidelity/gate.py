@@ -33,9 +33,9 @@ import numpy as np
 
 from fidelity.core.errors import FidelityError
 from fidelity.metrics import METRICS, paired_difference
+from fidelity.reports import load_problem_arrays
+from fidelity.reports.format import format_interval
 from fidelity.results import Interval, MetricTable, RunResults
-from reports import load_problem_arrays
-from reports.format import format_interval
 
 DEFAULT_METRICS = ("pearson", "spearman")
 #: Fewest shared test points and removed points a paired comparison needs.

@@ -138,11 +138,32 @@ def connect(path: Path, *, timeout: float = 60.0) -> Iterator[sqlite3.Connection
                     )
             elif version == 1:
                 _upgrade_from_1(connection)
+            else:
+                _complete_tables(connection)
         except sqlite3.OperationalError:
             raise  # locked or busy: the caller waits or says so
         except sqlite3.DatabaseError as exc:
             raise FidelityError(f"{str(path)!r} is not a fidelity history database: {exc}") from exc
         yield connection
+
+
+#: Every table of the current schema.
+TABLES = ("runs", "metrics", "timings", "verdicts", "applications")
+
+
+def _complete_tables(connection: sqlite3.Connection) -> None:
+    """Create a table of the current schema that a history lacks (one made by an earlier
+    development version of schema 2, or with a table dropped by hand); a history with every
+    table is only read."""
+    found = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    if set(TABLES) <= found:
+        return
+    with _transaction(connection):
+        connection.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        connection.execute("COMMIT")
 
 
 def _upgrade_from_1(connection: sqlite3.Connection) -> None:

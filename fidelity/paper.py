@@ -1,5 +1,5 @@
 """Paper figures: gather each figure's data (running the suites it needs through the cached
-runner, or reading given run directories) and hand it to ``reports.paper`` to draw.
+runner, or reading given run directories) and hand it to ``fidelity.reports.paper`` to draw.
 
 ``fidelity figures NAME --out DIR`` calls the function registered as NAME with a
 ``FigureContext``; each returns the paths it wrote (PNG, PDF, CSV).
@@ -16,12 +16,12 @@ from typing import Any
 
 from fidelity.core.errors import FidelityError
 from fidelity.core.registry import Registry
+from fidelity.reports import load_problem_arrays
+from fidelity.reports import paper as draw_paper
 from fidelity.results import Gap, Interval, ProblemResults, RunResults
+from fidelity.retrain import Execution
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import Suite, load_suite, parse_suite
-from reports import load_problem_arrays
-from reports import paper as draw_paper
-from retrain import Execution
 
 PAPER_FIGURES: Registry[Callable[[FigureContext], list[Path]]] = Registry("paper figure")
 

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from estimators import ESTIMATORS, Estimator, GroupEffects
 from fidelity import __version__
 from fidelity.contract import check_estimator
 from fidelity.core.cache import atomic_write_bytes, pid_alive
@@ -41,6 +40,7 @@ from fidelity.core.logs import stage_logger
 from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
+from fidelity.estimators import ESTIMATORS, Estimator, GroupEffects
 from fidelity.history import append_run, check_history, recent_runs
 from fidelity.memory import PeakMemory
 from fidelity.metrics import (
@@ -56,6 +56,7 @@ from fidelity.metrics import (
 )
 from fidelity.metrics import split_half_reliability as noise_ceiling
 from fidelity.problems import load_problem
+from fidelity.reports import write_reports
 from fidelity.results import (
     SCHEMA_VERSION,
     Brittleness,
@@ -80,10 +81,7 @@ from fidelity.results import (
     finite_or_none,
     json_ready,
 )
-from fidelity.selection import choose_removals, choose_test_points
-from fidelity.suite import ComponentSpec, SelectionSpec, Suite, build_component
-from reports import write_reports
-from retrain import (
+from fidelity.retrain import (
     COUNTERFACTUAL_RESPONSES,
     GROUP_RESPONSES,
     RESPONSES,
@@ -96,7 +94,9 @@ from retrain import (
     SubsetsResponse,
     train,
 )
-from retrain.train import check_training
+from fidelity.retrain.train import check_training
+from fidelity.selection import choose_removals, choose_test_points
+from fidelity.suite import ComponentSpec, SelectionSpec, Suite, build_component
 
 log = stage_logger("runner")
 
@@ -227,7 +227,7 @@ def preflight(suite: Suite, execution: Execution) -> dict[str, Problem]:
 
 
 #: Estimator classes of these packages are fidelity's own, tested by its own suite.
-OWN_PACKAGES = ("estimators.", "fidelity.")
+OWN_PACKAGES = ("fidelity.",)
 
 
 def check_user_estimator(spec: ComponentSpec, suite: Suite) -> None:

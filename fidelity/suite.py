@@ -54,10 +54,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from estimators import ESTIMATORS
 from fidelity.core.errors import FidelityError, user_code
 from fidelity.core.registry import Registry
-from retrain import COUNTERFACTUAL_RESPONSES, GROUP_RESPONSES, RESPONSES, SUBSET_RESPONSES
+from fidelity.estimators import ESTIMATORS
+from fidelity.retrain import COUNTERFACTUAL_RESPONSES, GROUP_RESPONSES, RESPONSES, SUBSET_RESPONSES
 
 BUILTIN_SUITES_PACKAGE = "fidelity.suites"
 
@@ -163,11 +163,11 @@ class Suite:
     estimators: tuple[ComponentSpec, ...]
     responses: tuple[ComponentSpec, ...]
     selection: SelectionSpec = SelectionSpec()
-    # Subset retraining for the linear datamodeling score (retrain.subsets); optional.
+    # Subset retraining for the linear datamodeling score (fidelity.retrain.subsets); optional.
     subsets: tuple[ComponentSpec, ...] = ()
-    # Top-k counterfactual removal (retrain.counterfactual); optional.
+    # Top-k counterfactual removal (fidelity.retrain.counterfactual); optional.
     counterfactuals: tuple[ComponentSpec, ...] = ()
-    # Group effects (retrain.groups); optional.
+    # Group effects (fidelity.retrain.groups); optional.
     groups: tuple[ComponentSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
     description: str = ""

@@ -24,11 +24,11 @@ from typing import Any
 from fidelity.contract import check_estimator
 from fidelity.core.cache import ArtifactCache, default_cache_dir
 from fidelity.core.errors import FidelityError
+from fidelity.reports.format import format_interval
 from fidelity.results import Interval, ProblemResults
+from fidelity.retrain import Execution
 from fidelity.runner import evaluate_problem
 from fidelity.suite import parse_suite
-from reports.format import format_interval
-from retrain import Execution
 
 CANDIDATE = "candidate"
 REFERENCE = "reference"

@@ -10,7 +10,7 @@ import torch
 from fidelity.core.problem import NewtonRecipe, Problem
 from fidelity.problems import load_problem
 from fidelity.problems.models import linear_model
-from retrain import train
+from fidelity.retrain import train
 
 torch.set_default_dtype(torch.float64)
 

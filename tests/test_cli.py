@@ -12,7 +12,7 @@ import pytest
 from fidelity.cli import main
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.errors import FidelityError
-from retrain import Execution
+from fidelity.retrain import Execution
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,9 +108,15 @@ def test_run_writes_a_complete_run_directory(small_suite, tmp_path, capsys):
         assert list(arrays["removed_reason"][:6]) == ["top"] * 6
     report = (out / "report.md").read_text()
     interval = f"{pearson['value']:.4f} [{pearson['low']:.4f}, {pearson['high']:.4f}]"
-    assert f"| diabetes-ridge | exact | cold | {interval} |" in report  # the summary
-    assert report.count(f"| exact | cold | {interval} |") == 2  # and the problem's own table
-    assert (out / "report.html").read_text().count(f'<td>cold</td><td class="num">{interval}') == 2
+    # The first screen: the problem's estimator x response matrix, the best starred.
+    first = report.index("### diabetes-ridge: pearson against each response")
+    assert first < report.index("## diabetes-ridge")
+    starred = interval.replace(".", "\\.", 1).replace("[", "\\[").replace("]", "\\]")
+    assert f"| exact | {starred} \u2605 |" in report
+    assert report.count(f"| exact | cold | {interval} |") == 1  # and the problem's own table
+    page = (out / "report.html").read_text()
+    assert page.count(f'<td>cold</td><td class="num">{interval}') == 1
+    assert f"<td>{interval} \u2605</td>" in page
     assert (out / "figures" / "cancer-logreg.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".run.partial-*"))
 

@@ -177,7 +177,7 @@ def test_the_memory_refusal_follows_the_limit_it_is_given(workspace, capsys, mon
     [
         (
             suite_text(estimator="tests.fidelity.user_estimators:NotAnEstimator"),
-            "NotAnEstimator must subclass estimators.base.Estimator",
+            "NotAnEstimator must subclass fidelity.estimators.base.Estimator",
         ),
         (suite_text(problem="digits-logreg[seed=1,seed=2]"), "option(s) seed given twice"),
         (suite_text(name=""), "name '' must be 1-100 letters"),

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fidelity", "estimators", "retrain", "reports")
+PACKAGES = ("fidelity",)
+#: The layers below the harness, by module prefix (DESIGN.md's layers, under one namespace).
+LAYERS = ("core", "estimators", "retrain", "reports")
 
 
 def project_imports(path: Path) -> list[tuple[str, bool]]:
@@ -54,9 +56,10 @@ def graph() -> dict[str, list[tuple[str, bool]]]:
 
 
 def layer(module: str) -> str:
-    if module == "fidelity" or module.startswith("fidelity.core"):
+    if module == "fidelity":
         return "core"  # fidelity/__init__ re-exports core types only
-    return module.split(".")[0] if not module.startswith("fidelity") else "harness"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "harness"
 
 
 ALLOWED = {
@@ -70,8 +73,10 @@ ALLOWED = {
 
 def test_every_import_goes_down_a_layer_or_stays_in_its_own():
     modules = graph()
-    assert ("fidelity.core.errors", False) in modules["estimators.base"]  # the graph sees imports
-    assert ("retrain.refit", False) in modules["retrain"]
+    assert ("fidelity.core.errors", False) in modules[
+        "fidelity.estimators.base"
+    ]  # the graph sees imports
+    assert ("fidelity.retrain.refit", False) in modules["fidelity.retrain"]
     wrong = [
         f"{module} -> {target}"
         for module, imports in modules.items()

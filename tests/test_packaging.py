@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import zipfile
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -40,8 +41,42 @@ def test_version_and_python_m_fidelity(capsys):
 def test_licence_and_type_information_ship_with_the_packages():
     assert metadata.metadata("influence-fidelity")["License-Expression"] == "MIT"
     assert "MIT License" in (REPO / "LICENSE").read_text()
-    for package in ("fidelity", "estimators", "retrain", "reports"):
+    for package in ("fidelity", "fidelity.estimators", "fidelity.retrain", "fidelity.reports"):
         assert resources.files(package).joinpath("py.typed").is_file()
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_import_namespace(tmp_path):
+    """pip install influence-fidelity adds the package fidelity and nothing else at the top
+    level (no generic estimators/, retrain/ or reports/ beside other distributions')."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    (wheel,) = tmp_path.glob("influence_fidelity-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "fidelity",
+        f"influence_fidelity-{fidelity.__version__}.dist-info",
+    }
+    for package in ("fidelity", "fidelity/estimators", "fidelity/retrain", "fidelity/reports"):
+        assert f"{package}/py.typed" in names
+    assert "fidelity/results.schema.json" in names and "fidelity/suites/nightly.toml" in names
 
 
 def test_a_bug_exits_3_with_one_line_and_the_traceback_in_a_file(tmp_path, capsys, monkeypatch):

@@ -4,11 +4,11 @@ ground truth."""
 import numpy as np
 import pytest
 
-from estimators import ExactEstimator
 from fidelity.cli import main
+from fidelity.estimators import ExactEstimator
 from fidelity.problems import load_problem
 from fidelity.results import RunResults
-from retrain import train
+from fidelity.retrain import train
 from tests.test_cli import SMALL
 
 
@@ -34,7 +34,8 @@ def assert_same_metrics(found, expected):
 
 def score(root, suite, name, *extra):
     out = root / name
-    options = ["--problem", "diabetes-ridge", "--out", str(out), "--no-history"]
+    # -q: the error, alone on stderr (the stage lines of the work before it are not errors)
+    options = ["--problem", "diabetes-ridge", "--out", str(out), "--no-history", "-q"]
     code = main(["score", str(suite), *options, "--cache-dir", str(root / "cache"), *extra])
     return code, out
 
@@ -149,7 +150,7 @@ def test_imported_ground_truth_gives_back_the_runs_own_lds(setting, tmp_path):
 
 
 def test_full_model_values_turn_imported_values_into_changes(setting, tmp_path):
-    from retrain import read_ground_truth
+    from fidelity.retrain import read_ground_truth
 
     values = np.arange(6.0).reshape(2, 3)
     masks = np.array([[1, 0, 1, 1], [0, 1, 1, 1]])
@@ -214,7 +215,7 @@ def test_full_model_values_turn_imported_values_into_changes(setting, tmp_path):
 )
 def test_bad_ground_truth_files_are_refused(tmp_path, arrays, layout, message):
     from fidelity.core.errors import FidelityError
-    from retrain import read_ground_truth
+    from fidelity.retrain import read_ground_truth
 
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(FidelityError, match=message):

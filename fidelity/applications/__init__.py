@@ -2,7 +2,7 @@
 points), label-flip poisoning, mislabel detection by self-influence, and retrieval prefiltering.
 
 Each function takes a trained problem and fitted estimators and returns a JSON-serialisable
-dict; ``reports.applications`` renders them and ``fidelity <command>`` runs them."""
+dict; ``fidelity.reports.applications`` renders them and ``fidelity <command>`` runs them."""
 
 from fidelity.applications.common import build_estimators
 from fidelity.applications.explain import explain

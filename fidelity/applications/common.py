@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from estimators import ESTIMATORS, Estimator
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.core.registry import parse_spec
+from fidelity.estimators import ESTIMATORS, Estimator
 from fidelity.suite import build_component
 
 DEFAULT_ESTIMATORS = ("gnh", "ekfac", "grad-dot")

@@ -7,11 +7,11 @@ from typing import Literal
 
 import torch
 
-from estimators import Estimator
 from fidelity.applications.common import labels, predictions, text_of
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, Problem, TrainedProblem, check_model
-from retrain import ColdResponse
+from fidelity.estimators import Estimator
+from fidelity.retrain import ColdResponse
 
 LooMode = Literal["all", "shown", "none"]
 

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from estimators import Estimator
 from fidelity.applications.common import (
     accuracy,
     against_baseline,
@@ -20,7 +19,8 @@ from fidelity.applications.common import (
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import per_example_loss
 from fidelity.core.problem import TrainedProblem
-from retrain import train
+from fidelity.estimators import Estimator
+from fidelity.retrain import train
 
 
 def mislabel(

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from estimators import Estimator
 from fidelity.applications.common import (
     accuracy,
     against_baseline,
@@ -19,7 +18,8 @@ from fidelity.applications.common import (
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import per_example_loss
 from fidelity.core.problem import NewtonRecipe, TrainedProblem
-from retrain import seeded_variant, train
+from fidelity.estimators import Estimator
+from fidelity.retrain import seeded_variant, train
 
 
 def poison(

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from estimators import ESTIMATORS, Estimator
-from retrain import train
+from fidelity.estimators import ESTIMATORS, Estimator
+from fidelity.retrain import train
 from tests.conftest import make_tiny_logreg
 
 

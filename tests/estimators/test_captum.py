@@ -6,10 +6,10 @@ import importlib.util
 import pytest
 import torch
 
-from estimators import ExactEstimator
-from estimators.external.captum import CaptumEstimator
 from fidelity.core.errors import FidelityError
-from retrain import train
+from fidelity.estimators import ExactEstimator
+from fidelity.estimators.external.captum import CaptumEstimator
+from fidelity.retrain import train
 from tests.conftest import make_tiny_mlp_problem
 
 HAS_CAPTUM = importlib.util.find_spec("captum") is not None
@@ -59,7 +59,7 @@ def test_arnoldi_at_full_rank_tracks_exact(mlp):
 @pytest.mark.skipif(not HAS_CAPTUM, reason="captum is not installed")
 @pytest.mark.filterwarnings("ignore")
 def test_tracincp_at_theta_s_equals_grad_dot(mlp):
-    from estimators.baselines import GradDotEstimator
+    from fidelity.estimators.baselines import GradDotEstimator
 
     problem = mlp.problem
     expected = GradDotEstimator().fit(mlp).scores(problem.test, problem.train)

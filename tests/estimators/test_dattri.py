@@ -8,12 +8,12 @@ import importlib.util
 import pytest
 import torch
 
-from estimators import ESTIMATORS, ExactEstimator
-from estimators.external.dattri import DattriEstimator
-from estimators.kfac import select_layers
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import per_example_grads
-from retrain import train
+from fidelity.estimators import ESTIMATORS, ExactEstimator
+from fidelity.estimators.external.dattri import DattriEstimator
+from fidelity.estimators.kfac import select_layers
+from fidelity.retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.references import relative_error
 

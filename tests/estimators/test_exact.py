@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from estimators import ExactEstimator, GaussNewtonEstimator
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import objective, per_example_loss
 from fidelity.core.problem import FunctionalModel, NewtonRecipe, Problem, TrainedProblem
-from retrain.newton import newton_minimize
+from fidelity.estimators import ExactEstimator, GaussNewtonEstimator
+from fidelity.retrain.newton import newton_minimize
 
 
 def test_exact_equals_closed_form_ridge_influence(trained_problems):

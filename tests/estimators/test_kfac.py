@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from estimators import EkfacEstimator, GaussNewtonEstimator, KfacEstimator
-from estimators.kfac import layer_statistics, select_layers
 from fidelity.core.curvature import CurvatureOperator
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import output_hessian_factor, per_example_grads
 from fidelity.core.problem import NewtonRecipe, Problem
-from retrain import train
+from fidelity.estimators import EkfacEstimator, GaussNewtonEstimator, KfacEstimator
+from fidelity.estimators.kfac import layer_statistics, select_layers
+from fidelity.retrain import train
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
 
 

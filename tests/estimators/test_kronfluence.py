@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from estimators import EkfacEstimator, KfacEstimator
-from estimators.external.kronfluence import KronfluenceEstimator
 from fidelity.core.errors import FidelityError
+from fidelity.estimators import EkfacEstimator, KfacEstimator
+from fidelity.estimators.external.kronfluence import KronfluenceEstimator
 
 HAS_KRONFLUENCE = importlib.util.find_spec("kronfluence") is not None
 
@@ -65,8 +65,8 @@ def test_a_model_that_is_one_layer_is_scored_like_ours(trained_problems):
 
 @pytest.mark.skipif(not HAS_KRONFLUENCE, reason="kronfluence is not installed")
 def test_identity_strategy_is_grad_dot_and_ignores_damping():
-    from estimators.baselines import GradDotEstimator
-    from retrain import train
+    from fidelity.estimators.baselines import GradDotEstimator
+    from fidelity.retrain import train
     from tests.conftest import make_tiny_mlp_problem
 
     trained = train(make_tiny_mlp_problem("cross_entropy"))

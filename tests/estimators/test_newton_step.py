@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from estimators import NewtonStepEstimator, RescaledInfluenceEstimator
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import objective, per_example_grads, per_example_loss
-from retrain import Execution, train
-from retrain.subsets import draw_masks, measurement, retrain_masks
+from fidelity.estimators import NewtonStepEstimator, RescaledInfluenceEstimator
+from fidelity.retrain import Execution, train
+from fidelity.retrain.subsets import draw_masks, measurement, retrain_masks
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
 
 

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from estimators import ExactEstimator
-from estimators.external.pydvl import PydvlEstimator
-from estimators.kfac import EkfacEstimator, KfacEstimator
 from fidelity.core.curvature import CurvatureOperator
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import loss_from_outputs
 from fidelity.core.problem import Examples
+from fidelity.estimators import ExactEstimator
+from fidelity.estimators.external.pydvl import PydvlEstimator
+from fidelity.estimators.kfac import EkfacEstimator, KfacEstimator
 from fidelity.metrics import pearson
-from retrain import train
+from fidelity.retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.references import relative_error, solve_scores
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from estimators import (
+from fidelity.core.curvature import CurvatureOperator
+from fidelity.core.errors import FidelityError
+from fidelity.estimators import (
     ArnoldiEstimator,
     ConjugateGradientEstimator,
     ExactEstimator,
@@ -12,9 +14,7 @@ from estimators import (
     GradDotEstimator,
     LissaEstimator,
 )
-from fidelity.core.curvature import CurvatureOperator
-from fidelity.core.errors import FidelityError
-from retrain import train
+from fidelity.retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.test_exact import saddle_problem
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from estimators import ESTIMATORS, ArnoldiEstimator
+from fidelity.estimators import ESTIMATORS, ArnoldiEstimator
 from fidelity.suite import build_component, load_suite
 
 pytestmark = pytest.mark.slow

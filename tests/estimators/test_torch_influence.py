@@ -7,14 +7,14 @@ import importlib.util
 import pytest
 import torch
 
-from estimators import ExactEstimator
-from estimators.external.torch_influence import TorchInfluenceEstimator
 from fidelity.core.curvature import CurvatureOperator
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import per_example_grads
 from fidelity.core.problem import Examples
+from fidelity.estimators import ExactEstimator
+from fidelity.estimators.external.torch_influence import TorchInfluenceEstimator
 from fidelity.metrics import pearson
-from retrain import train
+from fidelity.retrain import train
 from tests.conftest import make_tiny_mlp_problem
 from tests.estimators.references import relative_error
 

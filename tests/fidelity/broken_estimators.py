@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor
 
-from estimators import Estimator, ExactEstimator
 from fidelity.core.problem import Examples
+from fidelity.estimators import Estimator, ExactEstimator
 
 
 class FlippedSign(ExactEstimator):

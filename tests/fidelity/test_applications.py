@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from estimators import ExactEstimator
 from fidelity.applications import build_estimators, explain, mislabel, poison, prefilter
 from fidelity.applications.common import flip_labels, self_influence
 from fidelity.applications.prefilter import bm25_similarity, tfidf_similarity
 from fidelity.core.errors import FidelityError
+from fidelity.estimators import ExactEstimator
 from fidelity.problems import load_problem
-from retrain import ColdResponse, train
+from fidelity.retrain import ColdResponse, train
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fidelity.core.cache import META, ArtifactCache, content_digest, writer_pid
+from fidelity.retrain import Execution
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import parse_suite
-from retrain import Execution
 
 SUITE = {
     "name": "cache",

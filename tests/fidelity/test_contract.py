@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from estimators import ESTIMATORS, ExactEstimator
 from fidelity.contract import (
     _trained_contract_problem,
     check_estimator,
@@ -13,6 +12,7 @@ from fidelity.contract import (
     contract_problem,
 )
 from fidelity.core.errors import FidelityError
+from fidelity.estimators import ESTIMATORS, ExactEstimator
 from fidelity.testing import check_estimator as exported
 from tests.fidelity import broken_estimators as broken
 from tests.fidelity.user_estimators import NotAnEstimator
@@ -43,7 +43,7 @@ def test_every_registered_estimator_honours_the_contract(name, required_settings
 @pytest.mark.parametrize(
     ("estimator", "reason"),
     [
-        (NotAnEstimator, "does not subclass estimators.Estimator"),
+        (NotAnEstimator, "does not subclass fidelity.estimators.Estimator"),
         (broken.Abstract, "leaves scores abstract"),
         (broken.FittedInInit, "__init__ sets fitted state curvature_"),
         (broken.ForgetsItsSettings, "does not round-trip"),

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from estimators import ExactEstimator, GradCosEstimator
 from fidelity.decomposition import (
     Stage,
     components_between,
@@ -12,8 +11,9 @@ from fidelity.decomposition import (
     measurement_gap,
     output_distance,
 )
+from fidelity.estimators import ExactEstimator, GradCosEstimator
 from fidelity.metrics import pearson
-from retrain import (
+from fidelity.retrain import (
     ColdResponse,
     LinearResponse,
     PbrfResponse,

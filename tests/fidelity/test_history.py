@@ -170,3 +170,17 @@ def test_verdicts_select_the_passing_runs_and_a_recheck_replaces_one(tmp_path):
     assert recorded_results(path, "r3").run_id == "r3"
     with pytest.raises(FidelityError, match="not in history"):
         recorded_results(path, "r9")
+
+
+def test_a_history_missing_a_table_gets_it_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "h.db"
+    append_run(path, fake_results(run_id="kept"))
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE applications")
+    raw.commit()
+    raw.close()
+    assert [run.run_id for run in recent_runs(path)] == ["kept"]
+    from fidelity.history import record_application, recorded_applications
+
+    record_application(path, {"application": "explain", "problem": "p", "provenance": {}})
+    assert [entry.application for entry in recorded_applications(path)] == ["explain"]

@@ -15,9 +15,9 @@ from fidelity.core.cache import ArtifactCache
 from fidelity.core.objective import objective_hessian, per_example_grads, per_example_loss
 from fidelity.problems import load_problem
 from fidelity.results import RemovedCounts, RunResults
+from fidelity.retrain import Execution, train
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import load_suite
-from retrain import Execution, train
 
 pytestmark = pytest.mark.slow
 

@@ -102,7 +102,7 @@ def test_missing_file():
 
 
 def test_import_path_estimator_is_accepted(tmp_path):
-    text = VALID.replace('kind = "exact"', 'kind = "estimators.exact:ExactEstimator"')
+    text = VALID.replace('kind = "exact"', 'kind = "fidelity.estimators.exact:ExactEstimator"')
     assert load_suite(write(tmp_path, text)).estimators[0].kind.endswith(":ExactEstimator")
 
 
@@ -202,8 +202,8 @@ def test_every_problem_needs_an_estimator_and_a_ranking_estimator(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(builtin_suites()))
 def test_every_bundled_component_builds_for_every_problem(name):
-    from estimators import ESTIMATORS
-    from retrain import RESPONSES
+    from fidelity.estimators import ESTIMATORS
+    from fidelity.retrain import RESPONSES
 
     suite = load_suite(name)
     for problem in suite.problems:
@@ -376,7 +376,9 @@ def test_peers_compare_like_with_like():
     """Every external estimator of the peers suite names a reference of ours at its damping."""
     suite = load_suite("peers")
     labels = {spec.label: spec for spec in suite.estimators}
-    external = [spec for spec in suite.estimators if spec.kind.startswith("estimators.external")]
+    external = [
+        spec for spec in suite.estimators if spec.kind.startswith("fidelity.estimators.external")
+    ]
     assert len(external) == 21
     for spec in external:
         assert spec.reference in labels and not labels[spec.reference].kind.startswith("estim")

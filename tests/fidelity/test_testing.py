@@ -15,7 +15,7 @@ def test_a_faithful_estimator_passes_and_ground_truth_is_cached(tmp_path):
     assert 0.9 <= first.value <= 1 and first.low <= first.value <= first.high
     assert first.results.responses["cold"].info["refits"] == 12
     again = measure_fidelity(
-        "estimators.exact:ExactEstimator",
+        "fidelity.estimators.exact:ExactEstimator",
         problem=TINY,
         top=6,
         random=6,

@@ -2,8 +2,8 @@
 
 from torch import Tensor
 
-from estimators.baselines import GradDotEstimator
 from fidelity.core.problem import Examples
+from fidelity.estimators.baselines import GradDotEstimator
 
 
 class NanAfterFirstColumn(GradDotEstimator):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from estimators import ExactEstimator
 from fidelity.applications import explain, mislabel, poison, prefilter
-from reports.applications import (
+from fidelity.estimators import ExactEstimator
+from fidelity.reports.applications import (
     mislabel_figure,
     prefilter_figure,
     render_explain,
@@ -12,7 +12,7 @@ from reports.applications import (
     render_poison,
     render_prefilter,
 )
-from retrain import train
+from fidelity.retrain import train
 from tests.fidelity.user_problems import tiny_text_problem
 
 
@@ -61,7 +61,7 @@ def test_results_are_json_serialisable(results):
 
 
 def test_terminal_text_shows_sentences_as_written_without_control_characters(results):
-    from reports.markdown import terminal_escape
+    from fidelity.reports.markdown import terminal_escape
 
     assert terminal_escape("it's <b>bold</b>\n\x1b[31mred\x07") == (
         "it's <b>bold</b> \\x1b[31mred\\x07"

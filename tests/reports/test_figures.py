@@ -178,7 +178,7 @@ def test_koh2017_fig2_refuses_runs_it_would_ignore(tmp_path, capsys):
 
 
 def test_trend_labels_are_unique_and_correlation_limits_follow_the_data():
-    from reports.figures import _correlation_limits, _unique_run_labels
+    from fidelity.reports.figures import _correlation_limits, _unique_run_labels
 
     created = ["2026-12-01T10:00:01+00:00", "2026-12-01T10:00:59+00:00", "2026-12-01T10:00:59"]
     labels = _unique_run_labels(created)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fidelity.reports import write_reports
 from fidelity.results import RunResults
 from fidelity.runner import RunOptions, run_suite
 from fidelity.suite import parse_suite
-from reports import write_reports
 
 MARKUP_SUITE = {
     # A suite's name is a path component (letters, digits, . _ + -); its description is free.

@@ -1,11 +1,11 @@
 import re
 from dataclasses import replace
 
+from fidelity.reports.document import outline
+from fidelity.reports.format import format_interval
+from fidelity.reports.markdown import md_escape, render_markdown
+from fidelity.reports.tables import estimator_warnings
 from fidelity.results import EstimatorRecord, Interval
-from reports.document import outline
-from reports.format import format_interval
-from reports.markdown import md_escape, render_markdown
-from reports.tables import estimator_warnings
 from tests.fakes import fake_problem, fake_results
 
 
@@ -99,7 +99,7 @@ def test_no_link_image_heading_or_control_character_comes_from_data():
 
 
 def test_terminal_output_shows_control_and_bidirectional_characters():
-    from reports.markdown import terminal_escape
+    from fidelity.reports.markdown import terminal_escape
 
     shown = terminal_escape("a\x1b[2Jb\u202ec\r\nd\u2028e")
     assert shown == "a\\x1b[2Jb\\u202ec  d e"

@@ -3,8 +3,8 @@ value against the noise bound; and the console summary saying the same."""
 
 import dataclasses
 
+from fidelity.reports.tables import BEST, summary_lines, verdict_matrix
 from fidelity.results import Interval, NoiseCeiling
-from reports.tables import BEST, summary_lines, verdict_matrix
 from tests.fakes import fake_problem, fake_results
 
 
@@ -47,7 +47,7 @@ def test_the_console_summary_says_the_same_in_a_line_per_response():
     results = dataclasses.replace(results, problems={"p": problem})
     lines = summary_lines(results)
     assert lines[0] == (
-        "p vs cold (noise bound 0.9000 [0.8500, 0.9400]): exact 0.9000 [0.8500, 0.9300], "
+        "p vs cold, pearson (noise bound 0.9000 [0.8500, 0.9400]): exact 0.9000 [0.8500, 0.9300], "
         "100% of bound, cg 0.8500 [0.8000, 0.9000], grad-dot 0.4000 [0.2000, 0.6000], broken n/a"
     )
-    assert lines[1].startswith("p vs pbrf: cg 0.9500 [0.9000, 0.9700], exact 0.7000")
+    assert lines[1].startswith("p vs pbrf, pearson: cg 0.9500 [0.9000, 0.9700], exact 0.7000")

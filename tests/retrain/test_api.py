@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fidelity.core.cache import ArtifactCache
-from retrain import RESPONSES, Execution, Response
+from fidelity.retrain import RESPONSES, Execution, Response
 
 
 def ridge_leave_one_out(trained, test, removed):

@@ -5,7 +5,7 @@ import torch
 
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.errors import FidelityError
-from retrain import ColdResponse, Execution
+from fidelity.retrain import ColdResponse, Execution
 
 
 def ridge_loo_deltas(problem, test_index, removed):
@@ -59,7 +59,7 @@ def test_second_run_retrains_nothing_and_gives_identical_deltas(trained_problems
 
 
 def test_interrupted_run_resumes(trained_problems, tmp_path, monkeypatch):
-    import retrain.refit as responses
+    import fidelity.retrain.refit as responses
 
     trained = trained_problems("cancer-logreg")
     test = trained.problem.test.subset(torch.arange(10))

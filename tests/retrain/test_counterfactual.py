@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fidelity.core.errors import FidelityError
-from retrain import CounterfactualResponse, Execution, train
-from retrain.minibatch import train_minibatch
-from retrain.subsets import measurement
+from fidelity.retrain import CounterfactualResponse, Execution, train
+from fidelity.retrain.minibatch import train_minibatch
+from fidelity.retrain.subsets import measurement
 from tests.retrain.test_subsets import RECIPE, network
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fidelity.core.errors import FidelityError
-from retrain import Execution, PbrfResponse, SubsetsResponse, WarmResponse
+from fidelity.retrain import Execution, PbrfResponse, SubsetsResponse, WarmResponse
 
 
 def _network_stages(trained, execution, group_size):

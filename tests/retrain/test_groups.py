@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fidelity.core.errors import FidelityError
-from retrain import GroupsResponse
-from retrain.groups import draw_groups
+from fidelity.retrain import GroupsResponse
+from fidelity.retrain.groups import draw_groups
 
 
 def test_groups_are_random_one_class_or_nearest_neighbours():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from estimators import ExactEstimator, GaussNewtonEstimator
 from fidelity.core.errors import FidelityError
-from retrain import LinearResponse, train
-from retrain import linear as linear_module
+from fidelity.estimators import ExactEstimator, GaussNewtonEstimator
+from fidelity.retrain import LinearResponse, train
+from fidelity.retrain import linear as linear_module
 from tests.conftest import make_tiny_mlp_problem
 
 

@@ -6,9 +6,9 @@ import torch
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.objective import objective_hessian
 from fidelity.core.problem import FunctionalModel, MinibatchRecipe
-from retrain import ColdResponse, Execution, train
-from retrain.minibatch import batch_order, train_minibatch
-from retrain.newton import newton_minimize, refit_removals, removal_weights
+from fidelity.retrain import ColdResponse, Execution, train
+from fidelity.retrain.minibatch import batch_order, train_minibatch
+from fidelity.retrain.newton import newton_minimize, refit_removals, removal_weights
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
 
 RECIPE = MinibatchRecipe(optimizer="sgd", learning_rate=0.1, epochs=20, batch_size=8)
@@ -99,7 +99,7 @@ def test_cold_on_a_network_is_paired_with_theta_s(tmp_path):
 
 
 def test_cold_with_seeds_pairs_each_seed_with_its_own_full_model(tmp_path):
-    from retrain import seeded_variant
+    from fidelity.retrain import seeded_variant
 
     problem = network_problem()
     trained = train(problem)

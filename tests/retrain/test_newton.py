@@ -4,7 +4,7 @@ import torch
 from fidelity.core.objective import objective, objective_hessian
 from fidelity.core.problem import FunctionalModel
 from fidelity.problems import load_problem
-from retrain.newton import newton_minimize, refit_removals, removal_weights
+from fidelity.retrain.newton import newton_minimize, refit_removals, removal_weights
 from tests.conftest import make_tiny_logreg
 
 

@@ -7,7 +7,7 @@ import torch
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import objective
-from retrain import (
+from fidelity.retrain import (
     ColdResponse,
     Execution,
     LinearResponse,
@@ -15,8 +15,8 @@ from retrain import (
     ProximalResponse,
     train,
 )
-from retrain import pbrf as pbrf_module
-from retrain.newton import removal_weights
+from fidelity.retrain import pbrf as pbrf_module
+from fidelity.retrain.newton import removal_weights
 from tests.conftest import make_tiny_mlp_problem
 
 

@@ -9,8 +9,8 @@ import torch
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import objective
-from retrain import Execution, SubsetsResponse, train
-from retrain.subsets import draw_masks, measurement, retrain_masks
+from fidelity.retrain import Execution, SubsetsResponse, train
+from fidelity.retrain.subsets import draw_masks, measurement, retrain_masks
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
 from tests.retrain.test_minibatch import RECIPE
 
@@ -99,7 +99,7 @@ def test_subset_deltas_are_paired_with_each_seeds_full_model(tmp_path):
     assert result.per_seed.shape == (2, 3, len(problem.test))
     assert result.masks.shape == (3, problem.n_train) and torch.all(result.alphas == 0.8)
     # seed 0: a model trained by hand on the first mask, against theta_s
-    from retrain.minibatch import train_minibatch
+    from fidelity.retrain.minibatch import train_minibatch
 
     mask = result.masks[:1].to(trained.theta)
     theta = train_minibatch(trained.model, problem, RECIPE, trained.model.initial_theta(), mask)

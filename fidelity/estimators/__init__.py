@@ -1,0 +1,48 @@
+"""Influence estimators, all in DESIGN.md's contract and sign convention."""
+
+from fidelity.core.registry import Registry
+from fidelity.estimators.arnoldi import ArnoldiEstimator
+from fidelity.estimators.base import Estimator, GroupEffects, InverseCurvatureEstimator
+from fidelity.estimators.baselines import GradCosEstimator, GradDotEstimator
+from fidelity.estimators.cg import ConjugateGradientEstimator
+from fidelity.estimators.exact import ExactEstimator, GaussNewtonEstimator
+from fidelity.estimators.kfac import EkfacEstimator, KfacEstimator
+from fidelity.estimators.lissa import LissaEstimator
+from fidelity.estimators.newton_step import NewtonStepEstimator, RescaledInfluenceEstimator
+from fidelity.estimators.precomputed import PrecomputedEstimator
+
+ESTIMATORS: Registry[type[Estimator]] = Registry("estimator", base=Estimator)
+for _estimator in (
+    ExactEstimator,
+    GaussNewtonEstimator,
+    ConjugateGradientEstimator,
+    LissaEstimator,
+    ArnoldiEstimator,
+    KfacEstimator,
+    EkfacEstimator,
+    GradDotEstimator,
+    GradCosEstimator,
+    NewtonStepEstimator,
+    RescaledInfluenceEstimator,
+    PrecomputedEstimator,
+):
+    ESTIMATORS.register(_estimator.name)(_estimator)
+
+__all__ = [
+    "ESTIMATORS",
+    "ArnoldiEstimator",
+    "ConjugateGradientEstimator",
+    "EkfacEstimator",
+    "Estimator",
+    "ExactEstimator",
+    "GaussNewtonEstimator",
+    "GradCosEstimator",
+    "GradDotEstimator",
+    "GroupEffects",
+    "InverseCurvatureEstimator",
+    "KfacEstimator",
+    "LissaEstimator",
+    "NewtonStepEstimator",
+    "PrecomputedEstimator",
+    "RescaledInfluenceEstimator",
+]

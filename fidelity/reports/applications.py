@@ -1,0 +1,222 @@
+"""Markdown sections and figures for the applications (explain, poison, mislabel, prefilter).
+
+Every string that comes from data (training and test sentences, problem and estimator names)
+goes through ``escape``: ``md_escape`` for the Markdown files (a review can hold markup),
+``terminal_escape`` for what the CLI prints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fidelity.reports.format import literal_text, log_axis
+from fidelity.reports.markdown import md_escape
+
+Escape = Callable[[object], str]
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    if entry["low"] is None:
+        return f"{entry['mean']:.3f}"
+    return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def _paired(entry: dict[str, Any] | None) -> str:
+    """A paired difference against random: mean [interval], p-value of the paired t-test."""
+    if entry is None:
+        return "-"
+    p = entry.get("p_value")
+    return _interval(entry) + ("" if p is None else f", p = {p:.2g}")
+
+
+def render_explain(result: dict[str, Any], *, escape: Escape = md_escape) -> str:
+    test = result["test"]
+    lines = [
+        f"## Explanation on {escape(result['problem'])}",
+        "",
+        f"Test point: {escape(test.get('text') or test.get('index'))} "
+        f"(label {test['label']}, predicted {test['predicted']}). "
+        f"Helpful: removing the training point would raise this test loss (delta > 0); "
+        f"harmful: removing it would lower the loss. Actual: leave-one-out retraining "
+        f"({escape(result['loo'])}).",
+    ]
+    for name, lists in result["estimators"].items():
+        for kind in ("helpful", "harmful"):
+            lines += [
+                "",
+                f"### {escape(name)}: {result['top']} most {kind}",
+                "",
+                "| rank | index | label | predicted | actual | sentence |",
+                "|---:|---:|---:|---:|---:|---|",
+            ]
+            for rank, row in enumerate(lists[kind], 1):
+                lines.append(
+                    f"| {rank} | {row['index']} | {row['label']} | {_number(row['predicted'])} "
+                    f"| {_number(row['actual'])} | {escape(row['text'] or '')} |"
+                )
+    for kind, table in result["overlap"].items():
+        names = list(table)
+        lines += [
+            "",
+            f"Overlap of the top-{result['top']} {kind} lists (fraction shared):",
+            "",
+            "| | " + " | ".join(escape(n) for n in names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for a in names:
+            lines.append(
+                f"| {escape(a)} | " + " | ".join(f"{table[a][b]:.2f}" for b in names) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_poison(result: dict[str, Any], *, escape: Escape = md_escape) -> str:
+    lines = [
+        f"## Label-flip poisoning on {escape(result['problem'])}",
+        "",
+        f"{result['budget']} labels flipped ({100 * result['fraction']:.1f}% of the training "
+        f"set), model retrained; test accuracy (mean [95% interval] over seeds "
+        f"{', '.join(map(str, result['seeds']))}).",
+        "",
+        f"Before: {_interval(result['accuracy_before'])}",
+    ]
+    if result["deterministic_training"]:
+        lines.append(
+            "Training is convex and converged, so only the random choice varies with the seed; "
+            "a choice that does not is retrained once (no interval)."
+        )
+    lines += [
+        "",
+        "| points chosen by | accuracy after | change | drop beyond random (paired by seed) |",
+        "|---|---:|---:|---:|",
+    ]
+    before = result["accuracy_before"]["mean"]
+    beyond = result.get("drop_beyond_random", {})
+    for name, entry in result["accuracy_after"].items():
+        lines.append(
+            f"| {escape(name)} | {_interval(entry)} | {entry['mean'] - before:+.3f} | "
+            f"{_paired(beyond.get(name))} |"
+        )
+    lines += [
+        "",
+        "Drop beyond random: the random flips' accuracy minus the choice's, seed by seed (the same "
+        "training seed and draw), mean [95% Student-t interval], p-value of the paired t-test.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_mislabel(
+    result: dict[str, Any], figure: str | None = None, *, escape: Escape = md_escape
+) -> str:
+    fractions = result["check_fractions"]
+    lines = [
+        f"## Mislabel detection on {escape(result['problem'])}",
+        "",
+        f"{result['flipped_count']} training labels flipped ({100 * result['flip']:.0f}%), "
+        f"seeds {', '.join(map(str, result['seeds']))}. Test accuracy: clean "
+        f"{result['accuracy_clean']:.3f}, corrupted {_interval(result['accuracy_corrupted'])}.",
+        "",
+        "| ranking | AUC | "
+        + " | ".join(f"found @{100 * f:.0f}%" for f in fractions)
+        + " | "
+        + " | ".join(f"accuracy fixed @{100 * f:.0f}%" for f in fractions)
+        + " | AUC beyond random (paired) |",
+        "|---|---:|" + "---:|" * (2 * len(fractions) + 1),
+    ]
+    for name, entry in result["rankings"].items():
+        found = [f"{entry['found_at'][str(f)]:.3f}" for f in fractions]
+        fixed = [_interval(entry["accuracy_after_fixing"][str(f)]) for f in fractions]
+        lines.append(
+            f"| {escape(name)} | {_interval(entry['auc'])} | "
+            + " | ".join(found)
+            + " | "
+            + " | ".join(fixed)
+            + f" | {_paired(entry.get('auc_beyond_random'))} |"
+        )
+    lines += [
+        "",
+        "AUC beyond random: the ranking's AUC minus random's, seed by seed (the same flips), mean "
+        "[95% Student-t interval], p-value of the paired t-test; per checked fraction the same "
+        "comparison of the repaired accuracy is in mislabel.json (accuracy_beyond_random).",
+    ]
+    if figure:
+        lines += ["", f"![fraction of flipped labels found]({escape(figure)})"]
+    return "\n".join(lines) + "\n"
+
+
+def render_prefilter(
+    result: dict[str, Any], figure: str | None = None, *, escape: Escape = md_escape
+) -> str:
+    ks = result["candidates"]
+    lines = [
+        f"## Retrieval prefiltering on {escape(result['problem'])}",
+        "",
+        f"Recall of the top {result['top']} training sentences by |delta| under "
+        f"{escape(result['reference'])} among the K sentences retrieved for each of "
+        f"{len(result['test_points'])} test sentences.",
+        "",
+        "| retriever | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|" + "---:|" * len(ks),
+    ]
+    for method, recall in result["recall"].items():
+        lines.append(
+            f"| {escape(method)} | " + " | ".join(f"{recall[str(k)]:.3f}" for k in ks) + " |"
+        )
+    if figure:
+        lines += ["", f"![recall against candidates]({escape(figure)})"]
+    return "\n".join(lines) + "\n"
+
+
+@literal_text
+def mislabel_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
+    """Fraction of flipped labels found against fraction of training data checked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 3.6), constrained_layout=True)
+    for name, entry in result["rankings"].items():
+        curve = entry["curve"]
+        style = "--" if name == "random" else "-"
+        axis.plot(curve["checked"], curve["found"], style, label=name)
+    axis.set_xlabel("fraction of training data checked")
+    axis.set_ylabel("fraction of flipped labels found")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_title(f"{result['problem']}: {100 * result['flip']:.0f}% labels flipped", fontsize=9)
+    axis.legend(fontsize=7, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
+@literal_text
+def prefilter_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Path:
+    """Recall of the influential sentences against the number of retrieved candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 3.6), constrained_layout=True)
+    ks = result["candidates"]
+    for method, recall in result["recall"].items():
+        style = "--" if method == "random" else "-o"
+        axis.plot(ks, [recall[str(k)] for k in ks], style, label=method, markersize=3)
+    log_axis(axis, at=ks)
+    axis.set_xlabel("candidates retrieved K")
+    axis.set_ylabel(f"recall of top-{result['top']} influential")
+    axis.set_ylim(0, 1.02)
+    axis.set_title(f"{result['problem']} (reference {result['reference']})", fontsize=9)
+    axis.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path

@@ -1,0 +1,330 @@
+"""Paper figures at publication size: PNG (300 dpi) and PDF, each with its data as CSV.
+
+Drawing only: every function takes rows of data (dicts) that ``fidelity.paper`` gathered from
+run directories, and writes ``NAME.png``, ``NAME.pdf`` and ``NAME.csv`` into a folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fidelity.reports.format import literal_text, log_axis
+
+#: Gaps below this are float64 round-off of converged solves, drawn at the floor, not as bars.
+ROUND_OFF = 1e-10
+
+#: Full text width of a two-column paper (inches); fonts sized to be read at 100%.
+TEXT_WIDTH = 6.75
+FONT = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+}
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The figure's data, one row per plotted value, columns in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper", rc=FONT)
+    return plt, sns
+
+
+def _save(plt, figure, out: Path, name: str, rows: Sequence[dict[str, Any]]) -> list[Path]:
+    # Laid out by constrained layout and saved with a tight box
+    # (``fidelity.reports.format.PRINT_READY``).
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    figure.savefig(paths[0], dpi=300)
+    figure.savefig(paths[1])
+    plt.close(figure)
+    return [*paths, write_csv(rows, out / f"{name}.csv")]
+
+
+@literal_text
+def koh2017_fig2(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Predicted vs actual change in test loss of one test point for its top-|influence|
+    removals, one panel per model (Koh & Liang 2017, Fig. 2).
+
+    Each panel: ``{"title", "estimator", "response", "predicted", "actual", "pearson"}``.
+    """
+    import numpy as np
+
+    plt, _ = _figure()
+    figure, axes = plt.subplots(1, len(panels), figsize=(TEXT_WIDTH, 2.6), squeeze=False)
+    rows = []
+    for axis, panel in zip(axes[0], panels, strict=True):
+        raw_actual, raw_predicted = np.asarray(panel["actual"]), np.asarray(panel["predicted"])
+        # One power of ten for both axes, written into the labels (matplotlib's offset text
+        # would collide with the x label at this size); the CSV keeps the raw values.
+        largest = float(max(np.abs(raw_actual).max(), np.abs(raw_predicted).max(), 1e-300))
+        exponent = int(np.floor(np.log10(largest)))
+        unit = "" if -1 <= exponent <= 1 else f" (×1e{exponent})"
+        factor = 1.0 if not unit else 10.0**-exponent
+        actual, predicted = raw_actual * factor, raw_predicted * factor
+        axis.scatter(actual, predicted, s=9, alpha=0.75, color="#2f4b7c", linewidth=0)
+        low = float(min(actual.min(), predicted.min()))
+        high = float(max(actual.max(), predicted.max()))
+        pad = 0.05 * (high - low or 1.0)
+        axis.plot([low - pad, high + pad], [low - pad, high + pad], "--", color="0.4", lw=0.8)
+        axis.set_xlim(low - pad, high + pad)
+        axis.set_ylim(low - pad, high + pad)
+        axis.set_aspect("equal")
+        axis.set_title(f"{panel['title']}\nPearson r = {panel['pearson']:.3f}")
+        axis.set_xlabel(f"actual change in test loss{unit}\n({panel['response']})")
+        axis.set_ylabel(f"predicted change{unit}\n({panel['estimator']})")
+        for position, (a, p) in enumerate(zip(raw_actual, raw_predicted, strict=True)):
+            rows.append(
+                {
+                    "panel": panel["title"],
+                    "problem": panel["problem"],
+                    "test_index": panel["test_index"],
+                    "train_index": int(panel["train_index"][position]),
+                    "estimator": panel["estimator"],
+                    "response": panel["response"],
+                    "predicted": float(p),
+                    "actual": float(a),
+                }
+            )
+    return _save(plt, figure, out, name, rows)
+
+
+@literal_text
+def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Bars of the five gaps per model (Bae et al. 2022): output-space RMS and relative MAE on
+    the measurement. ``rows``: {problem, gap, output_rms, relative_mae, ...}; gaps without an
+    output-space value (a ranking score such as grad-cos) are written to the CSV, not drawn.
+    Both axes are logarithmic; a gap below ``ROUND_OFF`` (the stages agree to float64
+    round-off, as on a convex model: 1e-16 there is noise, not a gap) is drawn at the axis floor
+    and labelled "< 1e-10" instead of as a bar of its own size."""
+    import numpy as np
+
+    plt, sns = _figure()
+    drawn = [row for row in rows if row["output_rms"] is not None]
+    gaps = list(dict.fromkeys(row["gap"] for row in drawn))
+    problems = list(dict.fromkeys(row["problem"] for row in drawn))
+    height = 0.22 * len(gaps) * max(len(problems), 2) + 1.3
+    figure, axes = plt.subplots(1, 2, figsize=(TEXT_WIDTH, height), squeeze=False, sharey=True)
+    for axis, key, label in (
+        (axes[0, 0], "output_rms", "output-space RMS difference"),
+        (axes[0, 1], "relative_mae", "mean |Δa − Δb| / mean |Δ cold|"),
+    ):
+        values = np.array([np.nan if row[key] is None else row[key] for row in drawn], float)
+        floor = ROUND_OFF / 10
+        sns.barplot(
+            x=np.where(values >= ROUND_OFF, values, floor),
+            y=[row["gap"] for row in drawn],
+            hue=[row["problem"] for row in drawn],
+            hue_order=problems,
+            order=gaps,
+            ax=axis,
+            orient="h",
+            legend=axis is axes[0, 0],
+        )
+        log_axis(axis)
+        axis.set_xlim(left=floor)
+        for container in axis.containers:
+            labels = [
+                f"< {ROUND_OFF:.0e}" if bar.get_width() <= floor else f"{bar.get_width():.2g}"
+                for bar in container
+            ]
+            axis.bar_label(container, labels=labels, fontsize=6, padding=1.5)
+        axis.set_xlabel(label)
+        axis.set_ylabel("")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    axes[0, 0].get_legend().remove()
+    figure.legend(handles, labels, title="model", loc="outside lower center", ncol=len(labels))
+    return _save(plt, figure, out, name, rows)
+
+
+@literal_text
+def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Pooled Pearson of each estimator against each response stage (ladder order on x), one
+    panel per problem, with the bootstrap interval as error bars."""
+    import numpy as np
+
+    plt, _ = _figure()
+    problems = list(dict.fromkeys(row["problem"] for row in rows))
+    columns = min(len(problems), 3)
+    lines = -(-len(problems) // columns)
+    figure, axes = plt.subplots(
+        lines, columns, figsize=(TEXT_WIDTH, 2.3 * lines + 0.3), squeeze=False, sharey=True
+    )
+    for axis in axes.ravel()[len(problems) :]:
+        axis.set_visible(False)
+    every_estimator = list(dict.fromkeys(row["estimator"] for row in rows))
+    markers = dict(zip(every_estimator, "osD^vP*Xh<>p" * 3, strict=False))
+    # Estimators often coincide (exact, gnh and cg on a convex model): each is shifted a little
+    # along x and has its own marker, so that overlapping series stay visible.
+    width = 0.5 / max(len(every_estimator), 1)
+    for axis, problem in zip(axes.ravel(), problems, strict=False):
+        mine = [row for row in rows if row["problem"] == problem]
+        stages = list(dict.fromkeys(row["stage"] for row in mine))
+        for estimator in dict.fromkeys(row["estimator"] for row in mine):
+            points = {row["stage"]: row for row in mine if row["estimator"] == estimator}
+            shift = (every_estimator.index(estimator) - (len(every_estimator) - 1) / 2) * width
+            x = np.arange(len(stages)) + shift
+            y = np.array([_value(points.get(s), "pearson") for s in stages])
+            low = np.array([_value(points.get(s), "low") for s in stages])
+            high = np.array([_value(points.get(s), "high") for s in stages])
+            axis.errorbar(
+                x,
+                y,
+                yerr=[np.nan_to_num(y - low), np.nan_to_num(high - y)],
+                marker=markers[estimator],
+                markersize=3.5,
+                capsize=2,
+                linewidth=1,
+                label=estimator,
+            )
+        axis.set_xticks(np.arange(len(stages)), stages, rotation=30, ha="right")
+        axis.set_title(problem)
+        axis.set_ylabel("pooled Pearson r")
+    finite = [v for row in rows for v in (row["pearson"], row["low"]) if v is not None]
+    bottom = min(finite, default=0.0)
+    axes.ravel()[0].set_ylim(bottom - 0.05 * (1.02 - bottom), 1.02)  # shared: every value shows
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    figure.legend(
+        handles, labels, title="estimator", loc="outside lower center", ncol=min(len(labels), 6)
+    )
+    return _save(plt, figure, out, name, rows)
+
+
+def _value(row: dict[str, Any] | None, key: str) -> float:
+    import numpy as np
+
+    return np.nan if row is None or row[key] is None else row[key]
+
+
+@literal_text
+def lds_loo_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """dattri's benchmark table as a figure: estimators in rows, (problem, measure) in
+    columns, each cell the value with its interval, shaded by the value (0 to 1).
+
+    Each row: ``{"problem", "estimator", "measure", "value", "low", "high"}``.
+    """
+    import numpy as np
+
+    plt, _ = _figure()
+    columns = list(dict.fromkeys((row["problem"], row["measure"]) for row in rows))
+    estimators = [e for e in dict.fromkeys(row["estimator"] for row in rows) if e != "noise bound"]
+    if any(row["estimator"] == "noise bound" for row in rows):
+        estimators.append("noise bound")
+    cells = {(row["estimator"], row["problem"], row["measure"]): row for row in rows}
+    values = np.full((len(estimators), len(columns)), np.nan)
+    for i, estimator in enumerate(estimators):
+        for j, (problem, measure) in enumerate(columns):
+            cell = cells.get((estimator, problem, measure))
+            if cell is not None and cell["value"] is not None:
+                values[i, j] = cell["value"]
+    height = 0.32 * len(estimators) + 1.1
+    figure, axis = plt.subplots(figsize=(TEXT_WIDTH, height))
+    axis.imshow(np.clip(values, 0, 1), cmap="Blues", vmin=0, vmax=1.4, aspect="auto")
+    for i, estimator in enumerate(estimators):
+        for j, (problem, measure) in enumerate(columns):
+            cell = cells.get((estimator, problem, measure))
+            if cell is None or cell["value"] is None:
+                text = "-"
+            elif cell["low"] is None or cell["high"] is None:
+                text = f"{cell['value']:.3f}"
+            else:
+                text = f"{cell['value']:.3f} [{cell['low']:.2f}, {cell['high']:.2f}]"
+            style = "italic" if estimator == "noise bound" else "normal"
+            axis.text(j, i, text, ha="center", va="center", fontsize=6.5, style=style)
+    axis.set_xticks(range(len(columns)), [f"{p}\n{m}" for p, m in columns])
+    axis.xaxis.tick_top()
+    axis.set_yticks(range(len(estimators)), estimators)
+    axis.tick_params(length=0)
+    axis.grid(False)
+    for j in range(1, len(columns)):
+        axis.axvline(j - 0.5, color="white", linewidth=1.5)
+    return _save(plt, figure, out, name, rows)
+
+
+@literal_text
+def koh2019_groups(panels: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Predicted against actual group effects, one panel per (problem, estimator), each
+    (group, test point) pair coloured by the kind of group, y = x dashed, each kind's slope in
+    the legend (Koh et al. 2019, Fig. 1).
+
+    Each panel: ``{"problem", "estimator", "target", "kinds", "sizes", "actual" [groups,
+    n_test], "predicted" [groups, n_test], "slopes", "pearson"}``.
+    """
+    import numpy as np
+
+    plt, sns = _figure()
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    figure, axes = plt.subplots(
+        lines, columns, figsize=(TEXT_WIDTH, 2.35 * lines + 0.2), squeeze=False
+    )
+    for axis in axes.ravel()[len(panels) :]:
+        axis.set_visible(False)
+    colours = dict(
+        zip(("random", "class", "neighbours"), sns.color_palette("deep", 3), strict=True)
+    )
+    rows = []
+    for axis, panel in zip(axes.ravel(), panels, strict=False):
+        actual, predicted = np.asarray(panel["actual"]), np.asarray(panel["predicted"])
+        kinds = np.asarray(panel["kinds"])
+        for kind in dict.fromkeys(kinds.tolist()):
+            chosen = kinds == kind
+            slope = panel["slopes"].get(kind)
+            label = kind if slope is None else f"{kind} (slope {slope:.2f})"
+            axis.scatter(
+                actual[chosen].ravel(),
+                predicted[chosen].ravel(),
+                s=4,
+                alpha=0.6,
+                linewidth=0,
+                color=colours.get(kind),
+                label=label,
+            )
+        low = float(min(actual.min(), predicted.min()))
+        high = float(max(actual.max(), predicted.max()))
+        axis.plot([low, high], [low, high], "--", color="0.4", lw=0.8)
+        title = f"{panel['problem']}: {panel['estimator']}"
+        axis.set_title(textwrap.fill(title, 30, break_on_hyphens=False))
+        axis.set_xlabel(f"actual change of test {panel['target']}")
+        axis.set_ylabel("predicted change")
+        axis.legend(fontsize=5.5, loc="upper left", handletextpad=0.2, borderpad=0.3)
+        sizes = np.asarray(panel["sizes"])
+        for g in range(actual.shape[0]):
+            for t in range(actual.shape[1]):
+                rows.append(
+                    {
+                        "problem": panel["problem"],
+                        "estimator": panel["estimator"],
+                        "kind": str(kinds[g]),
+                        "size": int(sizes[g]),
+                        "group": g,
+                        "test_point": t,
+                        "actual": float(actual[g, t]),
+                        "predicted": float(predicted[g, t]),
+                    }
+                )
+    return _save(plt, figure, out, name, rows)
