@@ -110,14 +110,15 @@ def score(
     values = {name: fn(predicted, actual) for name, fn in METRICS.items()}
     rng = np.random.default_rng(seed)
     rows, cols = predicted.shape
-    replicates = {name: np.empty(n_boot) for name in METRICS}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for b in range(n_boot):
-            r = rng.integers(0, rows, rows)
-            c = rng.integers(0, cols, cols)
-            p, a = predicted[np.ix_(r, c)], actual[np.ix_(r, c)]
-            for name, fn in METRICS.items():
-                replicates[name][b] = fn(p, a)
+    # The draws of the one-replicate-at-a-time loop this replaced (rows, then columns, per
+    # replicate), so that a seed gives the same intervals; the metrics of all replicates are
+    # then array operations (``replicate_metrics``).
+    row_draws = np.empty((n_boot, rows), dtype=np.int64)
+    col_draws = np.empty((n_boot, cols), dtype=np.int64)
+    for b in range(n_boot):
+        row_draws[b] = rng.integers(0, rows, rows)
+        col_draws[b] = rng.integers(0, cols, cols)
+    replicates = replicate_metrics(predicted, actual, row_draws, col_draws, tuple(METRICS))
     tail = 100 * (1 - confidence) / 2
     result = {}
     for name, value in values.items():
@@ -130,32 +131,158 @@ def score(
     return result
 
 
-def _batched_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson correlation along the last axis of ``x`` and ``y`` ``[..., n]``."""
-    x, y = _scaled(x, axis=-1), _scaled(y, axis=-1)
-    x = x - x.mean(axis=-1, keepdims=True)
-    y = y - y.mean(axis=-1, keepdims=True)
-    denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
+def _counts(draws: np.ndarray, size: int) -> np.ndarray:
+    """``[B, size]``: how often each of ``size`` items is drawn in each row of ``draws``."""
+    offsets = draws + size * np.arange(len(draws))[:, None]
+    counts = np.bincount(offsets.ravel(), minlength=len(draws) * size)
+    return counts.reshape(len(draws), size).astype(float)
+
+
+def _weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Pearson correlation along the last axis of values where each element counts ``w``
+    times (the correlation of the data with every element repeated that often); undefined
+    (NaN) where a side is constant."""
+    counted = w > 0
+    # A side whose counted values are all equal is constant (NaN, as for the repeated data),
+    # although its weighted mean may differ from them by a rounding error.
+    constant = np.zeros(np.broadcast_shapes(x.shape, w.shape)[:-1], bool)
+    for values in (x, y):
+        high = np.where(counted, values, -np.inf).max(axis=-1)
+        constant |= high == np.where(counted, values, np.inf).min(axis=-1)
+    total = w.sum(axis=-1, keepdims=True)
+    x = x - (w * x).sum(axis=-1, keepdims=True) / total
+    y = y - (w * y).sum(axis=-1, keepdims=True) / total
+    xx, yy, xy = ((w * a * b).sum(axis=-1) for a, b in ((x, x), (y, y), (x, y)))
+    denominator = np.sqrt(xx * yy)
+    defined = ~constant & (denominator > 0)
+    return np.where(defined, xy / np.where(defined, denominator, 1), np.nan)
+
+
+def _weighted_ranks(values: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Average ranks of ``values`` ``[..., n]`` (fixed) when each element counts ``w``
+    ``[B, ..., n]`` times: the number of counted elements below it, plus (the number equal to
+    it, itself included, + 1) / 2, as scipy's rankdata ranks the repeated data."""
+    order = np.argsort(values, axis=-1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=-1)
+    n = values.shape[-1]
+    position = np.broadcast_to(np.arange(n), ordered.shape)
+    starts = np.concatenate(
+        [np.ones((*ordered.shape[:-1], 1), bool), ordered[..., 1:] != ordered[..., :-1]], axis=-1
+    )
+    ends = np.concatenate(
+        [ordered[..., 1:] != ordered[..., :-1], np.ones((*ordered.shape[:-1], 1), bool)], axis=-1
+    )
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, n - 1), -1), -1), -1)
+    weights = np.take_along_axis(w, np.broadcast_to(order, w.shape), axis=-1)
+    running = np.cumsum(weights, axis=-1)
+    first_b, last_b = (np.broadcast_to(i, weights.shape) for i in (first, last))
+    below = np.take_along_axis(running, first_b, -1) - np.take_along_axis(weights, first_b, -1)
+    equal = np.take_along_axis(running, last_b, -1) - below
+    ranks = np.empty_like(weights)
+    np.put_along_axis(ranks, np.broadcast_to(order, w.shape), below + (equal + 1) / 2, axis=-1)
+    return ranks
+
+
+def _finite_weighted_mean(values: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The mean over the last axis of the finite values, each counted ``w`` times."""
+    finite = np.isfinite(values)
+    total = np.where(finite, w, 0).sum(axis=-1)
+    summed = np.where(finite, w * np.where(finite, values, 0), 0).sum(axis=-1)
+    return np.where(total > 0, summed / np.where(total > 0, total, 1), np.nan)
+
+
+def replicate_metrics(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    row_draws: np.ndarray,
+    col_draws: np.ndarray,
+    names: tuple[str, ...],
+) -> dict[str, np.ndarray]:
+    """Each metric of ``names`` on every two-way bootstrap replicate, ``[B]``: replicate b
+    keeps rows ``row_draws[b]`` and columns ``col_draws[b]`` of the ``[rows, cols]`` arrays.
+
+    A replicate is the data with each (row, column) cell repeated (row count x column count)
+    times, so every metric but Kendall's is computed from those counts as weighted array
+    operations, without forming the resampled arrays: Pearson as a weighted correlation,
+    Spearman from the repeated data's average ranks (cumulative counts along each value's
+    order), the per-test metrics per row weighted by the column counts and averaged with the
+    row counts, Kendall's tau-b from the pair matrices as quadratic forms in the cell counts
+    (replicate by replicate on the resampled arrays above ``KENDALL_PAIR_CELLS`` cells).
+    The values equal the one-replicate-at-a-time metrics to round-off (tested)."""
+    rows, cols = predicted.shape
+    found = {name: np.empty(len(row_draws)) for name in names}
+    scaled_p, scaled_a = _scaled(predicted), _scaled(actual)
+    flat_p, flat_a = scaled_p.ravel(), scaled_a.ravel()
+    ranks_needed = "spearman" in names
+    pairs = None
+    if "kendall" in names and rows * cols <= KENDALL_PAIR_CELLS:
+        pairs = _kendall_pairs(predicted.ravel(), actual.ravel())
+    block = max(1, _BLOCK_ELEMENTS // (rows * cols))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (x * y).sum(axis=-1) / denominator, np.nan)
+        for start in range(0, len(row_draws), block):
+            stop = min(start + block, len(row_draws))
+            row_w = _counts(row_draws[start:stop], rows)
+            col_w = _counts(col_draws[start:stop], cols)
+            cell_w = (row_w[:, :, None] * col_w[:, None, :]).reshape(stop - start, -1)
+            if "pearson" in names:
+                found["pearson"][start:stop] = _weighted_pearson(flat_p, flat_a, cell_w)
+            if ranks_needed:
+                # Ranks of the values as given: scaling could merge two that differ by a bit.
+                rank_p, rank_a = (_weighted_ranks(v.ravel(), cell_w) for v in (predicted, actual))
+                found["spearman"][start:stop] = _weighted_pearson(rank_p, rank_a, cell_w)
+            per_column = col_w[:, None, :]
+            if "mean_test_pearson" in names:
+                per_row = _weighted_pearson(scaled_p, scaled_a, per_column)
+                found["mean_test_pearson"][start:stop] = _finite_weighted_mean(per_row, row_w)
+            if "mean_test_spearman" in names:
+                weights = np.broadcast_to(per_column, (stop - start, rows, cols))
+                rank_p, rank_a = (_weighted_ranks(v, weights) for v in (predicted, actual))
+                per_row = _weighted_pearson(rank_p, rank_a, per_column)
+                found["mean_test_spearman"][start:stop] = _finite_weighted_mean(per_row, row_w)
+            if "kendall" in names and pairs is not None:
+                found["kendall"][start:stop] = _weighted_kendall(pairs, cell_w)
+            elif "kendall" in names:
+                for b in range(start, stop):
+                    keep = np.ix_(row_draws[b], col_draws[b])
+                    found["kendall"][b] = kendall(predicted[keep], actual[keep])
+    return found
 
 
-def _batched_metric(name: str, predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """``METRICS[name]`` of every replicate of ``[B, rows, cols]`` arrays at once, ``[B]``
-    (the same numbers as the one-at-a-time functions; Kendall's tau-b is looped)."""
-    flat = predicted.reshape(len(predicted), -1), actual.reshape(len(actual), -1)
-    if name == "pearson":
-        return _batched_pearson(*flat)
-    if name == "spearman":
-        return _batched_pearson(*(stats.rankdata(v, axis=-1) for v in flat))
-    if name in ("mean_test_pearson", "mean_test_spearman"):
-        if name == "mean_test_spearman":
-            predicted, actual = (stats.rankdata(v, axis=-1) for v in (predicted, actual))
-        rows = _batched_pearson(predicted, actual)
-        finite = np.isfinite(rows)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(finite, rows, 0.0).sum(axis=1) / finite.sum(axis=1)
-    return np.array([METRICS[name](p, a) for p, a in zip(predicted, actual, strict=True)])
+#: Up to this many cells, Kendall's replicates use the pair matrices (n x n); above, the
+#: replicate-by-replicate tau-b is cheaper than the matrix products.
+KENDALL_PAIR_CELLS = 1000
+
+
+def _kendall_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pair matrices of Kendall's tau-b over the cells: sign(x_i - x_j) sign(y_i - y_j),
+    and whether x (y) ties, off the diagonal."""
+    concordance = np.sign(x[:, None] - x[None, :]) * np.sign(y[:, None] - y[None, :])
+    off_diagonal = ~np.eye(len(x), dtype=bool)
+    x_ties = ((x[:, None] == x[None, :]) & off_diagonal).astype(float)
+    y_ties = ((y[:, None] == y[None, :]) & off_diagonal).astype(float)
+    return concordance, x_ties, y_ties
+
+
+def _weighted_kendall(
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray], w: np.ndarray
+) -> np.ndarray:
+    """Kendall's tau-b of the data with cell i repeated ``w[b, i]`` times, ``[B]``: a pair of
+    distinct cells counts w_i w_j times; copies of one cell tie in both x and y."""
+    concordance, x_ties, y_ties = pairs
+    total = w.sum(axis=-1)
+    all_pairs = total * (total - 1) / 2
+    copies = (w * (w - 1) / 2).sum(axis=-1)
+
+    def quadratic(matrix: np.ndarray) -> np.ndarray:
+        return ((w @ matrix) * w).sum(axis=-1) / 2
+
+    difference = quadratic(concordance)
+    x_tied = copies + quadratic(x_ties)
+    y_tied = copies + quadratic(y_ties)
+    denominator = np.sqrt((all_pairs - x_tied) * (all_pairs - y_tied))
+    defined = denominator > 0
+    return np.where(defined, difference / np.where(defined, denominator, 1), np.nan)
 
 
 #: Elements gathered per block of bootstrap replicates (bounds the paired bootstrap's memory).
@@ -196,16 +323,9 @@ def paired_difference(
     rng = np.random.default_rng(seed)
     row_draws = rng.integers(0, rows, (n_boot, rows))
     col_draws = rng.integers(0, cols, (n_boot, cols))
-    block = max(1, _BLOCK_ELEMENTS // (rows * cols))
-    drops = np.empty(n_boot)
-    for start in range(0, n_boot, block):
-        r = row_draws[start : start + block, :, None]
-        c = col_draws[start : start + block, None, :]
-        b_pred, b_act, c_pred, c_act = (a[r, c] for a in arrays)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            drops[start : start + block] = _batched_metric(metric, b_pred, b_act) - (
-                _batched_metric(metric, c_pred, c_act)
-            )
+    base = replicate_metrics(arrays[0], arrays[1], row_draws, col_draws, (metric,))[metric]
+    now = replicate_metrics(arrays[2], arrays[3], row_draws, col_draws, (metric,))[metric]
+    drops = base - now
     samples = drops[np.isfinite(drops)]
     if not samples.size:
         return Interval.of(drop)

@@ -811,8 +811,9 @@ def evaluate_problem(
     tick = time.perf_counter()
     datamodels = retrain_subsets(setup, predictions, suite, execution)
     subsets_seconds = time.perf_counter() - tick
+    tick = time.perf_counter()
     scores = score_all(predictions, responses, suite, datamodels)
-    timings = {"train_seconds": setup.train_seconds}
+    timings = {"train_seconds": setup.train_seconds, "metrics_seconds": time.perf_counter() - tick}
     if datamodels.subsets or datamodels.counterfactuals or datamodels.groups:
         timings["subsets_seconds"] = subsets_seconds
     gaps = None

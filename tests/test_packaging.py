@@ -4,6 +4,7 @@ licence metadata, type information, the exit status of a bug, and readable outpu
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -49,13 +50,23 @@ def test_licence_and_type_information_ship_with_the_packages():
 def test_the_wheel_installs_one_import_namespace(tmp_path):
     """pip install influence-fidelity adds the package fidelity and nothing else at the top
     level (no generic estimators/, retrain/ or reports/ beside other distributions')."""
+    # From a copy of the working tree: an in-place build keeps build/lib, whose stale files
+    # (a package that moved) a later wheel would take in.
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".ci-venv", ".peers-venv", "build", "runs", "*.egg-info", "__pycache__"
+        ),
+    )
     completed = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(REPO),
+            str(source),
             "--no-deps",
             "--no-build-isolation",
             "--quiet",

@@ -436,6 +436,15 @@ def timing_table(problem: ProblemResults) -> Table:
         rows.append(
             ("subsets", f"{problem.timings['subsets_seconds']:.2f}", f"{retrained} subset models")
         )
+    if "metrics_seconds" in problem.timings:
+        rows.append(
+            (
+                "metrics",
+                f"{problem.timings['metrics_seconds']:.2f}",
+                f"{len(problem.pairs())} pair(s): bootstrap intervals (vectorised), noise bounds, "
+                "LDS, conformance",
+            )
+        )
     if "decomposition_seconds" in problem.timings:
         rows.append(("decomposition", f"{problem.timings['decomposition_seconds']:.2f}", ""))
     return Table("Timings", ("step", "seconds", "notes"), rows)

@@ -6,7 +6,7 @@ import pytest
 
 from fidelity.core.errors import FidelityError
 from fidelity.gate import GateSettings, compare
-from fidelity.metrics import METRICS, _batched_metric, paired_difference
+from fidelity.metrics import METRICS, paired_difference
 from fidelity.results import Interval
 
 
@@ -93,19 +93,6 @@ def test_a_paired_drop_fails_beyond_the_tolerance_only_when_its_interval_exclude
     assert statuses(compare(now, base, drops=loose))[("exact", "pearson")] == "ok"
     (finding,) = [f for f in compare(now, base, drops=tight) if f.status != "ok"]
     assert finding.paired and "paired interval above zero" in finding.reason
-
-
-def test_batched_metrics_equal_the_one_at_a_time_metrics():
-    rng = np.random.default_rng(0)
-    predicted = rng.normal(size=(6, 5, 7))
-    actual = predicted + rng.normal(size=(6, 5, 7))
-    actual[2, 1] = 3.0  # a constant row: undefined per-test correlation, skipped
-    predicted[3] = np.round(predicted[3])  # ties
-    for name, function in METRICS.items():
-        expected = [function(p, a) for p, a in zip(predicted, actual, strict=True)]
-        np.testing.assert_allclose(
-            _batched_metric(name, predicted, actual), expected, rtol=1e-12, atol=1e-14
-        )
 
 
 def test_paired_difference_is_zero_for_identical_runs_and_brackets_a_real_drop():

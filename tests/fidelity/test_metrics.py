@@ -222,3 +222,61 @@ def test_a_metric_that_stays_undefined_is_none_not_zero(pair):
     _, actual = pair
     scored = score(np.full(actual.shape, 1e307), actual, n_boot=20)
     assert scored["pearson"].value is None and scored["mean_test_pearson"].value is None
+
+
+def _old_score_loop(predicted, actual, n_boot, seed, confidence=0.95):
+    """The bootstrap as it was before it was vectorised: one replicate at a time."""
+    from fidelity.metrics import METRICS
+
+    rng = np.random.default_rng(seed)
+    rows, cols = predicted.shape
+    replicates = {name: np.empty(n_boot) for name in METRICS}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for b in range(n_boot):
+            r = rng.integers(0, rows, rows)
+            c = rng.integers(0, cols, cols)
+            p, a = predicted[np.ix_(r, c)], actual[np.ix_(r, c)]
+            for name, fn in METRICS.items():
+                replicates[name][b] = fn(p, a)
+    tail = 100 * (1 - confidence) / 2
+    return {
+        name: np.percentile(values[np.isfinite(values)], [tail, 100 - tail])
+        for name, values in replicates.items()
+    }
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (2, 3), (12, 90)])
+def test_the_vectorised_bootstrap_gives_the_loop_s_intervals_for_a_seed(shape, monkeypatch):
+    from fidelity import metrics
+
+    rng = np.random.default_rng(shape[1])
+    actual = rng.normal(size=shape)
+    predicted = actual + rng.normal(size=shape)
+    predicted[0, :2] = predicted[0, -1]  # ties
+    if shape[0] > 2:
+        actual[1] = 0.25  # a constant row: undefined per-test correlations there
+    expected = _old_score_loop(predicted, actual, n_boot=150, seed=7)
+    for pair_cells in (metrics.KENDALL_PAIR_CELLS, 0):  # Kendall from pair matrices, and looped
+        monkeypatch.setattr(metrics, "KENDALL_PAIR_CELLS", pair_cells)
+        found = metrics.score(predicted, actual, n_boot=150, seed=7)
+        for name, (low, high) in expected.items():
+            assert found[name].low == pytest.approx(low, abs=1e-12), name
+            assert found[name].high == pytest.approx(high, abs=1e-12), name
+
+
+def test_replicate_metrics_equal_the_metrics_of_the_resampled_arrays():
+    from fidelity.metrics import METRICS, replicate_metrics
+
+    rng = np.random.default_rng(11)
+    actual = np.round(rng.normal(size=(5, 8)), 1)  # many ties
+    predicted = actual + np.round(rng.normal(size=(5, 8)), 1)
+    rows = rng.integers(0, 5, (40, 5))
+    cols = rng.integers(0, 8, (40, 8))
+    found = replicate_metrics(predicted, actual, rows, cols, tuple(METRICS))
+    for name, function in METRICS.items():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            expected = [
+                function(predicted[np.ix_(r, c)], actual[np.ix_(r, c)])
+                for r, c in zip(rows, cols, strict=True)
+            ]
+        np.testing.assert_allclose(found[name], expected, rtol=0, atol=1e-12, err_msg=name)
