@@ -252,9 +252,28 @@ class ColdResponse(Response):
 
         Seed 0 is the problem as given (its theta_s is ``trained``); seed s shifts the recipe's
         initialisation seed (and, for minibatch recipes, its batch-order seed) by s and trains a
-        new full model, against which that seed's retrains are paired.
+        new full model, against which that seed's retrains are paired. A Newton recipe's refits
+        do not depend on the seed (the minimiser is unique): they are computed once, recorded as
+        ``seeds_computed: 1``, and no per-seed deltas (no noise ceiling) are returned.
         """
         execution = execution or Execution()
+        if isinstance(trained.problem.recipe, NewtonRecipe):
+            # A Newton recipe solves a strictly convex objective to its unique minimiser: every
+            # seed gives the same refits (to 1e-12, tests/retrain/test_cold.py), so they are
+            # computed once, and there is no seed noise to bound.
+            result = retrain_stage(
+                trained,
+                test,
+                removed,
+                execution,
+                cold_plan(trained.problem),
+                group_size=self.group_size,
+                subtract_drift=False,
+            )
+            if self.seeds == 1:
+                return result
+            info = {**result.info, "seeds": self.seeds, "seeds_computed": 1}
+            return ResponseResult(result.deltas, info, None, result.thetas)
         results = []
         for offset in range(self.seeds):
             seed_trained = trained
