@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy import stats
 
 from fidelity.core.errors import FidelityError
 from fidelity.results import Conformance, Interval, NoiseCeiling, finite_or_none
@@ -41,12 +40,16 @@ def pearson(predicted: np.ndarray, actual: np.ndarray) -> float:
 
 def spearman(predicted: np.ndarray, actual: np.ndarray) -> float:
     """Pooled Spearman rank correlation over all pairs (average ranks for ties)."""
-    return _pearson_flat(stats.rankdata(np.ravel(predicted)), stats.rankdata(np.ravel(actual)))
+    from scipy.stats import rankdata  # scipy.stats takes half a second to import: when used
+
+    return _pearson_flat(rankdata(np.ravel(predicted)), rankdata(np.ravel(actual)))
 
 
 def kendall(predicted: np.ndarray, actual: np.ndarray) -> float:
     """Pooled Kendall tau-b over all pairs."""
-    value = stats.kendalltau(np.ravel(predicted), np.ravel(actual)).statistic
+    from scipy.stats import kendalltau
+
+    value = kendalltau(np.ravel(predicted), np.ravel(actual)).statistic
     return float(value)
 
 
@@ -62,7 +65,9 @@ def row_pearson(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
 
 def row_spearman(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     """Spearman rank correlation within each test point (row), ``[n_test]``."""
-    return row_pearson(stats.rankdata(predicted, axis=1), stats.rankdata(actual, axis=1))
+    from scipy.stats import rankdata
+
+    return row_pearson(rankdata(predicted, axis=1), rankdata(actual, axis=1))
 
 
 def _finite_mean(values: np.ndarray) -> float:

@@ -2,6 +2,8 @@
 import hidden inside a function."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,18 @@ def test_the_import_graph_has_no_cycle():
     for module in sorted(edges):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_command_line_imports_no_plotting_or_statistics_library_until_it_needs_one():
+    """matplotlib, seaborn and scipy.stats take about 1.3 s to import together; a command that
+    draws nothing (check, history, list) must not pay it at start-up."""
+    probe = (
+        "import sys, fidelity.cli\n"
+        "print(sorted(m for m in ('matplotlib', 'seaborn', 'scipy.stats', 'sklearn') "
+        "if m in sys.modules))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"

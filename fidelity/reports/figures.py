@@ -7,13 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # reports render files; never open a window
-
-import matplotlib.pyplot as plt
 import numpy as np
-import seaborn as sns
 
 from fidelity.history import HistoryRun
 from fidelity.reports.format import literal_text, log_axis
@@ -35,6 +29,7 @@ def scatter_grid(
 ) -> Path:
     """One panel per (response row, estimator column): actual on x, predicted on y, y = x line,
     Pearson r in the title, removed points coloured by how they were chosen."""
+    plt, sns = _plotting()
     estimators = list(problem.metrics)
     responses = list(problem.responses)
     sns.set_theme(style="whitegrid", context="paper")
@@ -83,6 +78,7 @@ def decomposition_bars(
 ) -> Path:
     """Bars of each ladder gap and each estimator's solver gap, measured in output space and on
     the measurement (one panel per measure)."""
+    plt, sns = _plotting()
     rows = [*decomposition.gaps, *decomposition.estimators.values()]
     names = [f"{gap.source} -> {gap.target}" for gap in rows]
     measures = [
@@ -108,6 +104,7 @@ def decomposition_bars(
 @literal_text
 def correlation_heatmap(name: str, correlations: CorrelationMatrix, path: Path) -> Path:
     """Pooled Pearson between every pair of estimators and response stages of one problem."""
+    plt, sns = _plotting()
     labels = correlations.labels
     matrix = np.array([[_nan_for_none(v) for v in row] for row in correlations.values])
     names = [
@@ -147,6 +144,7 @@ def per_test_distributions(
 ) -> Path:
     """Box and strip plots of the per-test-point Pearson and Spearman correlations (one point
     per test point, computed over the removed points), one row per estimator x response."""
+    plt, sns = _plotting()
     names, pearsons, spearmans = [], [], []
     for entry in per_test:
         names.append(f"{entry.estimator} vs {entry.response}")
@@ -181,6 +179,7 @@ def trend_lines(
 ) -> Path:
     """Pooled ``metric`` of every estimator x response over the suite's recorded runs (oldest
     left) and this run (rightmost), one panel per problem."""
+    plt, sns = _plotting()
     problems = list(results.problems)
     runs = [*history, None]
     sns.set_theme(style="whitegrid", context="paper")
@@ -237,6 +236,7 @@ def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
     """LDS against the kept fraction alpha, one panel per subset stage: each estimator's mean
     over test points with its bootstrap interval, and the noise ceiling of the seed-mean
     measurements (grey: above it, where retraining noise leaves nothing to explain)."""
+    plt, sns = _plotting()
     stages = list(dict.fromkeys(entry.response for entry in found))
     sns.set_theme(style="whitegrid", context="paper")
     figure, axes = plt.subplots(1, len(stages), figsize=(4.6 * len(stages), 3.4), squeeze=False)
@@ -294,6 +294,7 @@ def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
 def counterfactual_curves(name: str, found: tuple[CounterfactualResults, ...], path: Path) -> Path:
     """Per counterfactual stage: the mean change of the target when each ranking's top-k points
     are removed (band: bootstrap interval over test points) and the fraction flipped, against k."""
+    plt, sns = _plotting()
     sns.set_theme(style="whitegrid", context="paper")
     flips = any(p.flipped is not None for r in found for c in r.curves.values() for p in c)
     columns = 2 if flips else 1
@@ -342,6 +343,7 @@ def group_scatter(
 ) -> Path:
     """Predicted against actual group effects (Koh et al. 2019, Fig. 1 style): one panel per
     estimator, every (group, test point) pair coloured by the kind of group, with y = x."""
+    plt, sns = _plotting()
     prefix = f"groups/{result.response}"
     actual = arrays[f"{prefix}/seeds"].mean(0)  # [groups, n_test]
     kinds = np.broadcast_to(arrays[f"{prefix}/kinds"][:, None], actual.shape)
@@ -419,10 +421,23 @@ def _nan_for_none(value: float | None) -> float:
     return np.nan if value is None else value
 
 
+def _plotting() -> tuple[Any, Any]:
+    """pyplot (on the file-only Agg backend: reports never open a window) and seaborn,
+    imported when a figure is drawn: they take most of a second to import, which every
+    command that draws nothing (check, history, list) would otherwise pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    return plt, sns
+
+
 def _save(figure: Any, path: Path, *, dpi: int = 150) -> Path:
     # Laid out by constrained layout (``fidelity.reports.format.PRINT_READY``), saved with a
     # tight box.
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
-    plt.close(figure)
+    _plotting()[0].close(figure)
     return path
