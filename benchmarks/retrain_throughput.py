@@ -5,8 +5,11 @@ at a time, and worker scaling.
 objective, J_{-j} = (1/N) sum_{i != j} L_i + (wd/2) ||theta||^2 with the bias penalised like
 every weight: scikit-learn gets a constant feature instead of an intercept, C = 1/(N wd), and
 sample weight 0 for the removed point (so the 1/N is unchanged), warm-started from theta_s with
-tol 1e-10. Prints both times, their ratio and the largest difference between
-the two sets of deltas relative to the largest delta.
+tol 1e-10. Fair: both sides pinned to the same threads (torch.set_num_threads, threadpoolctl),
+each in every configuration (1 thread, 2 threads, 2 processes of 1 thread) and scikit-learn
+with each of its solvers lbfgs, newton-cg and newton-cholesky, in ``--rounds`` alternating
+rounds, no cache on our side; prints medians and spreads, the best configuration of each side,
+their ratio, the largest difference between the deltas and the load average.
 
 ``--part warm`` (digits-mlp): the `warm` stage for ``--removals`` removals trained in vmapped
 groups (``--group-size``, default 128: one group) against the same stage with groups of one (one
@@ -16,43 +19,74 @@ and the largest difference between the deltas.
 ``--part workers`` (digits-mlp): the `cold` stage (groups of 25) with 1 and with 2 loky
 workers; prints both times and the ratio.
 
-    python -m benchmarks.retrain_throughput [--part all] [--removals 100] [--workers 1]
+    python -m benchmarks.retrain_throughput [--part all] [--removals 100] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 import torch
 
+from fidelity.core.cache import ArtifactCache
 from fidelity.problems import load_problem
 from fidelity.retrain import ColdResponse, Execution, WarmResponse, train
 
 
-def sklearn_refits(problem, removed: np.ndarray, test_index: np.ndarray, tol: float):
+def sklearn_design(problem, test_index: np.ndarray):
+    x = np.hstack([problem.x_train.numpy(), np.ones((problem.n_train, 1))])
+    x_test = np.hstack([problem.x_test.numpy(), np.ones((problem.n_test, 1))])[test_index]
+    return x, problem.y_train.numpy(), x_test, problem.y_test.numpy()[test_index]
+
+
+def sklearn_model(problem, solver: str, tol: float):
     from sklearn.linear_model import LogisticRegression
 
-    x = np.hstack([problem.x_train.numpy(), np.ones((problem.n_train, 1))])
-    y = problem.y_train.numpy()
-    x_test = np.hstack([problem.x_test.numpy(), np.ones((problem.n_test, 1))])[test_index]
-    y_test = problem.y_test.numpy()[test_index]
     c = 1.0 / (problem.n_train * problem.weight_decay)
-    model = LogisticRegression(C=c, fit_intercept=False, tol=tol, max_iter=100_000)
-    model.fit(x, y)
+    return LogisticRegression(C=c, fit_intercept=False, tol=tol, max_iter=100_000, solver=solver)
+
+
+def sklearn_full(problem, test_index, solver: str, tol: float):
+    """The full model (theta_s) and its test losses, fitted once, untimed."""
+    x, y, x_test, y_test = sklearn_design(problem, test_index)
+    model = sklearn_model(problem, solver, tol).fit(x, y)
     base = -model.predict_log_proba(x_test)[np.arange(len(y_test)), y_test]
-    full_coef = model.coef_.copy()
-    model.set_params(warm_start=True)
+    return model.coef_.copy(), base
+
+
+def sklearn_chunk(problem, test_index, removed, solver, tol, full_coef, base) -> np.ndarray:
+    """Deltas of the refits of ``removed``, each warm-started from theta_s (as ours are)."""
+    x, y, x_test, y_test = sklearn_design(problem, test_index)
+    model = sklearn_model(problem, solver, tol).set_params(warm_start=True)
     deltas = np.empty((len(test_index), len(removed)))
-    start = time.perf_counter()
     for column, j in enumerate(removed):
-        model.coef_ = full_coef.copy()  # every refit warm-starts from theta_s, like ours
+        model.coef_ = full_coef.copy()
         weights = np.ones(problem.n_train)
         weights[j] = 0.0
         model.fit(x, y, sample_weight=weights)
         loss = -model.predict_log_proba(x_test)[np.arange(len(y_test)), y_test]
         deltas[:, column] = loss - base
+    return deltas
+
+
+def sklearn_refits(problem, removed, test_index, solver, tol, processes, full):
+    """(seconds, deltas) of the scikit-learn loop, over ``processes`` loky workers (one BLAS
+    thread each) when more than one."""
+    from joblib import Parallel, delayed
+
+    start = time.perf_counter()
+    if processes == 1:
+        deltas = sklearn_chunk(problem, test_index, removed, solver, tol, *full)
+    else:
+        chunks = np.array_split(removed, processes)
+        parts = Parallel(n_jobs=processes, backend="loky")(
+            delayed(sklearn_chunk)(problem, test_index, chunk, solver, tol, *full)
+            for chunk in chunks
+        )
+        deltas = np.concatenate(parts, axis=1)
     return time.perf_counter() - start, deltas
 
 
@@ -121,7 +155,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "convex", "warm", "workers"], default="all")
     parser.add_argument("--removals", type=int, default=100)
     parser.add_argument("--test-points", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=1, help="workers for --part convex")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (convex)")
     parser.add_argument("--warm-epochs", type=int, default=20)
     parser.add_argument("--group-size", type=int, default=128, help="warm group size")
     args = parser.parse_args()
@@ -133,37 +167,72 @@ def main() -> None:
         cold_workers(args)
 
 
+#: (name, torch/BLAS threads per process, processes) given to each side in turn.
+CONFIGURATIONS = (("1 thread", 1, 1), ("2 threads", 2, 1), ("2 processes x 1 thread", 1, 2))
+SKLEARN_SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky")
+
+
 def convex_refits(args) -> None:
+    """Fair: both sides pinned to the same threads (torch.set_num_threads; threadpoolctl for
+    numpy/scipy/scikit-learn), each in every configuration (and scikit-learn with every solver
+    that takes sample weights and warm starts), alternating rounds; medians and spreads; the
+    best configuration of each side is compared."""
+    from threadpoolctl import threadpool_limits
+
     problem = load_problem("digits-logreg")
     trained = train(problem)
     removed, test_index = sample(problem, args)
     test = problem.test.subset(torch.as_tensor(test_index))
-
-    start = time.perf_counter()
-    ours = ColdResponse().compute(
-        trained, test, torch.as_tensor(removed), Execution(workers=args.workers)
-    )
-    ours_seconds = time.perf_counter() - start
-    theirs_seconds, theirs = sklearn_refits(problem, removed, test_index, tol=1e-10)
-
-    deltas = ours.deltas.numpy()
-    scale = np.abs(deltas).max()
     print(
-        f"digits-logreg: {args.removals} exact leave-one-out refits, "
-        f"{args.test_points} test points, torch threads {torch.get_num_threads()}"
+        f"digits-logreg: {args.removals} exact leave-one-out refits, {args.test_points} test "
+        f"points, {args.rounds} alternating rounds; load average before {os.getloadavg()}"
     )
-    print(
-        f"  fidelity cold (workers={args.workers}): {ours_seconds:8.2f} s "
-        f"(mean {ours.info['mean_iterations']:.1f} iterations, "
-        f"max gradient norm {ours.info['max_grad_norm']:.1e})"
-    )
-    print(f"  scikit-learn LogisticRegression loop: {theirs_seconds:8.2f} s")
-    print(f"  speed-up: {theirs_seconds / ours_seconds:.1f}x")
-    print(
-        f"  max |delta_ours - delta_sklearn| / max |delta|: "
-        f"{np.abs(deltas - theirs).max() / scale:.2e}"
-    )
-    print(f"  Pearson(ours, sklearn): {np.corrcoef(deltas.ravel(), theirs.ravel())[0, 1]:.8f}")
+    ColdResponse().compute(trained, test, torch.as_tensor(removed[:2]), Execution())  # warm-up
+    fulls = {solver: sklearn_full(problem, test_index, solver, 1e-10) for solver in SKLEARN_SOLVERS}
+    times: dict[str, list[float]] = {}
+    results: dict[str, np.ndarray] = {}
+    for _ in range(args.rounds):
+        for name, threads, processes in CONFIGURATIONS:
+            torch.set_num_threads(threads)
+            with threadpool_limits(threads):
+                start = time.perf_counter()
+                ours = ColdResponse().compute(
+                    trained,
+                    test,
+                    torch.as_tensor(removed),
+                    Execution(workers=processes, cache=ArtifactCache(None)),
+                )
+                times.setdefault(f"fidelity cold, {name}", []).append(time.perf_counter() - start)
+                results["fidelity"] = ours.deltas.numpy()
+                for solver in SKLEARN_SOLVERS:
+                    seconds, deltas = sklearn_refits(
+                        problem, removed, test_index, solver, 1e-10, processes, fulls[solver]
+                    )
+                    times.setdefault(f"scikit-learn {solver}, {name}", []).append(seconds)
+                    results[solver] = deltas
+    torch.set_num_threads(os.cpu_count() or 1)
+    for label, values in times.items():
+        spread = np.array(values)
+        print(
+            f"  {label:<44} median {np.median(spread):7.2f} s  "
+            f"[{spread.min():.2f}, {spread.max():.2f}]"
+        )
+    best = {
+        side: min(
+            ((label, np.median(v)) for label, v in times.items() if label.startswith(side)),
+            key=lambda item: item[1],
+        )
+        for side in ("fidelity", "scikit-learn")
+    }
+    ratio = best["scikit-learn"][1] / best["fidelity"][1]
+    print(f"  best fidelity: {best['fidelity'][0]} {best['fidelity'][1]:.2f} s")
+    print(f"  best scikit-learn: {best['scikit-learn'][0]} {best['scikit-learn'][1]:.2f} s")
+    print(f"  ratio best / best: {ratio:.1f}x")
+    scale = np.abs(results["fidelity"]).max()
+    for solver in SKLEARN_SOLVERS:
+        difference = np.abs(results["fidelity"] - results[solver]).max() / scale
+        print(f"  max |delta_ours - delta_{solver}| / max |delta|: {difference:.2e}")
+    print(f"  load average after {os.getloadavg()}")
 
 
 if __name__ == "__main__":
