@@ -4,6 +4,7 @@ from scipy import stats
 
 from fidelity.core.errors import FidelityError
 from fidelity.metrics import (
+from benchmarks.bootstrap import loop_score
     kendall,
     mean_row_pearson,
     mean_row_spearman,
@@ -224,27 +225,6 @@ def test_a_metric_that_stays_undefined_is_none_not_zero(pair):
     assert scored["pearson"].value is None and scored["mean_test_pearson"].value is None
 
 
-def _old_score_loop(predicted, actual, n_boot, seed, confidence=0.95):
-    """The bootstrap as it was before it was vectorised: one replicate at a time."""
-    from fidelity.metrics import METRICS
-
-    rng = np.random.default_rng(seed)
-    rows, cols = predicted.shape
-    replicates = {name: np.empty(n_boot) for name in METRICS}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for b in range(n_boot):
-            r = rng.integers(0, rows, rows)
-            c = rng.integers(0, cols, cols)
-            p, a = predicted[np.ix_(r, c)], actual[np.ix_(r, c)]
-            for name, fn in METRICS.items():
-                replicates[name][b] = fn(p, a)
-    tail = 100 * (1 - confidence) / 2
-    return {
-        name: np.percentile(values[np.isfinite(values)], [tail, 100 - tail])
-        for name, values in replicates.items()
-    }
-
-
 @pytest.mark.parametrize("shape", [(6, 9), (2, 3), (12, 90)])
 def test_the_vectorised_bootstrap_gives_the_loop_s_intervals_for_a_seed(shape, monkeypatch):
     from fidelity import metrics
@@ -255,7 +235,9 @@ def test_the_vectorised_bootstrap_gives_the_loop_s_intervals_for_a_seed(shape, m
     predicted[0, :2] = predicted[0, -1]  # ties
     if shape[0] > 2:
         actual[1] = 0.25  # a constant row: undefined per-test correlations there
-    expected = _old_score_loop(predicted, actual, n_boot=150, seed=7)
+    # loop_score: the replicate-by-replicate loop the vectorised bootstrap replaced (kept in the
+    # benchmark that compares them).
+    expected = loop_score(predicted, actual, n_boot=150, seed=7)
     for pair_cells in (metrics.KENDALL_PAIR_CELLS, 0):  # Kendall from pair matrices, and looped
         monkeypatch.setattr(metrics, "KENDALL_PAIR_CELLS", pair_cells)
         found = metrics.score(predicted, actual, n_boot=150, seed=7)
