@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from benchmarks.bootstrap import loop_score
 from fidelity.core.errors import FidelityError
 from fidelity.metrics import (
-from benchmarks.bootstrap import loop_score
     kendall,
     mean_row_pearson,
     mean_row_spearman,
