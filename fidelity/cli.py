@@ -702,7 +702,8 @@ def decide(
             exclude=results.run_id,
             passed=True,
         )
-        same = [run for run in passing if run.config_hash == results.configuration_hash()]
+        configuration = results.configuration_hash()
+        same = [run for run in passing if run.config_hash == configuration]
         if not same:
             if passing:
                 other = recorded_results(history, passing[-1].run_id)
@@ -748,10 +749,14 @@ def _check_metrics(
         )
 
 
+def _verdict_document(verdict: Verdict, current: Side) -> dict[str, object]:
+    """The verdict as ``check --json`` prints it and ``nightly`` writes it."""
+    return {"run": current.name, "run_id": current.results.run_id, **verdict.to_json()}
+
+
 def _print_verdict(verdict: Verdict, current: Side, *, as_json: bool) -> None:
     if as_json:
-        document = {"run": current.name, "run_id": current.results.run_id, **verdict.to_json()}
-        print(json.dumps(document, indent=2))
+        print(json.dumps(_verdict_document(verdict, current), indent=2))
         return
     settings = verdict.settings
     against = verdict.baseline or "no baseline (first run of this configuration)"
@@ -831,8 +836,8 @@ def command_nightly(args: argparse.Namespace) -> int:
         accept_config_change=args.accept_config_change,
     )
     _record_verdict(history, current.results.run_id, verdict)
-    document = {"run": current.name, "run_id": current.results.run_id, **verdict.to_json()}
-    atomic_write_bytes(args.out / VERDICT_FILE, json.dumps(document, indent=2).encode())
+    document = json.dumps(_verdict_document(verdict, current), indent=2)
+    atomic_write_bytes(args.out / VERDICT_FILE, document.encode())
     _print_verdict(verdict, current, as_json=args.json)
     return 0 if verdict.passed else 1
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fidelity.core.errors import FidelityError
-from fidelity.metrics import METRICS, paired_difference
+from fidelity.metrics import METRICS, paired_differences
 from fidelity.reports import load_problem_arrays
 from fidelity.reports.format import format_interval
 from fidelity.results import Interval, MetricTable, RunResults
@@ -270,14 +270,16 @@ def paired_drops(
                         pair,
                         (name, estimator, response, metric),
                     )
-                drops[(name, estimator, response, metric)] = paired_difference(
-                    (base_pair[0][rows[0]][:, cols[0]], base_pair[1][rows[0]][:, cols[0]]),
-                    (now_pair[0][rows[1]][:, cols[1]], now_pair[1][rows[1]][:, cols[1]]),
-                    metric,
-                    n_boot=settings.bootstrap,
-                    confidence=settings.confidence,
-                    seed=settings.seed,
-                )
+            found = paired_differences(
+                (base_pair[0][rows[0]][:, cols[0]], base_pair[1][rows[0]][:, cols[0]]),
+                (now_pair[0][rows[1]][:, cols[1]], now_pair[1][rows[1]][:, cols[1]]),
+                metrics,
+                n_boot=settings.bootstrap,
+                confidence=settings.confidence,
+                seed=settings.seed,
+            )
+            for metric, drop in found.items():
+                drops[(name, estimator, response, metric)] = drop
     return drops, notes
 
 

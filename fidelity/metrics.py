@@ -8,7 +8,7 @@ column are not independent.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -124,16 +124,10 @@ def score(
         row_draws[b] = rng.integers(0, rows, rows)
         col_draws[b] = rng.integers(0, cols, cols)
     replicates = replicate_metrics(predicted, actual, row_draws, col_draws, tuple(METRICS))
-    tail = 100 * (1 - confidence) / 2
-    result = {}
-    for name, value in values.items():
-        samples = replicates[name][np.isfinite(replicates[name])]
-        if samples.size:
-            low, high = np.percentile(samples, [tail, 100 - tail])
-        else:
-            low = high = float("nan")
-        result[name] = Interval.of(value, low, high)
-    return result
+    return {
+        name: _percentile_interval(value, replicates[name], confidence)
+        for name, value in values.items()
+    }
 
 
 def _counts(draws: np.ndarray, size: int) -> np.ndarray:
@@ -294,22 +288,24 @@ def _weighted_kendall(
 _BLOCK_ELEMENTS = 2_000_000
 
 
-def paired_difference(
+def paired_differences(
     baseline: tuple[np.ndarray, np.ndarray],
     current: tuple[np.ndarray, np.ndarray],
-    metric: str,
+    metrics: Sequence[str],
     *,
     n_boot: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
-) -> Interval:
-    """The drop ``metric(baseline) - metric(current)`` of two (predicted, actual) pairs of
-    ``[n_test, n_removed]`` arrays on the same test and removed points, with a paired two-way
-    percentile bootstrap interval: every replicate resamples the same rows and columns in both
-    runs, so the noise the two runs share (the same test points, the same removals) cancels
-    and only their difference is left."""
-    if metric not in METRICS:
-        raise FidelityError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+) -> dict[str, Interval]:
+    """The drop ``metric(baseline) - metric(current)`` of each of ``metrics`` for two
+    (predicted, actual) pairs of ``[n_test, n_removed]`` arrays on the same test and removed
+    points, with a paired two-way percentile bootstrap interval: every replicate resamples the
+    same rows and columns in both runs, so the noise the two runs share (the same test points,
+    the same removals) cancels and only their difference is left. All metrics share the
+    replicates."""
+    unknown = [metric for metric in metrics if metric not in METRICS]
+    if unknown:
+        raise FidelityError(f"unknown metric {unknown[0]!r}; valid: {', '.join(METRICS)}")
     arrays = [np.asarray(a, float) for a in (*baseline, *current)]
     shape = arrays[0].shape
     if len(shape) != 2 or any(a.shape != shape for a in arrays):
@@ -319,24 +315,35 @@ def paired_difference(
         raise FidelityError(f"bootstrap replicates must be >= 0, got {n_boot}")
     if not (0 < confidence < 1):
         raise FidelityError(f"confidence must lie in (0, 1), got {confidence}")
-    function = METRICS[metric]
     with np.errstate(invalid="ignore", divide="ignore"):
-        drop = function(arrays[0], arrays[1]) - function(arrays[2], arrays[3])
+        drops = {
+            metric: METRICS[metric](arrays[0], arrays[1]) - METRICS[metric](arrays[2], arrays[3])
+            for metric in metrics
+        }
     if not n_boot:
-        return Interval.of(drop)
+        return {metric: Interval.of(drop) for metric, drop in drops.items()}
     rows, cols = shape
     rng = np.random.default_rng(seed)
     row_draws = rng.integers(0, rows, (n_boot, rows))
     col_draws = rng.integers(0, cols, (n_boot, cols))
-    base = replicate_metrics(arrays[0], arrays[1], row_draws, col_draws, (metric,))[metric]
-    now = replicate_metrics(arrays[2], arrays[3], row_draws, col_draws, (metric,))[metric]
-    drops = base - now
-    samples = drops[np.isfinite(drops)]
+    names = tuple(metrics)
+    base = replicate_metrics(arrays[0], arrays[1], row_draws, col_draws, names)
+    now = replicate_metrics(arrays[2], arrays[3], row_draws, col_draws, names)
+    return {
+        metric: _percentile_interval(drop, base[metric] - now[metric], confidence)
+        for metric, drop in drops.items()
+    }
+
+
+def _percentile_interval(value: float, replicates: np.ndarray, confidence: float) -> Interval:
+    """``value`` with the percentile interval of its finite bootstrap ``replicates`` (none
+    where no replicate is finite)."""
+    samples = replicates[np.isfinite(replicates)]
     if not samples.size:
-        return Interval.of(drop)
+        return Interval.of(value)
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(samples, [tail, 100 - tail])
-    return Interval.of(drop, float(low), float(high))
+    return Interval.of(value, float(low), float(high))
 
 
 def mean_interval(

@@ -12,9 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TextIO
 
 ROOT = "fidelity"
@@ -45,15 +42,3 @@ def configure(verbosity: int = 0, stream: TextIO | None = None) -> logging.Handl
     root.propagate = False
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return handler
-
-
-@contextmanager
-def timed(logger: logging.Logger, what: str, level: int = logging.INFO) -> Iterator[dict]:
-    """Log ``what`` with its elapsed time when the block ends; the block may add a detail
-    (``found["detail"] = "120 refits"``) that the line then carries."""
-    found: dict = {}
-    start = time.perf_counter()
-    yield found
-    detail = found.get("detail")
-    elapsed = time.perf_counter() - start
-    logger.log(level, "%s%s in %.1f s", what, f": {detail}" if detail else "", elapsed)

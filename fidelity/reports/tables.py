@@ -80,10 +80,11 @@ def scored_responses(problem: ProblemResults) -> list[str]:
     return [r for r in problem.responses if any(r in m for m in problem.metrics.values())]
 
 
-def _fraction_of_bound(value: float | None, ceiling: NoiseCeiling | None) -> str:
+def _fraction_of_bound(value: float | None, ceiling: NoiseCeiling | None, separator: str) -> str:
+    """``separator`` and "N% of bound" where a value has a noise bound, else nothing."""
     if value is None or ceiling is None or not ceiling.max_correlation:
         return ""
-    return f" \u00b7 {value / ceiling.max_correlation:.0%} of bound"
+    return f"{separator}{value / ceiling.max_correlation:.0%} of bound"
 
 
 def verdict_matrix(
@@ -117,7 +118,8 @@ def verdict_matrix(
             # Ties at the shown precision are all best (exact, gnh and cg on a convex model).
             tied = top is not None and entry.value is not None and top - entry.value < 5e-5
             mark = f" {BEST}" if tied else ""
-            cells.append(format_interval(entry) + mark + _fraction_of_bound(entry.value, ceiling))
+            share = _fraction_of_bound(entry.value, ceiling, " \u00b7 ")
+            cells.append(format_interval(entry) + mark + share)
         rows.append((estimator, *cells))
     bounds = [format_bound(problem.responses[r].noise_ceiling) for r in responses]
     if any(bound != "-" for bound in bounds):
@@ -149,7 +151,7 @@ def summary_lines(results: RunResults, metric: str = "pearson") -> list[str]:
             parts = []
             for position, (estimator, entry) in enumerate(zip(order, entries, strict=True)):
                 if position == 0 and entry is not None and entry.value is not None:
-                    share = _fraction_of_bound(entry.value, ceiling).replace(" \u00b7 ", ", ")
+                    share = _fraction_of_bound(entry.value, ceiling, ", ")
                     parts.append(f"{estimator} {format_interval(entry)}{share}")
                 else:
                     parts.append(f"{estimator} {format_interval(entry)}")

@@ -6,7 +6,7 @@ import pytest
 
 from fidelity.core.errors import FidelityError
 from fidelity.gate import GateSettings, compare
-from fidelity.metrics import METRICS, paired_difference
+from fidelity.metrics import METRICS, paired_differences
 from fidelity.results import Interval
 
 
@@ -99,16 +99,23 @@ def test_paired_difference_is_zero_for_identical_runs_and_brackets_a_real_drop()
     rng = np.random.default_rng(1)
     actual = rng.normal(size=(10, 40))
     predicted = actual + 0.5 * rng.normal(size=actual.shape)
-    same = paired_difference((predicted, actual), (predicted, actual), "pearson", n_boot=200)
+    (same,) = paired_differences(
+        (predicted, actual), (predicted, actual), ["pearson"], n_boot=200
+    ).values()
     assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
     worse = predicted + 1.0 * rng.normal(size=actual.shape)
-    drop = paired_difference((predicted, actual), (worse, actual), "spearman", n_boot=300)
+    both = paired_differences(
+        (predicted, actual), (worse, actual), ["spearman", "pearson"], n_boot=300
+    )
+    drop = both["spearman"]
     expected = METRICS["spearman"](predicted, actual) - METRICS["spearman"](worse, actual)
     assert drop.value == pytest.approx(expected, abs=1e-12)
     assert 0 < drop.low < drop.value < drop.high
-    repeat = paired_difference((predicted, actual), (worse, actual), "spearman", n_boot=300)
-    assert repeat == drop  # seeded
+    (repeat,) = paired_differences(
+        (predicted, actual), (worse, actual), ["spearman"], n_boot=300
+    ).values()
+    assert repeat == drop  # seeded, whichever metrics share the replicates
     with pytest.raises(FidelityError, match="unknown metric"):
-        paired_difference((predicted, actual), (worse, actual), "nope")
+        paired_differences((predicted, actual), (worse, actual), ["nope"])
     with pytest.raises(FidelityError, match="one 2-d shape"):
-        paired_difference((predicted, actual), (worse[:, :3], actual), "pearson")
+        paired_differences((predicted, actual), (worse[:, :3], actual), ["pearson"])
