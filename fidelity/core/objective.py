@@ -9,12 +9,14 @@ squared error summed over outputs, so its output-space Hessian is the identity).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fidelity.core.affine import affine_form, affine_gradients, affine_hessian
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, FunctionalModel, Problem
 
@@ -96,6 +98,35 @@ def regulariser(
     return value
 
 
+def objective_gradients(
+    model: FunctionalModel,
+    problem: Problem,
+    anchor: Tensor | None = None,
+    damping: float = 0.0,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """grad J of many models at once: a function of parameters ``[B, p]`` and weights
+    ``[B, N]`` returning ``[B, p]``. Closed form (two matrix products) for models affine in
+    theta (``fidelity.core.affine``), vmapped autograd otherwise; the same numbers either way."""
+    form = affine_form(model)
+    if form is None:
+        return torch.func.vmap(
+            torch.func.grad(
+                lambda theta, weights: objective(model, problem, theta, weights, anchor, damping)
+            )
+        )
+
+    def gradients(thetas: Tensor, weights: Tensor) -> Tensor:
+        data = affine_gradients(
+            form, problem.loss, problem.x_train, problem.y_train, thetas, weights, problem.n_train
+        )
+        penalty = problem.weight_decay * thetas
+        if anchor is not None and damping:
+            penalty = penalty + damping * (thetas - anchor)
+        return data + penalty
+
+    return gradients
+
+
 def objective_hessian(
     model: FunctionalModel,
     problem: Problem,
@@ -104,7 +135,16 @@ def objective_hessian(
     anchor: Tensor | None = None,
     damping: float = 0.0,
 ) -> Tensor:
-    """Dense Hessian of J (with the optional proximal term) at theta, ``[p, p]``."""
+    """Dense Hessian of J (with the optional proximal term) at theta, ``[p, p]``: the closed
+    form for models affine in theta, autograd otherwise."""
+    form = affine_form(model)
+    if form is not None:
+        hessian = affine_hessian(
+            form, problem.loss, problem.x_train, theta, weights, problem.n_train
+        )
+        shift = problem.weight_decay + (damping if anchor is not None else 0.0)
+        hessian.diagonal().add_(shift)
+        return 0.5 * (hessian + hessian.T)
     hessian = torch.func.jacrev(torch.func.grad(objective, argnums=2), argnums=2)(
         model, problem, theta, weights, anchor, damping
     )

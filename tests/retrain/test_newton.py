@@ -91,3 +91,14 @@ def test_refits_that_diverge_fall_back_to_line_searched_newton():
     weights = removal_weights(30, torch.tensor([16]), theta_s)[0]
     reference = newton_minimize(model, problem, theta_s, weights).theta
     torch.testing.assert_close(result.thetas[16], reference, rtol=0, atol=1e-9)
+
+
+def test_secant_memory_changes_iterations_not_minimisers(trained_problems):
+    trained = trained_problems("digits-logreg")
+    problem, model = trained.problem, trained.model
+    factor = torch.linalg.cholesky(objective_hessian(model, problem, trained.theta))
+    removed = torch.arange(0, 200, 20)
+    plain = refit_removals(model, problem, trained.theta, factor, removed, memory_size=0)
+    secant = refit_removals(model, problem, trained.theta, factor, removed, memory_size=4)
+    torch.testing.assert_close(secant.thetas, plain.thetas, rtol=0, atol=1e-12)
+    assert bool((secant.grad_norms <= 1e-10).all())
