@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from fidelity.history import HistoryRun
-from fidelity.reports.format import literal_text, log_axis
+from fidelity.reports.format import interval_bars, literal_text, log_axis
 from fidelity.results import (
     CorrelationMatrix,
     CounterfactualResults,
@@ -266,17 +266,15 @@ def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
             value = np.array([_nan_for_none(c.value if c else None) for c in cells])
             low = np.array([_nan_for_none(c.low if c else None) for c in cells])
             high = np.array([_nan_for_none(c.high if c else None) for c in cells])
-            axis.errorbar(
+            axis.plot(
                 offsets,
                 value,
-                yerr=np.abs(np.vstack([value - low, high - value])),
-                fmt="o",
+                "o",
                 markersize=4,
-                capsize=2,
-                linewidth=0.9,
                 color=palette[estimator],
                 label=estimator,
             )
+            interval_bars(axis, offsets, low, high, palette[estimator], capsize=2, linewidth=0.9)
         axis.axhline(0.0, color="0.3", linewidth=0.6)
         axis.set_xticks(positions, [f"{alpha:g}" for alpha in alphas])
         axis.set_xlim(-0.5, len(alphas) - 0.5)

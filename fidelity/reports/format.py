@@ -84,3 +84,26 @@ def log_axis(axis: Any, which: str = "x", ticks: int = 6, at: Any = None) -> Non
         target.set_major_locator(ticker.LogLocator(base=10, numticks=ticks))
     target.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     target.set_minor_formatter(ticker.NullFormatter())
+
+
+def interval_bars(axis: Any, x: Any, low: Any, high: Any, color: Any, **style: Any) -> None:
+    """Vertical bars from ``low`` to ``high`` at ``x``, drawn as the interval itself.
+
+    A percentile bootstrap interval need not contain its point estimate (a correlation near 1
+    has a bootstrap distribution skewed below it, and round-off can put an interval end a few
+    ulps on the wrong side), so bars expressed as distances from the point would be negative or,
+    with an absolute value, wrong. Missing ends (NaN) draw nothing."""
+    import numpy as np
+
+    low = np.asarray(low, dtype=float)
+    high = np.asarray(high, dtype=float)
+    lower = np.minimum(low, high)
+    upper = np.maximum(low, high)
+    axis.errorbar(
+        x,
+        (lower + upper) / 2,
+        yerr=(upper - lower) / 2,
+        fmt="none",
+        ecolor=color,
+        **style,
+    )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fidelity.reports.format import literal_text, log_axis
+from fidelity.reports.format import interval_bars, literal_text, log_axis
 
 #: Gaps below this are float64 round-off of converged solves, drawn at the floor, not as bars.
 ROUND_OFF = 1e-10
@@ -191,16 +191,10 @@ def estimator_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> li
             y = np.array([_value(points.get(s), "pearson") for s in stages])
             low = np.array([_value(points.get(s), "low") for s in stages])
             high = np.array([_value(points.get(s), "high") for s in stages])
-            axis.errorbar(
-                x,
-                y,
-                yerr=[np.nan_to_num(y - low), np.nan_to_num(high - y)],
-                marker=markers[estimator],
-                markersize=3.5,
-                capsize=2,
-                linewidth=1,
-                label=estimator,
+            (line,) = axis.plot(
+                x, y, marker=markers[estimator], markersize=3.5, linewidth=1, label=estimator
             )
+            interval_bars(axis, x, low, high, line.get_color(), capsize=2, linewidth=1)
         axis.set_xticks(np.arange(len(stages)), stages, rotation=30, ha="right")
         axis.set_title(problem)
         axis.set_ylabel("pooled Pearson r")

@@ -189,3 +189,22 @@ def test_trend_labels_are_unique_and_correlation_limits_follow_the_data():
     ]
     low, high = _correlation_limits(np.array([0.95, 0.99]))
     assert 0.9 < low < 0.95 and 0.99 < high <= 1.05
+
+
+def test_interval_bars_draw_the_interval_even_when_it_excludes_the_point():
+    # A percentile interval of a correlation near 1 can end a few ulps below its point estimate
+    # (seen in CI: exact vs linear, r = 1.0 with high = 1.0 - 1e-16), or lie wholly below it.
+    from fidelity.reports.format import interval_bars
+
+    figure = matplotlib.figure.Figure()
+    axis = figure.add_subplot()
+    value = np.array([1.0, 0.8, 0.5])
+    low = np.array([0.99, 0.6, np.nan])
+    high = np.array([1.0 - 1e-16, 0.7, np.nan])
+    axis.plot([0, 1, 2], value, "o")
+    interval_bars(axis, [0, 1, 2], low, high, "C0", capsize=2)
+    segments = axis.collections[-1].get_segments()
+    drawn = [(s[0][1], s[1][1]) for s in segments if len(s) == 2 and np.isfinite(s).all()]
+    assert drawn[0] == pytest.approx((0.99, 1.0 - 1e-16), abs=1e-15)
+    assert drawn[1] == pytest.approx((0.6, 0.7))
+    assert len(drawn) == 2
