@@ -132,6 +132,10 @@ class ArtifactCache:
         if self.root is not None:
             self.remove_stale_temporaries()
 
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
     def _path(self, kind: str, key: str) -> Path:
         if self.root is None:
             raise RuntimeError("cache is disabled")

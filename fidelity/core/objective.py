@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fidelity.core.affine import affine_form, affine_gradients, affine_hessian
+from fidelity.core.affine import affine_form, affine_gradient_function, affine_hessian
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, FunctionalModel, Problem
 
@@ -115,14 +115,15 @@ def objective_gradients(
             )
         )
 
+    data_gradients = affine_gradient_function(
+        form, problem.loss, problem.x_train, problem.y_train, problem.n_train
+    )
+
     def gradients(thetas: Tensor, weights: Tensor) -> Tensor:
-        data = affine_gradients(
-            form, problem.loss, problem.x_train, problem.y_train, thetas, weights, problem.n_train
-        )
-        penalty = problem.weight_decay * thetas
+        result = data_gradients(thetas, weights).add_(thetas, alpha=problem.weight_decay)
         if anchor is not None and damping:
-            penalty = penalty + damping * (thetas - anchor)
-        return data + penalty
+            result.add_(thetas - anchor, alpha=damping)
+        return result
 
     return gradients
 
@@ -179,14 +180,20 @@ def per_example_grads(
 
 
 def output_hessian_factor(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
-    """R with R R^T = d^2 L / d f^2 for each example, ``[n, k, k]`` (PSD for our losses)."""
-
-    def single(out: Tensor, target: Tensor) -> Tensor:
-        def value(o: Tensor) -> Tensor:
-            return loss_from_outputs(loss, o.unsqueeze(0), target.unsqueeze(0)).sum()
-
-        return torch.func.jacrev(torch.func.grad(value))(out)
-
-    hessians = torch.func.vmap(single)(outputs, targets)
-    eigenvalues, eigenvectors = torch.linalg.eigh(hessians)
-    return eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)
+    """R with R R^T = d^2 L / d f^2 for each example, ``[n, k, k]`` (PSD for our losses), in
+    closed form: cross-entropy's diag(p) - p p^T = R R^T with R = diag(sqrt p) - p sqrt(p)^T
+    (column c is sqrt(p_c) (e_c - p); the identity uses sum p = 1), bce's sqrt(s (1 - s)) on
+    the diagonal, mse's identity. Every use sums over R's columns, so any factor gives the same
+    curvature; this one needs no eigendecomposition."""
+    del targets  # the output Hessians of these losses do not depend on the targets
+    if loss == "cross_entropy":
+        probabilities = torch.softmax(outputs, dim=-1)
+        roots = probabilities.sqrt()
+        return torch.diag_embed(roots) - probabilities.unsqueeze(-1) * roots.unsqueeze(-2)
+    if loss == "bce":
+        probabilities = torch.sigmoid(outputs)
+        return torch.diag_embed((probabilities * (1 - probabilities)).sqrt())
+    if loss == "mse":
+        eye = torch.eye(outputs.shape[-1], dtype=outputs.dtype, device=outputs.device)
+        return eye.expand(*outputs.shape[:-1], -1, -1).clone()
+    raise ValueError(f"unknown loss {loss!r}")

@@ -107,7 +107,7 @@ GroupSolver = Callable[[list[int]], tuple[Tensor, Tensor, Tensor]]
 def retrain_indices(
     trained: TrainedProblem,
     indices: list[int],
-    keys: dict[int, str],
+    key: Callable[[int], str],
     stage: str,
     make_solver: Callable[[], GroupSolver],
     execution: Execution,
@@ -115,7 +115,9 @@ def retrain_indices(
     *,
     cache_below: float | None = None,
 ) -> Refits:
-    """Load what the cache holds, retrain the rest ``group_size`` indices per ``solver`` call
+    """Load what the cache holds (entries named by ``key(index)``, called only when the cache is
+    enabled: hashing a problem is not free), retrain the rest ``group_size`` indices per
+    ``solver`` call
     (``solver(group) -> (thetas [B, p], iterations [B], grad_norms [B])``, picklable so that
     joblib can ship it to a worker; ``make_solver()`` builds it, and is called only when
     something is missing, so a stage's expensive preparation (a Hessian factor) is skipped
@@ -126,8 +128,8 @@ def retrain_indices(
     thetas: dict[int, Tensor] = {}
     iterations: dict[int, int] = {}
     grad_norms: dict[int, float] = {}
-    for index in indices:
-        stored = execution.cache.load(stage, keys[index])
+    for index in indices if execution.cache.enabled else []:
+        stored = execution.cache.load(stage, key(index))
         if stored is not None:
             thetas[index] = torch.as_tensor(stored["theta"]).to(trained.theta)
             iterations[index] = int(stored["iterations"])
@@ -155,11 +157,13 @@ def retrain_indices(
                 thetas[index] = theta
                 iterations[index] = int(group_iters[position])
                 grad_norms[index] = float(group_norms[position])
-                if cache_below is not None and not grad_norms[index] <= cache_below:
+                if not execution.cache.enabled or (
+                    cache_below is not None and not grad_norms[index] <= cache_below
+                ):
                     continue
                 execution.cache.save(
                     stage,
-                    keys[index],
+                    key(index),
                     {
                         "theta": theta.cpu().numpy(),
                         "iterations": np.int64(iterations[index]),

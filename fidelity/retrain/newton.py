@@ -15,9 +15,15 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from fidelity.core.affine import affine_form
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import objective, objective_gradients, output_hessian_factor
-from fidelity.core.problem import FunctionalModel, Problem
+from fidelity.core.objective import (
+    objective,
+    objective_gradients,
+    output_hessian_factor,
+    per_example_grads,
+)
+from fidelity.core.problem import Examples, FunctionalModel, Problem
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ def removal_preconditioner(
     solve: Callable[[Tensor], Tensor],
     *,
     removal_weight: float = 1.0,
+    inverse: Tensor | None = None,
 ) -> Callable[..., Tensor]:
     """P_j^{-1} for every removed j, as one function of stacked vectors ``[B, p]`` (row b is
     multiplied by P_{removed[b]}^{-1}), or of vectors for a subset ``rows`` of the removals.
@@ -135,24 +142,42 @@ def removal_preconditioner(
     ``theta``, applied by the Woodbury identity with one k x k capacitance per removal. With P
     the Hessian of J at theta_s this is the Hessian of J without j for models linear in their
     parameters.
+
+    ``inverse``: P^{-1} itself, where the caller holds it. For a model affine in theta
+    (``fidelity.core.affine``) J_j = I_k (x) x~_j^T, so P^{-1} U_j is then formed from P^{-1}'s
+    blocks contracted with x~_j (one product of ``[B, c]`` by ``[c, k p]``, a tenth of the work of
+    ``solve`` on the ``B k`` rows of U^T), and the Jacobians need no autograd.
     """
     n = problem.n_train
     x_removed, y_removed = problem.x_train[removed], problem.y_train[removed]
-
-    def single_output(point: Tensor, x: Tensor) -> Tensor:
-        return model(point, x.unsqueeze(0)).squeeze(0)
-
-    jacobians = torch.func.vmap(torch.func.jacrev(single_output), in_dims=(None, 0))(
-        theta, x_removed
-    )  # [B, k, p]
     outputs = model(theta, x_removed)
     factors = output_hessian_factor(problem.loss, outputs, y_removed)  # [B, k, k]
+    form = affine_form(model) if inverse is not None else None
+    if form is not None and inverse is not None:
+        design = form.design(x_removed)  # [B, c]
+        order = form.theta_order().to(theta.device).reshape(form.out_features, form.columns)
+        batch, k, c, p = design.shape[0], form.out_features, form.columns, inverse.shape[0]
+        jacobians = design.new_zeros(batch, k, p)
+        jacobians[:, torch.arange(k).unsqueeze(1), order] = design.unsqueeze(1)
+        blocks = inverse[order.reshape(-1)].reshape(k, c, p).transpose(0, 1)  # [c, k, p]
+        contracted = (design @ blocks.reshape(c, k * p)).reshape(batch, k, p)  # J_j P^{-1}
+        solved = factors.transpose(1, 2) @ contracted  # (P^{-1} U_j)^T
+    else:
+
+        def single_output(point: Tensor, x: Tensor) -> Tensor:
+            return model(point, x.unsqueeze(0)).squeeze(0)
+
+        jacobians = torch.func.vmap(torch.func.jacrev(single_output), in_dims=(None, 0))(
+            theta, x_removed
+        )  # [B, k, p]
+        batch, k, p = jacobians.shape
+        low_rank = factors.transpose(1, 2) @ jacobians
+        solved = solve(low_rank.reshape(batch * k, p)).reshape(batch, k, p)  # (P^{-1} U_j)^T
     low_rank = factors.transpose(1, 2) @ jacobians  # U_j^T, [B, k, p]
-    batch, k, p = low_rank.shape
-    solved = solve(low_rank.reshape(batch * k, p)).reshape(batch, k, p)  # (P^{-1} U_j)^T
     eye_k = torch.eye(k, dtype=low_rank.dtype, device=low_rank.device)
     # N/w I - U^T P^{-1} U
     capacitance = (n / removal_weight) * eye_k - low_rank @ solved.transpose(1, 2)
+    capacitance = 0.5 * (capacitance + capacitance.transpose(1, 2))
     capacitance_factor, info = torch.linalg.cholesky_ex(capacitance)
     if bool((info != 0).any()):
         bad = removed[info != 0].tolist()
@@ -162,75 +187,82 @@ def removal_preconditioner(
             "weight decay or damping"
         )
 
+    # C^{-1} explicitly: k x k, applied at every step, where a batched triangular solve of so
+    # small systems costs more than the product
+    capacitance_inverse = torch.cholesky_inverse(capacitance_factor)
+
     def precondition(vectors: Tensor, rows: Tensor | None = None) -> Tensor:
         # rows: which removals the vectors belong to (default: all, in order)
-        low, capacitance = solved, capacitance_factor
+        low, middle = solved, capacitance_inverse
         if rows is not None:
-            low, capacitance = solved[rows], capacitance_factor[rows]
+            low, middle = solved[rows], capacitance_inverse[rows]
         base = solve(vectors)  # P^{-1} v
-        inner = torch.cholesky_solve(low @ vectors.unsqueeze(-1), capacitance)
+        inner = middle @ (low @ vectors.unsqueeze(-1))
         return base + (low.transpose(1, 2) @ inner).squeeze(-1)
 
     return precondition
 
 
 class SecantMemory:
-    """The last ``size`` secant pairs (s, y) of each of ``n_models`` iterations, for the
+    """The secant pairs (s, y) of the last ``size`` steps of ``n_models`` iterations, for the
     two-loop recursion of limited-memory BFGS on top of a given inverse (the initial matrix).
 
-    Pairs are kept in a ring per model; an empty slot, or a pair without positive curvature
-    (y^T s <= 0, which BFGS cannot use), has rho = 0 and leaves the recursion unchanged, so all
-    models are processed by the same array operations whatever their history.
+    The models step together (a model that stops iterating never resumes), so one ring of
+    ``size`` slots, written in step order, serves them all: a slot holds every model's pair of
+    one step, and the newest-to-oldest order is the same for every model, so the recursion
+    reads each slot without gathering a per-model order. A model that took no usable pair in a
+    step (not stepped, or a pair without positive curvature, y^T s <= 0, which BFGS cannot use)
+    has rho = 0 in that slot, which leaves the recursion unchanged, so all models are processed
+    by the same array operations whatever their history.
     """
 
     def __init__(self, n_models: int, n_params: int, size: int, like: Tensor) -> None:
         if size < 0:
             raise FidelityError(f"memory_size must be >= 0, got {size}")
         self.size = size
-        self.s = like.new_zeros(n_models, size, n_params)
-        self.y = like.new_zeros(n_models, size, n_params)
-        self.rho = like.new_zeros(n_models, size)
-        self.count = torch.zeros(n_models, dtype=torch.long, device=like.device)
+        self.s = like.new_zeros(size, n_models, n_params)
+        self.y = like.new_zeros(size, n_models, n_params)
+        self.rho = like.new_zeros(size, n_models)
+        self.steps = 0
 
     def direction(
         self, grads: Tensor, rows: Tensor, initial: Callable[[Tensor, Tensor], Tensor]
     ) -> Tensor:
         """B^{-1} g for the models ``rows``; ``initial(vectors, rows)`` applies B_0^{-1}."""
-        if self.size == 0:
+        filled = min(self.steps, self.size)
+        if filled == 0:
             return initial(grads, rows)
-        s, y, rho = self.s[rows], self.y[rows], self.rho[rows]
-        newest = self.count[rows]
-        # slot order from newest to oldest, per model
-        order = (newest.unsqueeze(1) - 1 - torch.arange(self.size, device=rows.device)) % self.size
-        pick = order.unsqueeze(-1).expand(-1, -1, s.shape[-1])
-        s, y = s.gather(1, pick), y.gather(1, pick)
-        rho = rho.gather(1, order)
+        newest_first = [(self.steps - 1 - age) % self.size for age in range(filled)]
+        pairs = [
+            (self.s[slot, rows], self.y[slot, rows], self.rho[slot, rows]) for slot in newest_first
+        ]
         q = grads.clone()
         alphas = []
-        for slot in range(self.size):
-            alpha = rho[:, slot] * (s[:, slot] * q).sum(dim=1)
-            q -= alpha.unsqueeze(1) * y[:, slot]
+        for s, y, rho in pairs:
+            alpha = rho * (s * q).sum(dim=1)
+            q -= alpha.unsqueeze(1) * y
             alphas.append(alpha)
         r = initial(q, rows)
-        for slot in reversed(range(self.size)):
-            beta = rho[:, slot] * (y[:, slot] * r).sum(dim=1)
-            r += (alphas[slot] - beta).unsqueeze(1) * s[:, slot]
+        for (s, y, rho), alpha in zip(reversed(pairs), reversed(alphas), strict=True):
+            beta = rho * (y * r).sum(dim=1)
+            r += (alpha - beta).unsqueeze(1) * s
         return r
 
     def remember(self, rows: Tensor, s: Tensor, y: Tensor, keep: Tensor) -> None:
-        """Store the pairs (s, y) of the models ``rows`` where ``keep``."""
+        """Store this step's pairs (s, y) of the models ``rows`` where ``keep``; every other
+        model gets no pair for this step."""
         if self.size == 0:
             return
-        rows = rows[keep]
-        s, y = s[keep], y[keep]
+        slot = self.steps % self.size
+        self.steps += 1
         curvature = (s * y).sum(dim=1)
-        slot = self.count[rows] % self.size
-        self.s[rows, slot] = s
-        self.y[rows, slot] = y
-        self.rho[rows, slot] = torch.where(
-            curvature > 0, 1.0 / curvature.clamp_min(torch.finfo(s.dtype).tiny), 0.0
+        usable = keep & (curvature > 0)
+        self.rho[slot].zero_()
+        self.s[slot, rows] = s
+        self.y[slot, rows] = y
+        self.rho[slot, rows] = torch.where(
+            usable, 1.0 / curvature.clamp_min(torch.finfo(s.dtype).tiny), 0.0
         )
-        self.count[rows] += 1
 
 
 def refit_removals(
@@ -266,15 +298,16 @@ def refit_removals(
     n = problem.n_train
     removed = removed.to(device=theta_start.device, dtype=torch.long)
     weights = removal_weights(n, removed, theta_start)
+    # P^{-1} as a dense inverse: one matrix product per use instead of two triangular solves
+    # (several times slower); its rounding only slows convergence, never moves the fixed point
+    inverse = torch.cholesky_inverse(hessian_cholesky)
     precondition = removal_preconditioner(
         model,
         problem,
         theta_start,
         removed,
-        # P^{-1} as a dense inverse: one matrix product per use instead of two triangular
-        # solves (several times slower); its rounding only slows convergence, never moves the
-        # fixed point
-        partial(torch.matmul, other=torch.cholesky_inverse(hessian_cholesky)),
+        partial(torch.matmul, other=inverse),
+        inverse=inverse,
     )
 
     batched_grad = objective_gradients(model, problem, anchor, damping)
@@ -282,12 +315,27 @@ def refit_removals(
     iterations = torch.zeros(removed.numel(), dtype=torch.long)
     previous = torch.full((removed.numel(),), math.inf, dtype=torch.float64)
     active = torch.ones(removed.numel(), dtype=torch.bool)
-    grads = batched_grad(thetas, weights)
+    # Every model starts at theta_start, where grad J_{-j} = grad J - (1/N) grad L_j: one
+    # full-data gradient and the removed points' own, instead of a full-data gradient per model.
+    full = batched_grad(thetas[:1], torch.ones_like(weights[:1]))
+    removed_points = Examples(problem.x_train[removed], problem.y_train[removed])
+    own = per_example_grads(model, problem.loss, theta_start.detach(), removed_points)
+    grads = full - own / n
     norms = grads.norm(dim=1).double().cpu()
     memory = SecantMemory(removed.numel(), thetas.shape[1], memory_size, thetas)
+    # the last two step lengths of each model (inf until taken), and the rounding unit of theta
+    steps = torch.full((removed.numel(),), math.inf, dtype=torch.float64)
+    earlier_steps = steps.clone()
+    resolution = torch.finfo(thetas.dtype).eps * thetas.norm(dim=1).double().cpu()
     for _ in range(max_iter):
         diverging = ~torch.isfinite(norms) | (norms > previous)
-        active &= ~diverging & ((norms > gtol) | ((norms > 0) & (norms <= 0.5 * previous)))
+        improving = (norms > 0) & (norms <= 0.5 * previous)
+        # The iteration converges linearly (at least), so the next step would be about
+        # step^2 / earlier step long; once that is below the rounding of theta the iterate is
+        # at the floor, and stepping on (until the gradient stops halving) only adds noise.
+        next_step = torch.where(torch.isinf(earlier_steps), math.inf, steps**2 / earlier_steps)
+        at_floor = next_step <= resolution
+        active &= ~diverging & ((norms > gtol) | (improving & ~at_floor))
         if not bool(active.any()):
             break
         # only the models still iterating are stepped and re-evaluated: the few slow ones
@@ -299,8 +347,15 @@ def refit_removals(
         new_norms = new_grads.norm(dim=1).double().cpu()
         # Pairs near the floating-point floor are rounding noise: only those taken while the
         # gradient is still above tolerance enter the memory.
-        memory.remember(rows, -step, new_grads - grads[rows], (new_norms > gtol).to(rows.device))
+        memory.remember(
+            rows,
+            -step,
+            new_grads - grads[rows],
+            (step.norm(dim=1).double().cpu() > 1e1 * resolution[active]).to(rows.device),
+        )
         grads[rows] = new_grads
+        earlier_steps[active] = steps[active]
+        steps[active] = step.norm(dim=1).double().cpu()
         previous[active] = norms[active]
         norms[active] = new_norms
         iterations += active.long()

@@ -11,6 +11,7 @@ whether the optimizer state resumes); `pbrf` (fidelity/retrain/pbrf.py) supplies
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,11 +71,10 @@ def run_refits(
     problem = trained.problem
     removed = check_removed(removed, problem.n_train)
     unique = sorted(set(removed.tolist())) + ([CONTROL] if refit.control else [])
-    keys = {index: refit.key(index) for index in unique}
     refits = retrain_indices(
         trained,
         unique,
-        keys,
+        refit.key,
         refit.stage,
         refit.solver,
         execution,
@@ -181,7 +181,13 @@ def retrain_stage(
     """Fill the template in with ``plan`` on the problem's recipe."""
     problem = trained.problem
     newton = isinstance(problem.recipe, NewtonRecipe)
-    fingerprint, digest = problem.fingerprint(), theta_digest(trained)
+
+    @functools.cache
+    def identity() -> tuple[str, str]:
+        return problem.fingerprint(), theta_digest(trained)
+
+    def key(index: int) -> str:
+        return plan.key(*identity(), index)
 
     def solver() -> GroupSolver:
         hessian_factor = None
@@ -211,7 +217,7 @@ def retrain_stage(
 
     refit = Refit(
         stage=plan.stage,
-        key=partial(plan.key, fingerprint, digest),
+        key=key,
         solver=solver,
         group_size=group_size,
         check=check,

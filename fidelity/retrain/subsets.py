@@ -17,6 +17,7 @@ its subsets with the full model trained from the same shifted seeds, as `cold` d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -90,31 +91,29 @@ def retrain_masks(
     if bool((masks < 0).any()) or not bool(torch.isfinite(masks).all()):
         raise FidelityError("mask weights must be finite and non-negative")
     masks = masks.to(trained.theta)
-    fingerprint, digest = problem.fingerprint(), theta_digest(trained)
-    keys = {
-        index: cache_key(
-            kind=stage,
-            problem=fingerprint,
-            theta_s=digest,
-            mask=mask_digest(masks[index].cpu().numpy()),
-        )
-        for index in range(masks.shape[0])
-    }
+    identity = functools.cache(lambda: (problem.fingerprint(), theta_digest(trained)))
+
+    def key(index: int) -> str:
+        fingerprint, digest = identity()
+        mask = mask_digest(masks[index].cpu().numpy())
+        return cache_key(kind=stage, problem=fingerprint, theta_s=digest, mask=mask)
+
+    indices = list(range(masks.shape[0]))
     newton = isinstance(problem.recipe, NewtonRecipe)
     refits = retrain_indices(
         trained,
-        list(range(masks.shape[0])),
-        keys,
+        indices,
+        key,
         stage,
         lambda: partial(_train_group, trained, masks),
         execution,
         group_size,
         cache_below=problem.recipe.gtol if isinstance(problem.recipe, NewtonRecipe) else None,
     )
-    failed = [i for i in keys if not bool(torch.isfinite(refits.thetas[i]).all())]
+    failed = [i for i in indices if not bool(torch.isfinite(refits.thetas[i]).all())]
     if newton:
         gtol = problem.recipe.gtol if isinstance(problem.recipe, NewtonRecipe) else 0.0
-        failed += [i for i in keys if not refits.grad_norms[i] <= gtol]
+        failed += [i for i in indices if not refits.grad_norms[i] <= gtol]
     if failed:
         raise FidelityError(
             f"{stage} retraining of {problem.name!r} failed (diverged or did not converge) for "

@@ -70,3 +70,24 @@ def test_secant_memory_reproduces_bfgs_on_a_quadratic():
     memory = SecantMemory(1, 5, 3, matrix)
     memory.remember(rows, step, -step @ matrix, torch.tensor([True]))
     torch.testing.assert_close(memory.direction(step, rows, identity), step)
+
+
+@pytest.mark.parametrize("loss,outputs", [("cross_entropy", 4), ("bce", 1), ("mse", 3)])
+def test_output_hessian_factor_squares_to_the_output_hessian(loss, outputs):
+    from fidelity.core.objective import loss_from_outputs, output_hessian_factor
+
+    generator = torch.Generator().manual_seed(2)
+    values = 3 * torch.randn(6, outputs, generator=generator, dtype=torch.float64)
+    if loss == "cross_entropy":
+        targets = torch.randint(0, outputs, (6,), generator=generator)
+    else:
+        targets = torch.rand(6, outputs, generator=generator, dtype=torch.float64)
+    factor = output_hessian_factor(loss, values, targets)
+
+    def single(out, target):
+        return torch.func.hessian(
+            lambda o: loss_from_outputs(loss, o.unsqueeze(0), target.unsqueeze(0)).sum()
+        )(out)
+
+    expected = torch.func.vmap(single)(values, targets)
+    torch.testing.assert_close(factor @ factor.transpose(1, 2), expected, rtol=1e-12, atol=1e-14)

@@ -102,3 +102,45 @@ def test_secant_memory_changes_iterations_not_minimisers(trained_problems):
     secant = refit_removals(model, problem, trained.theta, factor, removed, memory_size=4)
     torch.testing.assert_close(secant.thetas, plain.thetas, rtol=0, atol=1e-12)
     assert bool((secant.grad_norms <= 1e-10).all())
+
+
+@pytest.mark.parametrize("name", ["digits-logreg", "cancer-logreg", "diabetes-ridge"])
+def test_affine_removal_preconditioner_equals_the_autograd_one(trained_problems, name):
+    # The closed form (P^{-1} contracted with x~_j) against the generic Woodbury on autograd
+    # Jacobians, and both against the dense inverse of H - h_j / N.
+    from functools import partial
+
+    from fidelity.retrain.newton import removal_preconditioner
+
+    trained = trained_problems(name)
+    problem, model, theta = trained.problem, trained.model, trained.theta
+    hessian = objective_hessian(model, problem, theta)
+    inverse = torch.linalg.inv(hessian)
+    removed = torch.tensor([0, 7, 30])
+    solve = partial(torch.matmul, other=inverse)
+    closed = removal_preconditioner(model, problem, theta, removed, solve, inverse=inverse)
+    generic = removal_preconditioner(model, problem, theta, removed, solve)
+    vectors = torch.randn(
+        3, theta.numel(), dtype=theta.dtype, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(closed(vectors), generic(vectors), rtol=1e-9, atol=1e-12)
+    weights = removal_weights(problem.n_train, removed, theta)
+    for b in range(3):
+        dense = objective_hessian(model, problem, theta, weights[b])
+        expected = torch.linalg.solve(dense, vectors[b])
+        torch.testing.assert_close(closed(vectors)[b], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_refits_stop_at_the_floor_without_losing_accuracy(trained_problems):
+    # Stopping once the next step would be below theta's rounding takes fewer steps than
+    # stepping until the gradient stops halving, and reaches the same minimisers.
+    trained = trained_problems("digits-logreg")
+    problem, model = trained.problem, trained.model
+    factor = torch.linalg.cholesky(objective_hessian(model, problem, trained.theta))
+    removed = torch.arange(3, 300, 30)
+    result = refit_removals(model, problem, trained.theta, factor, removed)
+    weights = removal_weights(problem.n_train, removed, trained.theta)
+    for b in range(removed.numel()):
+        reference = newton_minimize(model, problem, trained.theta, weights[b], gtol=1e-13).theta
+        torch.testing.assert_close(result.thetas[b], reference, rtol=0, atol=1e-12)
+    assert bool((result.grad_norms <= 1e-10).all())
