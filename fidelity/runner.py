@@ -897,13 +897,15 @@ def _compute_run(
     tick = time.perf_counter()
     outcomes: dict[str, ProblemOutcome] = {}
     for problem_name, problem in problems.items():
-        outcome = evaluate_problem(
-            problem_name,
-            suite,
-            execution,
-            decomposition=options.decomposition,
-            problem=problem,
-        )
+        # one scheduler connection per problem (dask): what its stages share is sent once
+        with execution.connected():
+            outcome = evaluate_problem(
+                problem_name,
+                suite,
+                execution,
+                decomposition=options.decomposition,
+                problem=problem,
+            )
         name = outcome.results.name
         if name in outcomes:
             raise FidelityError(f"two problems of suite {suite.name!r} are both named {name!r}")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,23 @@ from fidelity.core.problem import TrainedProblem
 
 BACKENDS = ("loky", "threading", "sequential", "dask")
 log = stage_logger("retrain")
+SCALARS = (bool, int, float, str, type(None))  # settings sent with each task, not shared
+
+
+class ClusterSession:
+    """An execution's connection to its dask scheduler and the objects it has scattered there.
+
+    Opened by ``Execution.connected`` (a run holds it open across all its stages); every object
+    given to ``Execution.share`` is scattered once per session and travels in tasks as a
+    reference, so a trained problem used by every stage, or a stage's curvature factor used by
+    every group, is sent once instead of once per task. Objects are held here until the session
+    closes, so that their ids stay theirs.
+    """
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.depth = 0
+        self.scattered: dict[int, tuple[object, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,9 @@ class Execution:
     backend: str = "loky"
     progress: bool = False
     scheduler: str | None = None
+    session: ClusterSession = field(
+        default_factory=ClusterSession, compare=False, repr=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -58,11 +79,44 @@ class Execution:
             raise FidelityError("a scheduler address is only used by the dask backend")
 
     @contextmanager
+    def connected(self) -> Iterator[None]:
+        """Hold the dask scheduler connection (and what was scattered) open for the block;
+        nested blocks share it. Does nothing for the other backends."""
+        if self.backend != "dask":
+            yield
+            return
+        session = self.session
+        if session.depth == 0:
+            session.client = _connect(self.scheduler)
+        session.depth += 1
+        try:
+            yield
+        finally:
+            session.depth -= 1
+            if session.depth == 0:
+                client, session.client = session.client, None
+                session.scattered.clear()
+                client.close()
+
+    def share(self, value: object) -> object:
+        """``value`` as a task argument: on dask, a reference to its one scattered copy (call
+        inside ``connected``); elsewhere ``value`` itself."""
+        session = self.session
+        if self.backend != "dask" or session.client is None or value is None:
+            return value
+        found = session.scattered.get(id(value))
+        if found is None:
+            future = session.client.scatter(value, broadcast=True, hash=False)
+            found = session.scattered[id(value)] = (value, future)
+        return found[1]
+
+    @contextmanager
     def parallel(self) -> Iterator[Parallel]:
         """A joblib ``Parallel`` that yields results in submission order (as a generator).
 
-        With the dask backend it connects to the scheduler for the duration of the block;
-        dask.distributed is an optional extra (``pip install influence-fidelity[dask]``).
+        With the dask backend it runs on the session's scheduler connection (opened for the
+        block when no ``connected`` block holds one); dask.distributed is an optional extra
+        (``pip install influence-fidelity[dask]``).
         """
         if self.workers == 1 and self.backend != "dask":
             yield Parallel(n_jobs=1, backend="sequential", return_as="generator")
@@ -70,25 +124,21 @@ class Execution:
         if self.backend != "dask":
             yield Parallel(n_jobs=self.workers, backend=self.backend, return_as="generator")
             return
-        try:
-            from distributed import Client
-        except ImportError as error:
-            raise FidelityError(
-                "the dask backend needs dask.distributed: pip install 'influence-fidelity[dask]'"
-            ) from error
-        try:
-            client = Client(self.scheduler, set_as_default=False, timeout=10)
-        except OSError as error:
-            raise FidelityError(
-                f"cannot reach the dask scheduler at {self.scheduler!r}: {error}"
-            ) from error
-        try:
-            with parallel_config(backend="dask", client=client), warnings.catch_warnings():
-                # Each task carries the trained problem (and a curvature factor) by design.
-                warnings.filterwarnings("ignore", message="Sending large graph")
-                yield Parallel(n_jobs=self.workers, return_as="generator")
-        finally:
-            client.close()
+        with self.connected(), parallel_config(backend="dask", client=self.session.client):
+            yield Parallel(n_jobs=self.workers, return_as="generator")
+
+
+def _connect(scheduler: str | None) -> Any:
+    try:
+        from distributed import Client
+    except ImportError as error:
+        raise FidelityError(
+            "the dask backend needs dask.distributed: pip install 'influence-fidelity[dask]'"
+        ) from error
+    try:
+        return Client(scheduler, set_as_default=False, timeout=10)
+    except OSError as error:
+        raise FidelityError(f"cannot reach the dask scheduler at {scheduler!r}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -136,10 +186,6 @@ def retrain_indices(
             grad_norms[index] = float(stored["grad_norm"])
     missing = [index for index in indices if index not in thetas]
     groups = [missing[i : i + group_size] for i in range(0, len(missing), group_size)]
-    jobs = []
-    if missing:
-        solver = make_solver()
-        jobs = [delayed(_run_group)(solver, g, execution.workers, os.getpid()) for g in groups]
     start, done = time.perf_counter(), 0
     bar = tqdm(
         total=len(missing),
@@ -148,7 +194,20 @@ def retrain_indices(
         disable=not execution.progress or not missing,
         leave=False,
     )
-    with bar, execution.parallel() as parallel:
+    with bar, execution.connected(), execution.parallel() as parallel:
+        jobs = []
+        if missing:
+            function, shared, settings = _parts(make_solver())
+            # the solver's data (the trained problem, a curvature factor) travels once
+            shared = [execution.share(value) for value in shared]
+            settings = {
+                name: value if isinstance(value, SCALARS) else execution.share(value)
+                for name, value in settings.items()
+            }
+            jobs = [
+                delayed(_run_group)(function, shared, settings, g, execution.workers, os.getpid())
+                for g in groups
+            ]
         for group, (group_thetas, group_iters, group_norms) in zip(
             groups, parallel(jobs), strict=True
         ):
@@ -186,11 +245,25 @@ def retrain_indices(
     return Refits(thetas, iterations, grad_norms, len(missing))
 
 
+def _parts(solver: GroupSolver) -> tuple[Callable[..., Any], list[object], dict[str, Any]]:
+    """(function, positional data, keyword settings) of a solver: for a ``functools.partial``
+    its parts, so that its data can be shared once; for any other callable the callable
+    itself."""
+    if isinstance(solver, partial):
+        return solver.func, list(solver.args), dict(solver.keywords)
+    return solver, [], {}
+
+
 def _run_group(
-    solver: GroupSolver, group: list[int], workers: int, parent_pid: int
+    function: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    shared: list[object],
+    settings: dict[str, Any],
+    group: list[int],
+    workers: int,
+    parent_pid: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if workers > 1 and os.getpid() != parent_pid:
         # Worker processes share the cores; fewer BLAS threads each avoid oversubscription
         # (never in the parent process, where the threading backend runs groups).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    return solver(group)
+    return function(*shared, group, **settings)
