@@ -8,8 +8,10 @@ are scored by its direct, CG, LiSSA and Arnoldi solvers through `fidelity.estima
 (same damping, LiSSA with our fitted scale and depth, Arnoldi with our rank), and the benchmark
 prints each peer's time, the ratio to ours, and its Pearson correlation with our estimator and
 with the dense reference. Likewise captum's naive (dense, full projection) and Arnoldi influence
-functions through `fidelity.estimators.external.captum`. torch-influence is not on PyPI: it is
-reported as importable or not.
+functions through `fidelity.estimators.external.captum`. Each peer and ours are timed fairly
+(benchmarks/fair.py: both pinned to 1 and to 2 threads, ``--rounds`` alternating rounds, each
+side's median at its best thread count). torch-influence is not on PyPI: it is reported as
+importable or not.
 
     python -m benchmarks.estimators [--problem digits-mlp] [--test-points 50]
     .peers-venv/bin/python -m benchmarks.estimators      # with the peer comparison
@@ -20,10 +22,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+import warnings
 
 import numpy as np
 import torch
 
+from benchmarks.fair import agreement, alternate, machine
 from fidelity.estimators import ESTIMATORS
 from fidelity.problems import load_problem
 from fidelity.retrain import train
@@ -34,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problem", default="digits-mlp")
     parser.add_argument("--test-points", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per peer")
     args = parser.parse_args()
 
     trained = train(load_problem(args.problem))
@@ -63,85 +68,119 @@ def main() -> None:
         r = np.corrcoef(scores.flatten(), expected.flatten())[0, 1]
         error = float((scores - expected).norm() / expected.norm())
         print(f"{label:<10} {seconds:>8.2f} {reference:>10} {r:>9.5f} {error:>9.2e}")
+    print(
+        "peers: each side pinned to 1 and to 2 threads, alternating rounds "
+        f"(--rounds {args.rounds}), median at its best thread count; {machine()}"
+    )
     if importlib.util.find_spec("pydvl") is not None:
-        compare_pydvl(trained, test, results)
+        compare_pydvl(trained, test, results, args.rounds)
     else:
         print("peer pydvl: not installed (bash benchmarks/peers_env.sh)")
     if importlib.util.find_spec("captum") is not None:
-        compare_captum(trained, test, results)
+        compare_captum(trained, test, results, args.rounds)
     else:
         print("peer captum: not installed (bash benchmarks/peers_env.sh)")
     found = importlib.util.find_spec("torch_influence") is not None
     print(f"peer torch_influence: {'importable, no adapter' if found else 'not installed'}")
 
 
-def compare_captum(trained, test, results) -> None:
-    import warnings
-
-    from fidelity.estimators.external.captum import CaptumEstimator
-
-    print(f"{'captum':<10} {'seconds':>8} {'ours':>8} {'ratio':>7} {'r(ours)':>9} {'r(ref)':>9}")
-    for method, ours in (("naive", "exact"), ("arnoldi", "arnoldi")):
-        ours_seconds, ours_scores, settings = results[ours]
-        options = {"damping": settings.get("damping", 0.0)}
-        if method == "arnoldi":
-            options.update(rank=settings["rank"], iterations=2 * settings["rank"], tol=1e-10)
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            scores = (
-                CaptumEstimator(method=method, **options)
-                .fit(trained)
-                .scores(test, trained.problem.train)
-            )
-        report_peer(method, time.perf_counter() - start, scores, ours_seconds, ours_scores, results)
-
-
-def report_peer(name, seconds, scores, ours_seconds, ours_scores, results) -> None:
-    r_ours = np.corrcoef(scores.flatten(), ours_scores.flatten())[0, 1]
-    r_reference = np.corrcoef(scores.flatten(), results["exact"][1].flatten())[0, 1]
+def compare(label, ours_label, ours_call, peer_call, results, rounds) -> None:
+    """Ours and the peer alternated and pinned (benchmarks/fair.py); each at its best thread
+    count."""
+    timings = alternate({"ours": ours_call, "peer": peer_call}, rounds)
+    (ours_threads, ours_seconds), (peer_threads, peer_seconds) = (
+        timings.best("ours"),
+        timings.best("peer"),
+    )
+    scores, ours_scores = timings.outputs["peer"], timings.outputs["ours"]
+    r_ours, _ = agreement(scores, ours_scores)
+    r_reference, _ = agreement(scores, results["exact"][1])
+    r_ours_reference, _ = agreement(ours_scores, results["exact"][1])
     print(
-        f"{name:<10} {seconds:>8.2f} {ours_seconds:>8.2f} {seconds / ours_seconds:>6.1f}x "
-        f"{r_ours:>9.5f} {r_reference:>9.5f}"
+        f"{label:<10} {peer_seconds:>8.2f} ({peer_threads}t) {ours_label:<8} "
+        f"{ours_seconds:>7.2f} ({ours_threads}t) {peer_seconds / ours_seconds:>6.1f}x "
+        f"{r_ours:>9.5f} {r_reference:>9.5f} {r_ours_reference:>9.5f}"
     )
 
 
-def compare_pydvl(trained, test, results) -> None:
-    import warnings
+def header(library: str) -> None:
+    print(
+        f"{library:<10} {'seconds':>13} {'ours':<8} {'seconds':>12} {'ratio':>7} {'r(ours)':>9} "
+        f"{'r(ref)':>9} {'ours r(ref)':>11}"
+    )
 
+
+def quiet(call):
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return call()
+
+    return run
+
+
+def compare_captum(trained, test, results, rounds) -> None:
+    from fidelity.estimators.external.captum import CaptumEstimator
+
+    header("captum")
+    train_set = trained.problem.train
+    for method, ours in (("naive", "exact"), ("arnoldi", "arnoldi")):
+        settings = results[ours][2]
+        options = {"damping": settings.get("damping", 0.0)}
+        if method == "arnoldi":
+            options.update(rank=settings["rank"], iterations=2 * settings["rank"], tol=1e-10)
+        ours_estimator = build_ours(ours, settings)
+        compare(
+            method,
+            ours,
+            lambda e=ours_estimator: e.fit(trained).scores(test, train_set),
+            quiet(
+                lambda o=options, m=method: (
+                    CaptumEstimator(method=m, **o).fit(trained).scores(test, train_set)
+                )
+            ),
+            results,
+            rounds,
+        )
+
+
+def compare_pydvl(trained, test, results, rounds) -> None:
     from fidelity.estimators.external.pydvl import PydvlEstimator
 
     problem = trained.problem
-    print(f"{'pydvl':<10} {'seconds':>8} {'ours':>8} {'ratio':>7} {'r(ours)':>9} {'r(ref)':>9}")
+    header("pydvl")
     pairs = {"direct": "exact", "cg": "cg", "lissa": "lissa", "arnoldi": "arnoldi"}
     for solver, ours in pairs.items():
-        ours_seconds, ours_scores, settings = results[ours]
+        settings = dict(results[ours][2])
         options = {"damping": settings.get("damping", 0.0)}
         if solver == "lissa":
             fitted_scale = ESTIMATORS.get("lissa")(**settings).fit(trained).diagnostics["scale"]
             options.update(scale=fitted_scale, depth=settings["depth"])
-            # pyDVL draws one batch of its loader (batch_size examples) per step: time ours at
+            # pyDVL draws one batch of its loader (batch_size examples) per step: ours runs at
             # that minibatch too, so the two run the same recursion on equal work.
-            same = {**settings, "minibatch_size": PydvlEstimator().batch_size}
-            start = time.perf_counter()
-            same_scores = ESTIMATORS.get("lissa")(**same).fit(trained).scores(test, problem.train)
-            ours_seconds, ours_scores = time.perf_counter() - start, same_scores
-            r = np.corrcoef(same_scores.flatten(), results["exact"][1].flatten())[0, 1]
-            print(
-                f"(ours lissa at minibatch {same['minibatch_size']}: {ours_seconds:.2f} s, "
-                f"r(ref) {r:.5f})"
-            )
+            settings["minibatch_size"] = PydvlEstimator().batch_size
         if solver == "arnoldi":
             options["rank"] = settings["rank"]
         if solver == "cg":
             options["tol"] = settings["tol"]
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            scores = (
-                PydvlEstimator(solver=solver, **options).fit(trained).scores(test, problem.train)
-            )
-        report_peer(solver, time.perf_counter() - start, scores, ours_seconds, ours_scores, results)
+        ours_estimator = build_ours(ours, settings)
+        compare(
+            solver,
+            ours,
+            lambda e=ours_estimator: e.fit(trained).scores(test, problem.train),
+            quiet(
+                lambda o=options, s=solver: (
+                    PydvlEstimator(solver=s, **o).fit(trained).scores(test, problem.train)
+                )
+            ),
+            results,
+            rounds,
+        )
+
+
+def build_ours(label: str, settings: dict):
+    """Our estimator of the suite entry ``label`` (whose kind is its label)."""
+    return build_component(ESTIMATORS, label, settings, where=label)
 
 
 if __name__ == "__main__":

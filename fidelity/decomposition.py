@@ -48,17 +48,19 @@ def components_between(first: str, second: str) -> list[str]:
     return [COMPONENTS[(STEPS[i], STEPS[i + 1])] for i in range(start, stop)]
 
 
-def output_distance(trained: TrainedProblem, thetas_a: Tensor, thetas_b: Tensor) -> float:
-    """Mean over removals of the RMS difference of the outputs over the training inputs."""
+def stage_outputs(trained: TrainedProblem, thetas: Tensor) -> Tensor:
+    """The network outputs over the training inputs for each row of ``thetas``: ``[B, N, k]``."""
     model, inputs = trained.model, trained.problem.x_train
+    thetas = thetas.to(trained.theta)
+    return torch.func.vmap(lambda theta: model(theta, inputs))(thetas)
 
-    def rms(theta_a: Tensor, theta_b: Tensor) -> Tensor:
-        return (model(theta_a, inputs) - model(theta_b, inputs)).pow(2).mean().sqrt()
 
-    if thetas_a.shape[0] == 0:
+def output_distance(outputs_a: Tensor, outputs_b: Tensor) -> float:
+    """Mean over removals of the RMS difference of two stages' outputs over the training
+    inputs (each ``[B, N, k]``, from ``stage_outputs``)."""
+    if outputs_a.shape[0] == 0:
         return float("nan")
-    distances = torch.func.vmap(rms)(thetas_a.to(trained.theta), thetas_b.to(trained.theta))
-    return float(distances.mean())
+    return float((outputs_a - outputs_b).pow(2).mean(dim=(1, 2)).sqrt().mean())
 
 
 def measurement_gap(first: np.ndarray, second: np.ndarray, scale: float) -> dict[str, float]:
@@ -97,10 +99,19 @@ def decompose(
     reference = ladder[0]
     scale = float(np.mean(np.abs(reference.deltas)))
 
+    # each stage's outputs are computed once, however many gaps it takes part in (the last
+    # rung is in one gap per estimator)
+    computed: dict[int, Tensor] = {}
+
+    def outputs(stage: Stage, thetas: Tensor) -> Tensor:
+        if id(stage) not in computed:
+            computed[id(stage)] = stage_outputs(trained, thetas)
+        return computed[id(stage)]
+
     def gap(first: Stage, second: Stage) -> Gap:
         distance = None
         if first.thetas is not None and second.thetas is not None:
-            distance = output_distance(trained, first.thetas, second.thetas)
+            distance = output_distance(outputs(first, first.thetas), outputs(second, second.thetas))
         measured = measurement_gap(first.deltas, second.deltas, scale)
         return Gap(
             source=first.label,

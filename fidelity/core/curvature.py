@@ -232,14 +232,15 @@ def conjugate_gradient(
     tol: float,
     max_iter: int,
     precondition: Callable[[Tensor], Tensor] | None = None,
+    initial: Tensor | None = None,
 ) -> ConjugateGradientResult:
     """Solve A x = b for every row b of ``rhs`` ``[m, p]`` at once, each column with its own
-    step sizes, until its relative residual ||r|| / ||b|| is at most ``tol``. A column that
-    meets a direction of non-positive curvature stops at its last iterate and is flagged; it
-    never steps along that direction."""
+    step sizes, until its relative residual ||r|| / ||b|| is at most ``tol`` (started from
+    ``initial``, zero by default). A column that meets a direction of non-positive curvature
+    stops at its last iterate and is flagged; it never steps along that direction."""
     precondition = precondition or (lambda r: r)
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
+    x = torch.zeros_like(rhs) if initial is None else initial.clone()
+    r = rhs.clone() if initial is None else rhs - apply(initial)
     z = precondition(r)
     direction = z.clone()
     rz = (r * z).sum(1)
@@ -267,6 +268,92 @@ def conjugate_gradient(
         active = active & ((r.norm(dim=1) / b_norm) > tol)
     converged = ((r.norm(dim=1) / b_norm) <= tol).cpu() & ~negative
     return ConjugateGradientResult(x, iterations, negative, converged)
+
+
+def block_conjugate_gradient(
+    apply: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    precondition: Callable[[Tensor], Tensor] | None = None,
+) -> ConjugateGradientResult:
+    """Solve A x = b for every row b of ``rhs`` ``[m, p]`` by block conjugate gradients: one
+    search space shared by all columns, so each step minimises every column's error over the
+    Krylov space of all right-hand sides (O'Leary 1980), which takes far fewer steps than m
+    separate CGs when the spectrum decays (influence's test gradients share the large
+    curvature directions).
+
+    The breakdown-free form (Ji and Li 2017): the search directions are orthonormalised and
+    rank-truncated at every step (a column whose residual lies in the span of the others adds
+    no direction), and columns at ``tol`` leave the block. Stops per column at relative
+    residual ||r|| / ||b|| <= ``tol``; ``iterations`` counts the block steps each column took.
+    When P^T A P is not positive definite (the span holds non-positive curvature, possible for
+    the Hessian of a non-convex model without enough damping), the remaining columns are
+    finished by per-column ``conjugate_gradient`` from where they are, which stops and flags a
+    column at such a direction.
+    """
+    precondition = precondition or (lambda r: r)
+    m = rhs.shape[0]
+    x = torch.zeros_like(rhs)  # rows, like rhs
+    r = rhs.clone()
+    b_norm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    active = (r.norm(dim=1) / b_norm) > tol
+    iterations = torch.zeros(m, dtype=torch.long)
+    directions = _orthonormal_rows(precondition(r[active]))  # [s, p]
+    breakdown = False
+    for _ in range(max_iter):
+        if not bool(active.any()) or directions.shape[0] == 0:
+            break
+        products = apply(directions)  # A P, rows
+        gram = directions @ products.T
+        gram = 0.5 * (gram + gram.T)
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if int(info) != 0:
+            breakdown = True
+            break
+        rows = torch.nonzero(active).flatten()
+        step = torch.cholesky_solve(directions @ r[rows].T, factor)  # [s, a]
+        x[rows] += step.T @ directions
+        r[rows] -= step.T @ products
+        iterations[active.cpu()] += 1
+        active = active & ((r.norm(dim=1) / b_norm) > tol)
+        if not bool(active.any()):
+            break
+        z = precondition(r[active])  # [a, p]
+        beta = torch.cholesky_solve(products @ z.T, factor)  # [s, a]
+        directions = _orthonormal_rows(z - beta.T @ directions)
+    negative = torch.zeros(m, dtype=torch.bool)
+    if breakdown and bool(active.any()):
+        rows = torch.nonzero(active).flatten()
+        rest = conjugate_gradient(
+            apply,
+            rhs[rows],
+            tol=tol,
+            max_iter=max_iter,
+            precondition=precondition,
+            initial=x[rows],
+        )
+        x[rows] = rest.solution
+        iterations[rows.cpu()] += rest.iterations
+        negative[rows.cpu()] = rest.negative_curvature
+    converged = ((r.norm(dim=1) / b_norm) <= tol).cpu()
+    if breakdown:
+        converged = (((rhs - apply(x)).norm(dim=1) / b_norm) <= tol).cpu()
+    return ConjugateGradientResult(x, iterations, negative, converged & ~negative)
+
+
+def _orthonormal_rows(vectors: Tensor) -> Tensor:
+    """An orthonormal basis (rows) of the span of the rows of ``vectors`` ``[a, p]``, without
+    the directions whose singular values are below sqrt(eps) of the largest: a residual that
+    is (nearly) a combination of the others differs from it only by rounding, which would be
+    normalised into a search direction of noise; what such a cut drops is a tiny part of the
+    residuals, found again in later steps."""
+    if vectors.shape[0] == 0:
+        return vectors
+    _, singular, basis = torch.linalg.svd(vectors, full_matrices=False)
+    cutoff = torch.finfo(vectors.dtype).eps ** 0.5 * singular[0]
+    return basis[singular > cutoff]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.curvature import (
     DENSE_LIMIT,
     CurvatureOperator,
-    conjugate_gradient,
+    block_conjugate_gradient,
     gauss_newton_factor,
     gauss_newton_woodbury,
     woodbury_pays,
@@ -75,7 +75,9 @@ class LinearResponse(Response):
         return ResponseResult(test_grads @ steps.T, info, thetas=trained.theta + steps)
 
     def _conjugate_gradient(self, operator: CurvatureOperator, rhs: Tensor) -> Tensor:
-        result = conjugate_gradient(
+        # block CG: the removed points' gradients share one search space (positive definite
+        # Gauss-Newton: no breakdown)
+        result = block_conjugate_gradient(
             lambda v: operator.matvec(v) + self.damping * v,
             rhs,
             tol=1e-10,

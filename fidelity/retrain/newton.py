@@ -20,6 +20,7 @@ from fidelity.core.errors import FidelityError
 from fidelity.core.objective import (
     objective,
     objective_gradients,
+    objective_hessian,
     output_hessian_factor,
     per_example_grads,
 )
@@ -311,20 +312,52 @@ def refit_removals(
     )
 
     batched_grad = objective_gradients(model, problem, anchor, damping)
-    thetas = theta_start.detach().unsqueeze(0).repeat(removed.numel(), 1)
-    iterations = torch.zeros(removed.numel(), dtype=torch.long)
-    previous = torch.full((removed.numel(),), math.inf, dtype=torch.float64)
-    active = torch.ones(removed.numel(), dtype=torch.bool)
     # Every model starts at theta_start, where grad J_{-j} = grad J - (1/N) grad L_j: one
     # full-data gradient and the removed points' own, instead of a full-data gradient per model.
-    full = batched_grad(thetas[:1], torch.ones_like(weights[:1]))
+    full = batched_grad(theta_start.detach().unsqueeze(0), torch.ones_like(weights[:1]))
     removed_points = Examples(problem.x_train[removed], problem.y_train[removed])
     own = per_example_grads(model, problem.loss, theta_start.detach(), removed_points)
-    grads = full - own / n
+    result = chord_iterations(
+        batched_grad,
+        theta_start,
+        full - own / n,
+        weights,
+        precondition,
+        gtol=gtol,
+        max_iter=max_iter,
+        memory_size=memory_size,
+    )
+    return finish_with_newton(
+        result, model, problem, theta_start, weights, gtol, max_iter, anchor, damping
+    )
+
+
+def chord_iterations(
+    batched_grad: Callable[[Tensor, Tensor], Tensor],
+    theta_start: Tensor,
+    grads: Tensor,
+    weights: Tensor,
+    precondition: Callable[[Tensor, Tensor], Tensor],
+    *,
+    gtol: float,
+    max_iter: int,
+    memory_size: int,
+) -> RefitResult:
+    """theta_b <- theta_b - B_b^{-1} grad J(theta_b; w_b) for every model b from
+    ``theta_start`` (whose gradients ``grads`` ``[B, p]`` are given), B_b^{-1} the
+    limited-memory BFGS update of a fixed ``precondition(vectors, rows)``; see
+    ``refit_removals``. Models leave the loop at the floating-point floor, or at once when their
+    gradient norm grows or stops being finite (left above ``gtol`` for the caller)."""
+    count = weights.shape[0]
+    thetas = theta_start.detach().unsqueeze(0).repeat(count, 1)
+    grads = grads.clone()
+    iterations = torch.zeros(count, dtype=torch.long)
+    previous = torch.full((count,), math.inf, dtype=torch.float64)
+    active = torch.ones(count, dtype=torch.bool)
     norms = grads.norm(dim=1).double().cpu()
-    memory = SecantMemory(removed.numel(), thetas.shape[1], memory_size, thetas)
+    memory = SecantMemory(count, thetas.shape[1], memory_size, thetas)
     # the last two step lengths of each model (inf until taken), and the rounding unit of theta
-    steps = torch.full((removed.numel(),), math.inf, dtype=torch.float64)
+    steps = torch.full((count,), math.inf, dtype=torch.float64)
     earlier_steps = steps.clone()
     resolution = torch.finfo(thetas.dtype).eps * thetas.norm(dim=1).double().cpu()
     for _ in range(max_iter):
@@ -345,20 +378,34 @@ def refit_removals(
         thetas[rows] = thetas[rows] - step
         new_grads = batched_grad(thetas[rows], weights[rows])
         new_norms = new_grads.norm(dim=1).double().cpu()
-        # Pairs near the floating-point floor are rounding noise: only those taken while the
-        # gradient is still above tolerance enter the memory.
-        memory.remember(
-            rows,
-            -step,
-            new_grads - grads[rows],
-            (step.norm(dim=1).double().cpu() > 1e1 * resolution[active]).to(rows.device),
-        )
+        step_norms = step.norm(dim=1).double().cpu()
+        # Pairs taken within a thousand roundings of theta are rounding noise: they stay out of
+        # the memory.
+        usable = (step_norms > 1e3 * resolution[active]).to(rows.device)
+        memory.remember(rows, -step, new_grads - grads[rows], usable)
         grads[rows] = new_grads
         earlier_steps[active] = steps[active]
-        steps[active] = step.norm(dim=1).double().cpu()
+        steps[active] = step_norms
         previous[active] = norms[active]
         norms[active] = new_norms
         iterations += active.long()
+    return RefitResult(thetas, iterations, norms)
+
+
+def finish_with_newton(
+    result: RefitResult,
+    model: FunctionalModel,
+    problem: Problem,
+    theta_start: Tensor,
+    weights: Tensor,
+    gtol: float,
+    max_iter: int,
+    anchor: Tensor | None = None,
+    damping: float = 0.0,
+) -> RefitResult:
+    """Every model of ``result`` not at ``gtol`` solved again by the line-searched
+    ``newton_minimize`` from ``theta_start``."""
+    thetas, iterations, norms = result.thetas, result.iterations, result.grad_norms
     for index in torch.nonzero(~(norms <= gtol)).flatten().tolist():
         finished = newton_minimize(
             model,
@@ -374,3 +421,60 @@ def refit_removals(
         norms[index] = finished.grad_norm
         iterations[index] += finished.iterations
     return RefitResult(thetas, iterations, norms)
+
+
+def refit_weighted(
+    model: FunctionalModel,
+    problem: Problem,
+    theta_start: Tensor,
+    weights: Tensor,
+    *,
+    gtol: float = 1e-10,
+    max_iter: int = 100,
+    memory_size: int = 4,
+) -> RefitResult:
+    """Exact minimisers of J(theta; w_b) for many weight vectors ``weights`` ``[B, N]`` at once
+    (the subsets of the datamodeling score keep a fraction of the points, the others at 0).
+
+    The same chord iteration as ``refit_removals``, from ``theta_start`` (theta_s), with one
+    preconditioner per model built from a single Hessian: P_b = m_b H_data + wd I, H_data the
+    Hessian of the data term (1/N) sum_i L_i at theta_start and m_b the mean weight of model b,
+    which is the expected Hessian of a random subset keeping that fraction. With H_data = Q L
+    Q^T (one eigendecomposition) every P_b^{-1} is Q (m_b L + wd)^{-1} Q^T: two matrix products
+    and a scaling per step, whatever the number of models. The fixed point is the exact
+    minimiser (the gradient is exact); models the iteration does not bring to ``gtol`` are
+    solved by ``newton_minimize``.
+    """
+    if weights.ndim != 2 or weights.shape[1] != problem.n_train:
+        raise FidelityError(
+            f"weights must be [n_models, {problem.n_train}], got {tuple(weights.shape)}"
+        )
+    theta_start = theta_start.detach()
+    data_hessian = objective_hessian(model, problem, theta_start)
+    data_hessian.diagonal().sub_(problem.weight_decay)
+    eigenvalues, basis = torch.linalg.eigh(data_hessian)
+    eigenvalues = eigenvalues.clamp_min(0)  # rounding below 0 only slows the iteration
+    means = weights.mean(dim=1)  # [B]
+    scales = 1.0 / (means.unsqueeze(1) * eigenvalues + problem.weight_decay)  # [B, p]
+    if not bool(torch.isfinite(scales).all()):
+        raise FidelityError(
+            f"problem {problem.name!r}: weighted refits need weight decay (a subset leaves "
+            "directions that no kept point constrains)"
+        )
+
+    def precondition(vectors: Tensor, rows: Tensor) -> Tensor:
+        return ((vectors @ basis) * scales[rows]) @ basis.T
+
+    batched_grad = objective_gradients(model, problem)
+    start = theta_start.unsqueeze(0).expand(weights.shape[0], -1)
+    result = chord_iterations(
+        batched_grad,
+        theta_start,
+        batched_grad(start, weights),
+        weights,
+        precondition,
+        gtol=gtol,
+        max_iter=max_iter,
+        memory_size=memory_size,
+    )
+    return finish_with_newton(result, model, problem, theta_start, weights, gtol, max_iter)

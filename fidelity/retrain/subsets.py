@@ -37,7 +37,7 @@ from fidelity.core.problem import Examples, MinibatchRecipe, NewtonRecipe, Train
 from fidelity.core.registry import constructor_params
 from fidelity.retrain.execution import Execution, Refits, retrain_indices
 from fidelity.retrain.minibatch import train_minibatch
-from fidelity.retrain.newton import newton_minimize
+from fidelity.retrain.newton import refit_weighted
 from fidelity.retrain.train import seeded_variant, theta_digest, train
 
 
@@ -175,17 +175,11 @@ def _train_group(
         )
         norms = gradient(thetas, weights).norm(dim=1).double().cpu()
         return thetas.cpu(), torch.full((len(group),), recipe.epochs), norms
-    finished = [
-        newton_minimize(
-            model, problem, trained.theta, w, gtol=recipe.gtol, max_iter=recipe.max_iter
-        )
-        for w in weights
-    ]
-    return (
-        torch.stack([f.theta for f in finished]).cpu(),
-        torch.tensor([f.iterations for f in finished]),
-        torch.tensor([f.grad_norm for f in finished], dtype=torch.float64),
+    # all the group's masks at once, from theta_s (see refit_weighted)
+    finished = refit_weighted(
+        model, problem, trained.theta, weights, gtol=recipe.gtol, max_iter=recipe.max_iter
     )
+    return finished.thetas.cpu(), finished.iterations, finished.grad_norms
 
 
 def measurement(trained: TrainedProblem, thetas: Tensor, test: Examples, target: str) -> Tensor:

@@ -38,10 +38,11 @@ def scores(estimator, trained):
     ("reference", "curvature"), [(ExactEstimator, "hessian"), (GaussNewtonEstimator, "gnh")]
 )
 @pytest.mark.parametrize("preconditioner", [None, "jacobi"])
-def test_cg_reaches_the_dense_solve(mlp, reference, curvature, preconditioner):
+@pytest.mark.parametrize("block", [True, False])
+def test_cg_reaches_the_dense_solve(mlp, reference, curvature, preconditioner, block):
     expected = scores(reference(), mlp)
     estimator = ConjugateGradientEstimator(
-        curvature=curvature, tol=1e-12, preconditioner=preconditioner
+        curvature=curvature, tol=1e-12, preconditioner=preconditioner, block=block
     )
     assert relative_error(scores(estimator, mlp), expected) <= 1e-6
     assert estimator.diagnostics["max_relative_residual"] <= 1e-12
@@ -55,9 +56,10 @@ def test_cg_with_damping_reaches_damped_solve(mlp):
     assert relative_error(actual, expected) <= 1e-6
 
 
-def test_cg_reports_negative_curvature_instead_of_using_it():
+@pytest.mark.parametrize("block", [True, False])
+def test_cg_reports_negative_curvature_instead_of_using_it(block):
     trained = saddle_problem()
-    estimator = ConjugateGradientEstimator(max_iter=10)
+    estimator = ConjugateGradientEstimator(max_iter=10, block=block)
     result = scores(estimator, trained)
     assert bool(torch.isfinite(result).all())
     assert estimator.diagnostics["negative_curvature_columns"] > 0

@@ -140,3 +140,51 @@ def test_weighted_sum_equals_the_weighted_objectives_curvature(curvature):
     torch.testing.assert_close(weighted, manual, rtol=1e-9, atol=1e-11)
     with pytest.raises(FidelityError, match="curvature weights must have shape"):
         operator.weighted_sum(weights[:-1])
+
+
+def _spd(eigenvalues, seed):
+    generator = torch.Generator().manual_seed(seed)
+    size = eigenvalues.numel()
+    basis, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    return (basis * eigenvalues) @ basis.T
+
+
+def test_block_cg_equals_the_dense_solve_in_fewer_steps():
+    from fidelity.core.curvature import block_conjugate_gradient, conjugate_gradient
+
+    # a few large curvature directions above a bulk, as in a network's Hessian
+    spectrum = torch.cat([torch.logspace(2, 1, 10), torch.logspace(-1, -2, 50)]).double()
+    matrix = _spd(spectrum, 0)
+    generator = torch.Generator().manual_seed(1)
+    rhs = torch.randn(8, 60, generator=generator, dtype=torch.float64)
+    rhs[5] = rhs[1] + 2 * rhs[2]  # a column in the span of others adds no direction
+    rhs[6] = 0.0  # and a zero column is solved at once
+    expected = torch.linalg.solve(matrix, rhs.T).T
+
+    def apply(vectors):
+        return vectors @ matrix
+
+    block = block_conjugate_gradient(apply, rhs, tol=1e-10, max_iter=200)
+    single = conjugate_gradient(apply, rhs, tol=1e-10, max_iter=200)
+    torch.testing.assert_close(block.solution, expected, rtol=1e-7, atol=1e-8)
+    assert bool(block.converged.all()) and not bool(block.negative_curvature.any())
+    assert int(block.iterations.max()) < int(single.iterations.max())
+    assert int(block.iterations[6]) == 0
+    jacobi = 1.0 / matrix.diagonal()
+    preconditioned = block_conjugate_gradient(
+        apply, rhs, tol=1e-10, max_iter=200, precondition=lambda r: r * jacobi
+    )
+    torch.testing.assert_close(preconditioned.solution, expected, rtol=1e-7, atol=1e-8)
+
+
+def test_block_cg_hands_an_indefinite_span_to_per_column_cg():
+    from fidelity.core.curvature import block_conjugate_gradient
+
+    matrix = torch.diag(torch.tensor([2.0, 1.0, -1.0, 3.0], dtype=torch.float64))
+    rhs = torch.eye(4, dtype=torch.float64)
+    result = block_conjugate_gradient(lambda v: v @ matrix, rhs, tol=1e-12, max_iter=20)
+    assert bool(result.negative_curvature[2])
+    assert bool(result.converged[[0, 1, 3]].all())
+    torch.testing.assert_close(
+        result.solution[[0, 1, 3]], torch.linalg.solve(matrix, rhs.T).T[[0, 1, 3]]
+    )

@@ -10,6 +10,7 @@ from fidelity.decomposition import (
     decompose,
     measurement_gap,
     output_distance,
+    stage_outputs,
 )
 from fidelity.estimators import ExactEstimator, GradCosEstimator
 from fidelity.metrics import pearson
@@ -42,7 +43,8 @@ def test_output_distance_is_the_mean_rms_output_difference(trained_problems):
             for a, b in zip(first, second, strict=True)
         ]
     )
-    assert output_distance(trained, first, second) == pytest.approx(expected, rel=1e-12)
+    distance = output_distance(stage_outputs(trained, first), stage_outputs(trained, second))
+    assert distance == pytest.approx(expected, rel=1e-12)
 
 
 def test_measurement_gap():

@@ -144,3 +144,31 @@ def test_refits_stop_at_the_floor_without_losing_accuracy(trained_problems):
         reference = newton_minimize(model, problem, trained.theta, weights[b], gtol=1e-13).theta
         torch.testing.assert_close(result.thetas[b], reference, rtol=0, atol=1e-12)
     assert bool((result.grad_norms <= 1e-10).all())
+
+
+@pytest.mark.parametrize("name", ["digits-logreg", "cancer-logreg", "diabetes-ridge"])
+def test_weighted_refits_equal_newton_on_each_subset(trained_problems, name):
+    # The vmapped chord iteration on subsets (half the points at weight 0) against the
+    # line-searched Newton method on each weighted objective, and iterations that stay few.
+    from fidelity.retrain.newton import refit_weighted
+    from fidelity.retrain.subsets import draw_masks
+
+    trained = trained_problems(name)
+    problem, model = trained.problem, trained.model
+    masks = torch.as_tensor(draw_masks(problem.n_train, (0.5, 0.9), 3, seed=4))
+    result = refit_weighted(model, problem, trained.theta, masks)
+    assert bool((result.grad_norms <= 1e-10).all())
+    assert int(result.iterations.max()) < 40
+    for b in range(masks.shape[0]):
+        reference = newton_minimize(model, problem, trained.theta, masks[b]).theta
+        torch.testing.assert_close(result.thetas[b], reference, rtol=0, atol=1e-11)
+
+
+def test_weighted_refits_refuse_a_wrong_shape():
+    from fidelity.core.errors import FidelityError
+    from fidelity.retrain.newton import refit_weighted
+
+    problem = make_tiny_logreg()
+    model = FunctionalModel.of(problem.build_model())
+    with pytest.raises(FidelityError, match="weights must be"):
+        refit_weighted(model, problem, model.initial_theta(), torch.ones(2, problem.n_train + 1))
