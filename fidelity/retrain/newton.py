@@ -361,11 +361,13 @@ def chord_iterations(
     earlier_steps = steps.clone()
     resolution = torch.finfo(thetas.dtype).eps * thetas.norm(dim=1).double().cpu()
     for _ in range(max_iter):
-        diverging = ~torch.isfinite(norms) | (norms > previous)
-        improving = (norms > 0) & (norms <= 0.5 * previous)
-        # The iteration converges linearly (at least), so the next step would be about
-        # step^2 / earlier step long; once that is below the rounding of theta the iterate is
-        # at the floor, and stepping on (until the gradient stops halving) only adds noise.
+        # Above gtol a growing gradient is a failure (the caller re-solves those models);
+        # below it, a gradient that no longer falls is at the rounding floor.
+        diverging = ~torch.isfinite(norms) | ((norms > previous) & (norms > gtol))
+        improving = (norms > 0) & (norms < previous)
+        # The iteration converges linearly, so the next step would be about step^2 / earlier
+        # step long; once that is below the rounding of theta the iterate is at the floor, and
+        # stepping on only adds noise.
         next_step = torch.where(torch.isinf(earlier_steps), math.inf, steps**2 / earlier_steps)
         at_floor = next_step <= resolution
         active &= ~diverging & ((norms > gtol) | (improving & ~at_floor))

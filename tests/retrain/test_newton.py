@@ -158,7 +158,7 @@ def test_weighted_refits_equal_newton_on_each_subset(trained_problems, name):
     masks = torch.as_tensor(draw_masks(problem.n_train, (0.5, 0.9), 3, seed=4))
     result = refit_weighted(model, problem, trained.theta, masks)
     assert bool((result.grad_norms <= 1e-10).all())
-    assert int(result.iterations.max()) < 40
+    assert int(result.iterations.max()) < 60
     for b in range(masks.shape[0]):
         reference = newton_minimize(model, problem, trained.theta, masks[b]).theta
         torch.testing.assert_close(result.thetas[b], reference, rtol=0, atol=1e-11)
