@@ -1,15 +1,22 @@
 """Retraining throughput: exact refits against scikit-learn, vmapped groups against one model
 at a time, and worker scaling.
 
-``--part convex`` (digits-logreg): fidelity's `cold` against scikit-learn. Both solve the same
-objective, J_{-j} = (1/N) sum_{i != j} L_i + (wd/2) ||theta||^2 with the bias penalised like
-every weight: scikit-learn gets a constant feature instead of an intercept, C = 1/(N wd), and
+``--part convex`` (``--problem``, default digits-logreg; also cancer-logreg and
+movies-minilm-logreg, 8,454 points, whose encodings ``--cache-dir`` keeps): fidelity's `cold`
+against scikit-learn. Both solve the same objective,
+J_{-j} = (1/N) sum_{i != j} L_i + (wd/2) ||theta||^2 with the bias penalised like every weight: scikit-learn gets a constant feature instead of an intercept, C = 1/(N wd), and
 sample weight 0 for the removed point (so the 1/N is unchanged), warm-started from theta_s with
 tol 1e-10. Fair: both sides pinned to the same threads (torch.set_num_threads, threadpoolctl),
 each in every configuration (1 thread, 2 threads, 2 processes of 1 thread) and scikit-learn
 with each of its solvers lbfgs, newton-cg and newton-cholesky, in ``--rounds`` alternating
 rounds, no cache on our side; prints medians and spreads, the best configuration of each side,
-their ratio, the largest difference between the deltas and the load average.
+their ratio, the largest difference between the deltas, the load average, and a roofline line:
+our arithmetic (the dominant GEMMs, counted) per second against a dense float64 GEMM's rate at
+the same threads.
+
+``--part subsets``: the same comparison for ``--subsets`` refits keeping a fraction ``--alpha``
+of the training set (the datamodeling score's ground truth; scikit-learn gets each mask as
+sample weights): fidelity's `subsets` response, vmapped (``refit_weighted``).
 
 ``--part warm`` (digits-mlp): the `warm` stage for ``--removals`` removals trained in vmapped
 groups (``--group-size``, default 128: one group) against the same stage with groups of one (one
@@ -20,6 +27,7 @@ and the largest difference between the deltas.
 workers; prints both times and the ratio.
 
     python -m benchmarks.retrain_throughput [--part all] [--removals 100] [--rounds 3]
+    python -m benchmarks.retrain_throughput --part convex --problem cancer-logreg
 """
 
 from __future__ import annotations
@@ -31,15 +39,21 @@ import time
 import numpy as np
 import torch
 
+from fidelity.core.affine import affine_form
 from fidelity.core.cache import ArtifactCache
 from fidelity.problems import load_problem
-from fidelity.retrain import ColdResponse, Execution, WarmResponse, train
+from fidelity.retrain import ColdResponse, Execution, SubsetsResponse, WarmResponse, train
+from fidelity.retrain.subsets import draw_masks
 
 
 def sklearn_design(problem, test_index: np.ndarray):
     x = np.hstack([problem.x_train.numpy(), np.ones((problem.n_train, 1))])
     x_test = np.hstack([problem.x_test.numpy(), np.ones((problem.n_test, 1))])[test_index]
-    return x, problem.y_train.numpy(), x_test, problem.y_test.numpy()[test_index]
+    # bce problems keep their labels as [N, 1] floats; scikit-learn takes class indices
+    y, y_test = (
+        np.asarray(t.numpy()).reshape(len(t), -1)[:, 0] for t in (problem.y_train, problem.y_test)
+    )
+    return x, y.astype(np.int64), x_test, y_test.astype(np.int64)[test_index]
 
 
 def sklearn_model(problem, solver: str, tol: float):
@@ -57,31 +71,31 @@ def sklearn_full(problem, test_index, solver: str, tol: float):
     return model.coef_.copy(), base
 
 
-def sklearn_chunk(problem, test_index, removed, solver, tol, full_coef, base) -> np.ndarray:
-    """Deltas of the refits of ``removed``, each warm-started from theta_s (as ours are)."""
+def sklearn_chunk(problem, test_index, weights, solver, tol, full_coef, base) -> np.ndarray:
+    """Deltas ``[n_test, n_models]`` of the refits with sample weights ``weights`` ``[m, N]``
+    (a zero at the removed point, or a subset's mask), each warm-started from theta_s (as
+    ours are)."""
     x, y, x_test, y_test = sklearn_design(problem, test_index)
     model = sklearn_model(problem, solver, tol).set_params(warm_start=True)
-    deltas = np.empty((len(test_index), len(removed)))
-    for column, j in enumerate(removed):
+    deltas = np.empty((len(test_index), len(weights)))
+    for column, sample_weight in enumerate(weights):
         model.coef_ = full_coef.copy()
-        weights = np.ones(problem.n_train)
-        weights[j] = 0.0
-        model.fit(x, y, sample_weight=weights)
+        model.fit(x, y, sample_weight=sample_weight)
         loss = -model.predict_log_proba(x_test)[np.arange(len(y_test)), y_test]
         deltas[:, column] = loss - base
     return deltas
 
 
-def sklearn_refits(problem, removed, test_index, solver, tol, processes, full):
-    """(seconds, deltas) of the scikit-learn loop, over ``processes`` loky workers (one BLAS
-    thread each) when more than one."""
+def sklearn_refits(problem, weights, test_index, solver, tol, processes, full):
+    """(seconds, deltas) of the scikit-learn loop over the rows of ``weights``, over
+    ``processes`` loky workers (one BLAS thread each) when more than one."""
     from joblib import Parallel, delayed
 
     start = time.perf_counter()
     if processes == 1:
-        deltas = sklearn_chunk(problem, test_index, removed, solver, tol, *full)
+        deltas = sklearn_chunk(problem, test_index, weights, solver, tol, *full)
     else:
-        chunks = np.array_split(removed, processes)
+        chunks = np.array_split(weights, processes)
         parts = Parallel(n_jobs=processes, backend="loky")(
             delayed(sklearn_chunk)(problem, test_index, chunk, solver, tol, *full)
             for chunk in chunks
@@ -152,14 +166,20 @@ def cold_workers(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "convex", "warm", "workers"], default="all")
+    parser.add_argument(
+        "--part", choices=["all", "convex", "subsets", "warm", "workers"], default="all"
+    )
+    parser.add_argument("--problem", default="digits-logreg", help="convex and subsets parts")
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--cache-dir", help="where text problems keep their encodings")
     parser.add_argument("--removals", type=int, default=100)
     parser.add_argument("--test-points", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (convex)")
     parser.add_argument("--warm-epochs", type=int, default=20)
     parser.add_argument("--group-size", type=int, default=128, help="warm group size")
     args = parser.parse_args()
-    if args.part in ("all", "convex"):
+    if args.part in ("all", "convex", "subsets"):
         convex_refits(args)
     if args.part in ("all", "warm"):
         warm_groups(args)
@@ -173,40 +193,60 @@ SKLEARN_SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky")
 
 
 def convex_refits(args) -> None:
-    """Fair: both sides pinned to the same threads (torch.set_num_threads; threadpoolctl for
-    numpy/scipy/scikit-learn), each in every configuration (and scikit-learn with every solver
-    that takes sample weights and warm starts), alternating rounds; medians and spreads; the
-    best configuration of each side is compared."""
+    """Leave-one-out refits (``--part convex``) or subset refits (``--part subsets``) of a convex
+    problem, ours against scikit-learn, fair: both sides pinned to the same threads
+    (torch.set_num_threads; threadpoolctl for numpy/scipy/scikit-learn), each in every
+    configuration (and scikit-learn with every solver that takes sample weights and warm
+    starts), alternating rounds; medians and spreads; the best configuration of each side is
+    compared, and our arithmetic rate against the machine's dense GEMM peak."""
     from threadpoolctl import threadpool_limits
 
-    problem = load_problem("digits-logreg")
-    trained = train(problem)
+    cache = ArtifactCache(args.cache_dir) if args.cache_dir else None
+    problem = load_problem(args.problem, cache=cache)
+    trained = train(problem, cache=cache)
     removed, test_index = sample(problem, args)
     test = problem.test.subset(torch.as_tensor(test_index))
+    subsets = args.part == "subsets"
+    if subsets:
+        response = SubsetsResponse(alphas=[args.alpha], subsets=args.subsets)
+        weights = draw_masks(problem.n_train, (args.alpha,), args.subsets, 0)
+        what = f"{args.subsets} subset refits (alpha {args.alpha})"
+
+        def ours(processes: int) -> tuple[np.ndarray, dict]:
+            execution = Execution(workers=processes, cache=ArtifactCache(None))
+            result = response.compute(trained, test, execution)
+            return result.measured.T.numpy(), result.info
+
+    else:
+        weights = np.ones((len(removed), problem.n_train))
+        weights[np.arange(len(removed)), removed] = 0.0
+        what = f"{len(removed)} exact leave-one-out refits"
+
+        def ours(processes: int) -> tuple[np.ndarray, dict]:
+            execution = Execution(workers=processes, cache=ArtifactCache(None))
+            result = ColdResponse().compute(trained, test, torch.as_tensor(removed), execution)
+            return result.deltas.numpy(), result.info
+
     print(
-        f"digits-logreg: {args.removals} exact leave-one-out refits, {args.test_points} test "
-        f"points, {args.rounds} alternating rounds; load average before {os.getloadavg()}"
+        f"{args.problem}: {what}, {args.test_points} test points, p = {trained.n_params}, "
+        f"N = {problem.n_train}, {args.rounds} alternating rounds; load average before "
+        f"{os.getloadavg()}"
     )
-    ColdResponse().compute(trained, test, torch.as_tensor(removed[:2]), Execution())  # warm-up
+    ours(1)  # warm-up: torch's first calls
     fulls = {solver: sklearn_full(problem, test_index, solver, 1e-10) for solver in SKLEARN_SOLVERS}
     times: dict[str, list[float]] = {}
     results: dict[str, np.ndarray] = {}
+    info: dict = {}
     for _ in range(args.rounds):
         for name, threads, processes in CONFIGURATIONS:
             torch.set_num_threads(threads)
             with threadpool_limits(threads):
                 start = time.perf_counter()
-                ours = ColdResponse().compute(
-                    trained,
-                    test,
-                    torch.as_tensor(removed),
-                    Execution(workers=processes, cache=ArtifactCache(None)),
-                )
-                times.setdefault(f"fidelity cold, {name}", []).append(time.perf_counter() - start)
-                results["fidelity"] = ours.deltas.numpy()
+                results["fidelity"], info = ours(processes)
+                times.setdefault(f"fidelity, {name}", []).append(time.perf_counter() - start)
                 for solver in SKLEARN_SOLVERS:
                     seconds, deltas = sklearn_refits(
-                        problem, removed, test_index, solver, 1e-10, processes, fulls[solver]
+                        problem, weights, test_index, solver, 1e-10, processes, fulls[solver]
                     )
                     times.setdefault(f"scikit-learn {solver}, {name}", []).append(seconds)
                     results[solver] = deltas
@@ -214,8 +254,8 @@ def convex_refits(args) -> None:
     for label, values in times.items():
         spread = np.array(values)
         print(
-            f"  {label:<44} median {np.median(spread):7.2f} s  "
-            f"[{spread.min():.2f}, {spread.max():.2f}]"
+            f"  {label:<44} median {np.median(spread):7.3f} s  "
+            f"[{spread.min():.3f}, {spread.max():.3f}]"
         )
     best = {
         side: min(
@@ -225,14 +265,50 @@ def convex_refits(args) -> None:
         for side in ("fidelity", "scikit-learn")
     }
     ratio = best["scikit-learn"][1] / best["fidelity"][1]
-    print(f"  best fidelity: {best['fidelity'][0]} {best['fidelity'][1]:.2f} s")
-    print(f"  best scikit-learn: {best['scikit-learn'][0]} {best['scikit-learn'][1]:.2f} s")
+    print(f"  best fidelity: {best['fidelity'][0]} {best['fidelity'][1]:.3f} s")
+    print(f"  best scikit-learn: {best['scikit-learn'][0]} {best['scikit-learn'][1]:.3f} s")
     print(f"  ratio best / best: {ratio:.1f}x")
     scale = np.abs(results["fidelity"]).max()
     for solver in SKLEARN_SOLVERS:
         difference = np.abs(results["fidelity"] - results[solver]).max() / scale
         print(f"  max |delta_ours - delta_{solver}| / max |delta|: {difference:.2e}")
+    if not subsets:
+        roofline(trained, len(removed), info, best["fidelity"][1], threads_of(best["fidelity"][0]))
     print(f"  load average after {os.getloadavg()}")
+
+
+def threads_of(label: str) -> int:
+    return next(threads for name, threads, _ in CONFIGURATIONS if label.endswith(name))
+
+
+def roofline(trained, removals: int, info: dict, seconds: float, threads: int) -> None:
+    """Our refits' dominant arithmetic (the Hessian's symmetric blocks, then per model and
+    step two GEMMs over the data and one product with P^{-1}) against a dense float64 GEMM's
+    rate at the same threads."""
+    form = affine_form(trained.model)
+    if form is None:
+        return
+    k, c, n, p = form.out_features, form.columns, trained.problem.n_train, trained.n_params
+    steps = removals * (info["mean_iterations"] + 1)
+    flops = k * (k + 1) * c * c * n + steps * (4 * k * c * n + 2 * p * p)
+    torch.set_num_threads(threads)
+    size = 2000
+    a = torch.randn(size, size, dtype=torch.float64)
+    a @ a
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        rates.append(2 * size**3 / (time.perf_counter() - start))
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = max(rates)
+    achieved = flops / seconds
+    print(
+        f"  roofline: about {flops / 1e9:.2f} GFLOP in {seconds:.3f} s = "
+        f"{achieved / 1e9:.1f} GFLOP/s, {100 * achieved / peak:.0f}% of a {size}x{size} float64 "
+        f"GEMM's {peak / 1e9:.1f} GFLOP/s at {threads} thread(s) "
+        f"({info['mean_iterations']:.2f} steps per refit)"
+    )
 
 
 if __name__ == "__main__":

@@ -57,28 +57,36 @@ def newton_minimize(
     def value(theta: Tensor) -> Tensor:
         return objective(model, problem, theta, weights, anchor, damping)
 
-    return minimize_newton(value, theta0, gtol=gtol, max_iter=max_iter)
+    def hessian(theta: Tensor) -> Tensor:  # closed form for affine models, autograd otherwise
+        return objective_hessian(model, problem, theta, weights, anchor, damping)
+
+    return minimize_newton(value, theta0, gtol=gtol, max_iter=max_iter, hessian=hessian)
 
 
 def minimize_newton(
-    value: Callable[[Tensor], Tensor], theta0: Tensor, *, gtol: float, max_iter: int
+    value: Callable[[Tensor], Tensor],
+    theta0: Tensor,
+    *,
+    gtol: float,
+    max_iter: int,
+    hessian: Callable[[Tensor], Tensor] | None = None,
 ) -> NewtonResult:
     """Minimise a smooth function of a parameter vector by Newton's method with backtracking.
 
-    The Newton system uses the dense Hessian, solved by Cholesky; where it is not positive
-    definite (a non-convex model) a multiple of the identity is added until it is (Levenberg
-    damping).
+    The Newton system uses the dense Hessian (``hessian``, or autograd's of ``value``), solved
+    by Cholesky; where it is not positive definite (a non-convex model) a multiple of the
+    identity is added until it is (Levenberg damping).
     """
     grad_fn = torch.func.grad(value)
-    hessian_fn = torch.func.jacrev(grad_fn)
+    hessian_fn = hessian or torch.func.jacrev(grad_fn)
     theta = theta0.detach().clone()
     grad = grad_fn(theta)
     norm, previous = float(grad.norm()), math.inf
     current = float(value(theta))
     iterations = 0
     while iterations < max_iter and _keeps_improving(norm, previous, gtol):
-        hessian = hessian_fn(theta)
-        direction = -_damped_solve(0.5 * (hessian + hessian.T), grad)
+        curvature = hessian_fn(theta)
+        direction = -_damped_solve(0.5 * (curvature + curvature.T), grad)
         step, accepted = 1.0, False
         slope = float(grad @ direction)
         for _ in range(40):
@@ -319,7 +327,7 @@ def refit_removals(
     own = per_example_grads(model, problem.loss, theta_start.detach(), removed_points)
     result = chord_iterations(
         batched_grad,
-        theta_start,
+        theta_start.detach().unsqueeze(0).expand(removed.numel(), -1),
         full - own / n,
         weights,
         precondition,
@@ -334,7 +342,7 @@ def refit_removals(
 
 def chord_iterations(
     batched_grad: Callable[[Tensor, Tensor], Tensor],
-    theta_start: Tensor,
+    starts: Tensor,
     grads: Tensor,
     weights: Tensor,
     precondition: Callable[[Tensor, Tensor], Tensor],
@@ -344,12 +352,12 @@ def chord_iterations(
     memory_size: int,
 ) -> RefitResult:
     """theta_b <- theta_b - B_b^{-1} grad J(theta_b; w_b) for every model b from
-    ``theta_start`` (whose gradients ``grads`` ``[B, p]`` are given), B_b^{-1} the
+    ``starts`` ``[B, p]`` (whose gradients ``grads`` are given), B_b^{-1} the
     limited-memory BFGS update of a fixed ``precondition(vectors, rows)``; see
     ``refit_removals``. Models leave the loop at the floating-point floor, or at once when their
     gradient norm grows or stops being finite (left above ``gtol`` for the caller)."""
     count = weights.shape[0]
-    thetas = theta_start.detach().unsqueeze(0).repeat(count, 1)
+    thetas = starts.detach().clone()
     grads = grads.clone()
     iterations = torch.zeros(count, dtype=torch.long)
     previous = torch.full((count,), math.inf, dtype=torch.float64)
@@ -438,41 +446,52 @@ def refit_weighted(
     """Exact minimisers of J(theta; w_b) for many weight vectors ``weights`` ``[B, N]`` at once
     (the subsets of the datamodeling score keep a fraction of the points, the others at 0).
 
-    The same chord iteration as ``refit_removals``, from ``theta_start`` (theta_s), with one
-    preconditioner per model built from a single Hessian: P_b = m_b H_data + wd I, H_data the
-    Hessian of the data term (1/N) sum_i L_i at theta_start and m_b the mean weight of model b,
-    which is the expected Hessian of a random subset keeping that fraction. With H_data = Q L
-    Q^T (one eigendecomposition) every P_b^{-1} is Q (m_b L + wd)^{-1} Q^T: two matrix products
-    and a scaling per step, whatever the number of models. The fixed point is the exact
-    minimiser (the gradient is exact); models the iteration does not bring to ``gtol`` are
-    solved by ``newton_minimize``.
+    The chord iteration of ``refit_removals``, started and preconditioned where a random subset
+    keeping a fraction m of the points lands on average: at theta_m, the minimiser of J with
+    every weight m (the full data with weight decay in effect wd / m; one Newton solve from
+    ``theta_start`` per distinct mean weight, shared by every model with that mean), with P_m
+    the Hessian of J(.; m) there. A subset's refit differs from theta_m by its sampling noise
+    alone, so P_m is close to its Hessian and the steps contract fast; ``memory_size`` secant
+    pairs correct the rest. The fixed point is the exact minimiser (the gradient is exact);
+    models the iteration does not bring to ``gtol`` are solved by ``newton_minimize``.
     """
     if weights.ndim != 2 or weights.shape[1] != problem.n_train:
         raise FidelityError(
             f"weights must be [n_models, {problem.n_train}], got {tuple(weights.shape)}"
         )
     theta_start = theta_start.detach()
-    data_hessian = objective_hessian(model, problem, theta_start)
-    data_hessian.diagonal().sub_(problem.weight_decay)
-    eigenvalues, basis = torch.linalg.eigh(data_hessian)
-    eigenvalues = eigenvalues.clamp_min(0)  # rounding below 0 only slows the iteration
-    means = weights.mean(dim=1)  # [B]
-    scales = 1.0 / (means.unsqueeze(1) * eigenvalues + problem.weight_decay)  # [B, p]
-    if not bool(torch.isfinite(scales).all()):
-        raise FidelityError(
-            f"problem {problem.name!r}: weighted refits need weight decay (a subset leaves "
-            "directions that no kept point constrains)"
-        )
+    means = weights.mean(dim=1)
+    distinct, owner = torch.unique(torch.round(means * 1e12) / 1e12, return_inverse=True)
+    starts = theta_start.unsqueeze(0).repeat(weights.shape[0], 1)
+    inverses = []
+    for index, mean in enumerate(distinct.tolist()):
+        uniform = torch.full_like(weights[0], mean)
+        centre = newton_minimize(model, problem, theta_start, uniform, gtol=gtol, max_iter=max_iter)
+        hessian = objective_hessian(model, problem, centre.theta, uniform)
+        factor, info = torch.linalg.cholesky_ex(hessian)
+        if int(info) != 0:
+            raise FidelityError(
+                f"problem {problem.name!r}: the Hessian of the objective with mean weight "
+                f"{mean:g} is not positive definite; weighted refits need weight decay"
+            )
+        inverses.append(torch.cholesky_inverse(factor))
+        starts[owner == index] = centre.theta
 
     def precondition(vectors: Tensor, rows: Tensor) -> Tensor:
-        return ((vectors @ basis) * scales[rows]) @ basis.T
+        groups = owner[rows]
+        if len(inverses) == 1:
+            return vectors @ inverses[0]
+        result = torch.empty_like(vectors)
+        for index, inverse in enumerate(inverses):
+            chosen = groups == index
+            result[chosen] = vectors[chosen] @ inverse
+        return result
 
     batched_grad = objective_gradients(model, problem)
-    start = theta_start.unsqueeze(0).expand(weights.shape[0], -1)
     result = chord_iterations(
         batched_grad,
-        theta_start,
-        batched_grad(start, weights),
+        starts,
+        batched_grad(starts, weights),
         weights,
         precondition,
         gtol=gtol,
