@@ -27,6 +27,7 @@ only (for a class whose settings only fit the user's own model).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from functools import cache, partial
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from fidelity.core.errors import FidelityError, user_code
-from fidelity.core.problem import NewtonRecipe, Problem, TrainedProblem
+from fidelity.core.problem import MinibatchRecipe, NewtonRecipe, Problem, TrainedProblem
 from fidelity.estimators import Estimator
 from fidelity.problems.models import linear_model
 from fidelity.retrain import train
@@ -66,9 +67,20 @@ def contract_problem(seed: int = 0) -> Problem:
     )
 
 
+#: How the contract problem is trained for estimators that follow the training run: full-batch
+#: gradient descent long enough to reach the ridge optimum, whose closed-form influence the
+#: scores must then track.
+PATH_RECIPE = MinibatchRecipe(
+    optimizer="sgd", learning_rate=0.1, momentum=0.5, epochs=300, batch_size=24
+)
+
+
 @cache
-def _trained_contract_problem() -> TrainedProblem:
-    return train(contract_problem())
+def _trained_contract_problem(training_path: bool = False) -> TrainedProblem:
+    problem = contract_problem()
+    if training_path:
+        problem = dataclasses.replace(problem, recipe=PATH_RECIPE)
+    return train(problem)
 
 
 def closed_form_influence(problem: Problem) -> np.ndarray:
@@ -110,7 +122,7 @@ def check_estimator(
     params = _params(instance, name)
     if not numeric:
         return
-    trained = _trained_contract_problem()
+    trained = _trained_contract_problem(cls.training_path)
     problem = trained.problem
     before = _snapshot(trained)
     result = _call(name, "fit", lambda: instance.fit(trained))

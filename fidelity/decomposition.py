@@ -9,6 +9,7 @@ measurement itself (mean |delta_a - delta_b| over mean |delta_cold|, and 1 - Pea
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ COMPONENTS = {
     ("linear", "estimator"): "solver error",
 }
 STEPS = ("cold", "warm", "proximal", "pbrf", "linear", "estimator")
+#: The training-path rung: `cold` -> `replay`, then `replay` -> each estimator.
+PATH_COMPONENTS = ("training-path nonlinearity", "optimum assumption")
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,17 @@ def decompose(
     trained: TrainedProblem,
     stages: list[Stage],
     estimators: dict[str, tuple[np.ndarray, Tensor | None]],
+    path: str | None = None,
 ) -> Decomposition | None:
     """The gaps between consecutive ladder stages present in ``stages`` (the first stage of each
     kind, in ladder order) and, for each estimator (deltas, predicted parameter changes or
     None), its gap to the last stage. None when fewer than two steps are present.
+
+    ``path``: the label of the `replay` estimator (the exact first-order effect through the
+    recorded training run), when there is one: the training-path rung then adds the gap
+    `cold` -> replay (how far retraining is from the first-order effect along the path: the
+    path's nonlinearity) and replay -> each other estimator (what assuming an optimum, and the
+    estimator's own approximations, cost).
 
     The measurement gaps are normalised by mean |delta| of `cold` (of the first stage present
     when there is no `cold`, which the result names as ``reference``).
@@ -124,14 +134,31 @@ def decompose(
 
     gaps = [gap(a, b) for a, b in itertools.pairwise(ladder)]
     last = ladder[-1]
-    per_estimator = {}
     theta_s = trained.theta.detach()
-    for label, (deltas, changes) in estimators.items():
-        thetas = None if changes is None else theta_s + changes.to(theta_s)
-        per_estimator[label] = gap(last, Stage(label, "estimator", deltas, thetas))
+    as_stages = {
+        label: Stage(
+            label, "estimator", deltas, None if changes is None else theta_s + changes.to(theta_s)
+        )
+        for label, (deltas, changes) in estimators.items()
+    }
+    per_estimator = {label: gap(last, stage) for label, stage in as_stages.items()}
+    path_gaps: list[Gap] = []
+    if path is not None and path in as_stages and "cold" in chosen:
+        replay = as_stages[path]
+        path_gaps.append(_named(gap(chosen["cold"], replay), PATH_COMPONENTS[0]))
+        path_gaps += [
+            _named(gap(replay, stage), PATH_COMPONENTS[1])
+            for label, stage in as_stages.items()
+            if label != path
+        ]
     return Decomposition(
         reference=reference.label,
         stages=tuple(stage.label for stage in ladder),
         gaps=tuple(gaps),
         estimators=per_estimator,
+        path=tuple(path_gaps),
     )
+
+
+def _named(gap: Gap, component: str) -> Gap:
+    return dataclasses.replace(gap, components=(component,))

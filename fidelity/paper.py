@@ -162,7 +162,7 @@ def ladder_problems(context: FigureContext) -> Iterator[tuple[str, ProblemResult
 @PAPER_FIGURES.register(
     "bae2022-decomposition",
     description="the five gaps between leave-one-out and influence per model, in output space "
-    "and on the measurement (Bae et al. 2022)",
+    "and on the measurement (Bae et al. 2022), and the training-path rung where replay ran",
 )
 def bae2022_decomposition(context: FigureContext) -> list[Path]:
     rows = []
@@ -174,6 +174,8 @@ def bae2022_decomposition(context: FigureContext) -> list[Path]:
             rows.append(_gap_row(name, gap, " + ".join(gap.components)))
         for label, gap in decomposition.estimators.items():
             rows.append(_gap_row(name, gap, f"{' + '.join(gap.components)} ({label})"))
+        for gap in decomposition.path:
+            rows.append(_gap_row(name, gap, f"{gap.components[0]} ({gap.source} -> {gap.target})"))
     return draw_paper.bae2022_decomposition(rows, Path(context.out), "bae2022-decomposition")
 
 

@@ -130,12 +130,15 @@ class Gap:
 @dataclass(frozen=True)
 class Decomposition:
     """Bae et al.'s gaps: ``stages`` in ladder order, one gap per consecutive pair, and each
-    estimator's gap to the last stage; measurement gaps are relative to ``reference``."""
+    estimator's gap to the last stage; measurement gaps are relative to ``reference``.
+    ``path``: the training-path rung when a `replay` estimator ran (`cold` -> replay, then
+    replay -> each other estimator)."""
 
     reference: str
     stages: tuple[str, ...]
     gaps: tuple[Gap, ...]
     estimators: dict[str, Gap]
+    path: tuple[Gap, ...] = ()
 
 
 @dataclass(frozen=True)

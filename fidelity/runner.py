@@ -37,7 +37,7 @@ from fidelity.core.cache import atomic_write_bytes, pid_alive
 from fidelity.core.errors import FidelityError
 from fidelity.core.locations import check_writable, claimed
 from fidelity.core.logs import stage_logger
-from fidelity.core.problem import Examples, Problem, TrainedProblem
+from fidelity.core.problem import Examples, MinibatchRecipe, Problem, TrainedProblem
 from fidelity.decomposition import LADDER, Stage, decompose
 from fidelity.environment import environment, git_revision
 from fidelity.estimators import ESTIMATORS, Estimator, GroupEffects
@@ -94,7 +94,7 @@ from fidelity.retrain import (
     SubsetsResponse,
     train,
 )
-from fidelity.retrain.train import check_training
+from fidelity.retrain.train import check_training, with_trajectory
 from fidelity.selection import choose_removals, choose_test_points
 from fidelity.suite import ComponentSpec, SelectionSpec, Suite, build_component
 
@@ -222,6 +222,18 @@ def preflight(suite: Suite, execution: Execution) -> dict[str, Problem]:
         problem = load_problem(problem_name, cache=execution.cache)
         check_training(problem)
         check_selection(suite.selection_for(problem_name, problem.name), problem)
+        for spec in suite.estimators:
+            if spec.runs_on(problem_name, problem.name) and not spec.missing_modules():
+                estimator = build_component(
+                    ESTIMATORS,
+                    spec.kind,
+                    suite.settings_for(spec, problem_name, problem.name),
+                    where=spec.label,
+                )
+                try:
+                    estimator.check_problem(problem)
+                except FidelityError as exc:
+                    raise FidelityError(f"estimator {spec.label!r}: {exc}") from None
         problems[problem_name] = problem
     return problems
 
@@ -271,6 +283,16 @@ def prepare(
     if problem is None:
         problem = load_problem(problem_name, cache=execution.cache)
     trained = train(problem, cache=execution.cache)
+    path = [
+        spec.label
+        for spec in suite.estimators
+        if spec.runs_on(problem_name, problem.name)
+        and not spec.missing_modules()
+        and ESTIMATORS.get(spec.kind).training_path
+    ]
+    if path and isinstance(problem.recipe, MinibatchRecipe):
+        # estimators that follow the training run share its recording, cached like theta_s
+        trained = with_trajectory(trained, cache=execution.cache)
     train_seconds = time.perf_counter() - start
     log.info(
         "%s: trained (%d parameters, %d training points) in %.1f s",
@@ -676,7 +698,10 @@ def decompose_gaps(
         label: (predictions.deltas[label], estimator.parameter_changes(removed_train))
         for label, estimator in predictions.estimators.items()
     }
-    return decompose(setup.trained, list(responses.stages), changes)
+    replay = next(
+        (label for label, e in predictions.estimators.items() if e.name == "replay"), None
+    )
+    return decompose(setup.trained, list(responses.stages), changes, path=replay)
 
 
 def most_influential(

@@ -426,6 +426,23 @@ class OptimizerState:
 
 
 @dataclass(frozen=True)
+class Trajectory:
+    """The recorded run of one model: the parameters and optimizer moments at every
+    ``every``-th step (``steps[c]`` is the step count of checkpoint ``c``; the first is where
+    the run started, the last its end), enough to replay any stretch of it."""
+
+    every: int
+    total_steps: int
+    steps: tuple[int, ...]
+    thetas: Tensor  # [checkpoints, p]
+    first: Tensor  # [checkpoints, p]
+    second: Tensor  # [checkpoints, p]
+
+    def state(self, checkpoint: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.thetas[checkpoint], self.first[checkpoint], self.second[checkpoint]
+
+
+@dataclass(frozen=True)
 class TrainedProblem:
     """A problem with its trained parameters theta_s (flat) and how training went."""
 
@@ -435,6 +452,8 @@ class TrainedProblem:
     info: Mapping[str, object] = field(default_factory=dict)
     # A minibatch recipe's optimizer state at theta_s (one model), which warm starts resume.
     optimizer_state: OptimizerState | None = None
+    # theta_s's recorded run (minibatch recipes, when training was asked to keep it)
+    trajectory: Trajectory | None = None
 
     @property
     def n_params(self) -> int:

@@ -10,6 +10,8 @@ from fidelity.estimators.kfac import EkfacEstimator, KfacEstimator
 from fidelity.estimators.lissa import LissaEstimator
 from fidelity.estimators.newton_step import NewtonStepEstimator, RescaledInfluenceEstimator
 from fidelity.estimators.precomputed import PrecomputedEstimator
+from fidelity.estimators.replay import ReplayEstimator, TracInCheckpointsEstimator
+from fidelity.estimators.source import SourceEstimator
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator", base=Estimator)
 for _estimator in (
@@ -25,6 +27,9 @@ for _estimator in (
     NewtonStepEstimator,
     RescaledInfluenceEstimator,
     PrecomputedEstimator,
+    ReplayEstimator,
+    SourceEstimator,
+    TracInCheckpointsEstimator,
 ):
     ESTIMATORS.register(_estimator.name)(_estimator)
 
@@ -44,5 +49,8 @@ __all__ = [
     "LissaEstimator",
     "NewtonStepEstimator",
     "PrecomputedEstimator",
+    "ReplayEstimator",
     "RescaledInfluenceEstimator",
+    "SourceEstimator",
+    "TracInCheckpointsEstimator",
 ]

@@ -17,7 +17,7 @@ from torch import Tensor
 from fidelity.core.checks import check_positive_int
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import per_example_grads
-from fidelity.core.problem import Examples, TrainedProblem
+from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.core.registry import constructor_params
 
 
@@ -25,10 +25,18 @@ class Estimator(ABC):
     """Base class: sklearn-style parameters, fit/scores lifecycle, diagnostics."""
 
     name: ClassVar[str]
+    # Whether the estimator follows theta_s's minibatch training run (it then needs a problem
+    # with a minibatch recipe, and the runner records the run when it trains theta_s).
+    training_path: ClassVar[bool] = False
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments, as configured (used in results and cache keys)."""
         return constructor_params(self)
+
+    def check_problem(self, problem: Problem) -> None:
+        """Refuse, with a FidelityError, a problem this estimator cannot run on, before any
+        compute (the runner calls it in preflight). Default: any problem."""
+        return None
 
     @abstractmethod
     def fit(self, trained: TrainedProblem) -> Self:

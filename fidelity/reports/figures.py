@@ -76,11 +76,14 @@ def scatter_grid(
 def decomposition_bars(
     name: str, decomposition: Decomposition, path: Path, *, dpi: int = 150
 ) -> Path:
-    """Bars of each ladder gap and each estimator's solver gap, measured in output space and on
-    the measurement (one panel per measure)."""
+    """Bars of each ladder gap (blue), each estimator's solver gap (orange) and the
+    training-path rung (green), measured in output space and on the measurement (one panel per
+    measure)."""
     plt, sns = _plotting()
-    rows = [*decomposition.gaps, *decomposition.estimators.values()]
+    rows = [*decomposition.gaps, *decomposition.estimators.values(), *decomposition.path]
     names = [f"{gap.source} -> {gap.target}" for gap in rows]
+    path_start = len(rows) - len(decomposition.path)
+    names[path_start:] = [f"{name} (path)" for name in names[path_start:]]
     measures = [
         ("output_rms", "output RMS difference"),
         ("relative_mae", "mean |delta_a - delta_b| / mean |delta_ref|"),
@@ -91,7 +94,11 @@ def decomposition_bars(
         1, len(measures), figsize=(4.2 * len(measures), 0.35 * len(rows) + 1.6), squeeze=False
     )
     ladder_rows = len(decomposition.gaps)
-    colours = ["#4c72b0"] * ladder_rows + ["#dd8452"] * (len(rows) - ladder_rows)
+    colours = (
+        ["#4c72b0"] * ladder_rows
+        + ["#dd8452"] * (path_start - ladder_rows)
+        + ["#55a868"] * len(decomposition.path)
+    )
     for axis, (key, title) in zip(axes[0], measures, strict=True):
         values = [_nan_for_none(getattr(gap, key)) for gap in rows]
         sns.barplot(x=values, y=names, hue=names, palette=colours, legend=False, ax=axis)

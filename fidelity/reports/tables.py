@@ -338,13 +338,19 @@ def decomposition_table(problem: ProblemResults) -> Table | None:
             significant(gap.relative_mae),
             significant(gap.one_minus_pearson),
         )
-        for gap in (*decomposition.gaps, *decomposition.estimators.values())
+        for gap in (*decomposition.gaps, *decomposition.estimators.values(), *decomposition.path)
     ]
     note = (
         "output RMS: root mean square difference of the outputs over the training inputs, mean "
         "over removals; relative MAE: mean |delta_a - delta_b| / mean |delta of "
         f"{decomposition.reference}|"
     )
+    if decomposition.path:
+        note += (
+            "; training path: cold -> replay is how far retraining lies from the exact "
+            "first-order effect through the recorded run (its nonlinearity), replay -> an "
+            "estimator what that estimator's optimum assumption and approximations cost"
+        )
     header = ("from", "to", "component(s)", "output RMS", "relative MAE", "1 - Pearson")
     return Table("Gap decomposition along the response ladder", header, rows, note)
 

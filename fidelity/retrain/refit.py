@@ -26,8 +26,8 @@ from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import objective, objective_hessian
 from fidelity.core.problem import Examples, MinibatchRecipe, NewtonRecipe, Problem, TrainedProblem
+from fidelity.core.training import train_minibatch
 from fidelity.retrain.execution import Execution, GroupSolver, Refits, retrain_indices
-from fidelity.retrain.minibatch import train_minibatch
 from fidelity.retrain.newton import newton_minimize, refit_removals, removal_weights
 from fidelity.retrain.response import (
     Response,

@@ -35,8 +35,8 @@ from fidelity.core.errors import FidelityError
 from fidelity.core.objective import check_target, objective, target_values
 from fidelity.core.problem import Examples, MinibatchRecipe, NewtonRecipe, TrainedProblem
 from fidelity.core.registry import constructor_params
+from fidelity.core.training import train_minibatch
 from fidelity.retrain.execution import Execution, Refits, retrain_indices
-from fidelity.retrain.minibatch import train_minibatch
 from fidelity.retrain.newton import refit_weighted
 from fidelity.retrain.train import seeded_variant, theta_digest, train
 

@@ -21,10 +21,16 @@ from fidelity.core.problem import (
     Problem,
     Recipe,
     TrainedProblem,
+    Trajectory,
     check_model,
 )
 from fidelity.core.resources import check_memory, dense_matrix_bytes
-from fidelity.retrain.minibatch import train_minibatch
+from fidelity.core.training import (
+    check_minibatch,
+    record_trajectory,
+    steps_per_epoch,
+    train_minibatch,
+)
 from fidelity.retrain.newton import newton_minimize
 
 
@@ -146,3 +152,47 @@ def seeded_variant(problem: Problem, offset: int) -> Problem:
     else:
         shifted = replace(recipe, init_seed=recipe.init_seed + offset)
     return replace(problem, recipe=shifted)
+
+
+def with_trajectory(
+    trained: TrainedProblem, every: int | None = None, *, cache: ArtifactCache | None = None
+) -> TrainedProblem:
+    """``trained`` with theta_s's recorded run (checkpoints every ``every`` steps, default one
+    epoch's), from the cache when it holds it; cached like theta_s, keyed by the problem's
+    fingerprint and the spacing. The recording must end at theta_s."""
+    problem = trained.problem
+    recipe = check_minibatch(problem, "recording the training run")
+    every = every or steps_per_epoch(recipe, problem.n_train)
+    key = cache_key(kind="trajectory", problem=problem.fingerprint(), every=every)
+    stored = cache.load("trajectory", key) if cache is not None else None
+    as_tensor = partial(torch.as_tensor, dtype=problem.dtype, device=problem.device)
+    if stored is not None:
+        trajectory = Trajectory(
+            every=int(stored["every"]),
+            total_steps=int(stored["total_steps"]),
+            steps=tuple(int(s) for s in stored["steps"]),
+            thetas=as_tensor(stored["thetas"]),
+            first=as_tensor(stored["first"]),
+            second=as_tensor(stored["second"]),
+        )
+    else:
+        trajectory = record_trajectory(trained.model, problem, every)
+        if cache is not None:
+            cache.save(
+                "trajectory",
+                key,
+                {
+                    "every": np.int64(every),
+                    "total_steps": np.int64(trajectory.total_steps),
+                    "steps": np.asarray(trajectory.steps, dtype=np.int64),
+                    "thetas": trajectory.thetas.detach().cpu().numpy(),
+                    "first": trajectory.first.detach().cpu().numpy(),
+                    "second": trajectory.second.detach().cpu().numpy(),
+                },
+            )
+    if not torch.equal(trajectory.thetas[-1], trained.theta):
+        raise FidelityError(
+            f"the recorded run of {problem.name!r} does not end at its theta_s; retrain it "
+            "without the cache (the cached theta_s came from other code)"
+        )
+    return replace(trained, trajectory=trajectory)

@@ -1,17 +1,31 @@
 """One contract test over every registered estimator."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from fidelity.core.problem import MinibatchRecipe
 from fidelity.estimators import ESTIMATORS, Estimator
 from fidelity.retrain import train
 from tests.conftest import make_tiny_logreg
 
 
 @pytest.fixture(scope="module")
-def tiny_trained():
-    return train(make_tiny_logreg())
+def tiny_problems():
+    """The tiny problem trained by Newton, and by full-batch gradient descent for the
+    estimators that follow the training run."""
+    problem = make_tiny_logreg()
+    path = MinibatchRecipe(
+        optimizer="sgd", learning_rate=0.5, momentum=0.5, epochs=60, batch_size=40
+    )
+    return {False: train(problem), True: train(dataclasses.replace(problem, recipe=path))}
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tiny_problems):
+    return tiny_problems[False]
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +39,10 @@ def required_settings(tiny_trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ESTIMATORS.names())
-def test_estimator_contract(name, tiny_trained, required_settings):
-    problem = tiny_trained.problem
+def test_estimator_contract(name, tiny_problems, required_settings):
     cls = ESTIMATORS.get(name)
+    tiny_trained = tiny_problems[cls.training_path]
+    problem = tiny_trained.problem
     settings = required_settings.get(name, {})
     estimator = cls(**settings)
     assert isinstance(estimator, Estimator)
@@ -52,9 +67,11 @@ def test_estimator_contract(name, tiny_trained, required_settings):
 
 
 @pytest.mark.parametrize("name", ESTIMATORS.names())
-def test_scores_rows_follow_test_and_columns_follow_train(name, tiny_trained, required_settings):
+def test_scores_rows_follow_test_and_columns_follow_train(name, tiny_problems, required_settings):
+    cls = ESTIMATORS.get(name)
+    tiny_trained = tiny_problems[cls.training_path]
     problem = tiny_trained.problem
-    estimator = ESTIMATORS.get(name)(**required_settings.get(name, {})).fit(tiny_trained)
+    estimator = cls(**required_settings.get(name, {})).fit(tiny_trained)
     full = estimator.scores(problem.test, problem.train)
     rows, cols = torch.tensor([4, 1]), torch.tensor([9, 0, 3])
     part = estimator.scores(problem.test.subset(rows), problem.train.subset(cols))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fidelity.core.errors import FidelityError
+from fidelity.core.training import train_minibatch
 from fidelity.retrain import CounterfactualResponse, Execution, train
-from fidelity.retrain.minibatch import train_minibatch
 from fidelity.retrain.subsets import measurement
 from tests.retrain.test_subsets import RECIPE, network
 

@@ -99,7 +99,7 @@ def test_subset_deltas_are_paired_with_each_seeds_full_model(tmp_path):
     assert result.per_seed.shape == (2, 3, len(problem.test))
     assert result.masks.shape == (3, problem.n_train) and torch.all(result.alphas == 0.8)
     # seed 0: a model trained by hand on the first mask, against theta_s
-    from fidelity.retrain.minibatch import train_minibatch
+    from fidelity.core.training import train_minibatch
 
     mask = result.masks[:1].to(trained.theta)
     theta = train_minibatch(trained.model, problem, RECIPE, trained.model.initial_theta(), mask)

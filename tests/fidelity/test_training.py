@@ -6,8 +6,8 @@ import torch
 from fidelity.core.cache import ArtifactCache
 from fidelity.core.objective import objective_hessian
 from fidelity.core.problem import FunctionalModel, MinibatchRecipe
+from fidelity.core.training import batch_order, train_minibatch
 from fidelity.retrain import ColdResponse, Execution, train
-from fidelity.retrain.minibatch import batch_order, train_minibatch
 from fidelity.retrain.newton import newton_minimize, refit_removals, removal_weights
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
 
