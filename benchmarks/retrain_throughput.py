@@ -4,7 +4,8 @@ at a time, and worker scaling.
 ``--part convex`` (``--problem``, default digits-logreg; also cancer-logreg and
 movies-minilm-logreg, 8,454 points, whose encodings ``--cache-dir`` keeps): fidelity's `cold`
 against scikit-learn. Both solve the same objective,
-J_{-j} = (1/N) sum_{i != j} L_i + (wd/2) ||theta||^2 with the bias penalised like every weight: scikit-learn gets a constant feature instead of an intercept, C = 1/(N wd), and
+J_{-j} = (1/N) sum_{i != j} L_i + (wd/2) ||theta||^2 with the bias penalised like every
+weight: scikit-learn gets a constant feature instead of an intercept, C = 1/(N wd), and
 sample weight 0 for the removed point (so the 1/N is unchanged), warm-started from theta_s with
 tol 1e-10. Fair: both sides pinned to the same threads (torch.set_num_threads, threadpoolctl),
 each in every configuration (1 thread, 2 threads, 2 processes of 1 thread) and scikit-learn

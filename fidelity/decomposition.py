@@ -37,12 +37,15 @@ PATH_COMPONENTS = ("training-path nonlinearity", "optimum assumption")
 @dataclass(frozen=True)
 class Stage:
     """One rung's outcome: its label in the suite, its kind, its deltas ``[n_test, n_removed]``
-    and the parameters it reached for each removal ``[n_removed, p]`` (None: not available)."""
+    (a multi-seed response's mean over seeds) and the parameters it reached for each removal
+    ``[n_removed, p]`` (seed 0's; None: not available)."""
 
     label: str
     kind: str
     deltas: np.ndarray
     thetas: Tensor | None
+    # seed 0's deltas of a multi-seed response (paired with theta_s's own run, as ``thetas``)
+    first_seed: np.ndarray | None = None
 
 
 def components_between(first: str, second: str) -> list[str]:
@@ -92,9 +95,9 @@ def decompose(
 
     ``path``: the label of the `replay` estimator (the exact first-order effect through the
     recorded training run), when there is one: the training-path rung then adds the gap
-    `cold` -> replay (how far retraining is from the first-order effect along the path: the
-    path's nonlinearity) and replay -> each other estimator (what assuming an optimum, and the
-    estimator's own approximations, cost).
+    `cold` -> replay (seed 0's retrains, paired with the run replay follows: how far retraining
+    is from the first-order effect along the path, the path's nonlinearity) and replay -> each
+    other estimator (what assuming an optimum, and the estimator's own approximations, cost).
 
     The measurement gaps are normalised by mean |delta| of `cold` (of the first stage present
     when there is no `cold`, which the result names as ``reference``).
@@ -145,7 +148,11 @@ def decompose(
     path_gaps: list[Gap] = []
     if path is not None and path in as_stages and "cold" in chosen:
         replay = as_stages[path]
-        path_gaps.append(_named(gap(chosen["cold"], replay), PATH_COMPONENTS[0]))
+        # replay follows theta_s's own run: it is compared with the retrains of that seed
+        cold = chosen["cold"]
+        if cold.first_seed is not None:
+            cold = dataclasses.replace(cold, deltas=cold.first_seed)
+        path_gaps.append(_named(gap(cold, replay), PATH_COMPONENTS[0]))
         path_gaps += [
             _named(gap(replay, stage), PATH_COMPONENTS[1])
             for label, stage in as_stages.items()

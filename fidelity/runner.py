@@ -424,7 +424,8 @@ def respond(
             actual.shape[1],
             time.perf_counter() - tick,
         )
-        stages.append(Stage(spec.label, spec.kind, actual, result.thetas))
+        first_seed = None if result.per_seed is None else result.per_seed[0].detach().cpu().numpy()
+        stages.append(Stage(spec.label, spec.kind, actual, result.thetas, first_seed))
         ceiling: NoiseCeiling | None = None
         if result.per_seed is not None:
             per_seed[spec.label] = result.per_seed.detach().cpu().numpy()

@@ -119,6 +119,7 @@ class ReplayEstimator(Estimator):
         start = time.perf_counter()
         self.check_problem(trained.problem)
         self.trajectory_ = training_trajectory(trained, self.name, self.checkpoint_every)
+        self.computed_: dict[bytes, Tensor] = {}
         self.trained_ = trained
         self.diagnostics_: dict[str, Any] = {
             "steps": self.trajectory_.total_steps,
@@ -131,13 +132,22 @@ class ReplayEstimator(Estimator):
         trained = self._check_fitted()
         start = time.perf_counter()
         columns = training_positions(trained, train, self.name)
-        parts = [
-            self.weight_gradients(test.subset(torch.arange(i, min(i + self.test_batch, len(test)))))
-            for i in range(0, len(test), self.test_batch)
-        ]
-        gradients = (
-            torch.cat(parts) if parts else trained.theta.new_zeros(0, trained.problem.n_train)
-        )
+        # one reverse pass gives every training point's weight gradient: a second call for the
+        # same test points (the ranking, then the removed points, then all points for the LDS)
+        # reuses it
+        key = b"".join(row_keys(test))
+        gradients = self.computed_.get(key)
+        if gradients is None:
+            parts = [
+                self.weight_gradients(
+                    test.subset(torch.arange(i, min(i + self.test_batch, len(test))))
+                )
+                for i in range(0, len(test), self.test_batch)
+            ]
+            gradients = (
+                torch.cat(parts) if parts else trained.theta.new_zeros(0, trained.problem.n_train)
+            )
+            self.computed_[key] = gradients
         self.diagnostics_["scores_seconds"] = time.perf_counter() - start
         return -gradients[:, columns.to(gradients.device)]
 

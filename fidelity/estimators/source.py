@@ -247,6 +247,31 @@ class SourceEstimator(Estimator):
         segment = Segment(end, theta, scale, basis, ekfac, propagation, response)
         return segment, int((unstable & covered).sum())
 
+    def parameter_changes(self, train: Examples) -> Tensor | None:
+        """The predicted theta_T(without j) - theta_s for each row of ``train``, ``[n_train, p]``:
+        the forward form of ``scores`` (g_t(theta_T)^T of it is the score), each stretch's
+        response to the removed point's gradient carried through the later stretches."""
+        trained = self._check_fitted()
+        problem, model = trained.problem, trained.model
+        position = trained.theta.new_zeros(len(train), trained.n_params)
+        momentum = torch.zeros_like(position)
+        for segment in self.segments_:
+            rotated_position = segment.to_eigen(position / segment.scale)
+            rotated_momentum = segment.to_eigen(momentum * segment.scale)
+            power = segment.propagation
+            new_position = rotated_position * power[..., 0, 0] + rotated_momentum * power[..., 0, 1]
+            new_momentum = rotated_position * power[..., 1, 0] + rotated_momentum * power[..., 1, 1]
+            gradients = per_example_grads(
+                model, problem.loss, segment.theta, train, self.batch_size
+            )
+            # removal: the point's gradient leaves the steps, c = -g_j / N
+            entry = -segment.to_eigen(gradients * segment.scale) / problem.n_train
+            new_position = new_position + segment.response[..., 0] * entry
+            new_momentum = new_momentum + segment.response[..., 1] * entry
+            position = segment.from_eigen(new_position) * segment.scale
+            momentum = segment.from_eigen(new_momentum) / segment.scale
+        return position
+
     def scores(self, test: Examples, train: Examples) -> Tensor:
         trained = self._check_fitted()
         start = time.perf_counter()

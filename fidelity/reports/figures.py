@@ -261,10 +261,13 @@ def lds_by_alpha(name: str, found: tuple[LdsResults, ...], path: Path) -> Path:
         ceilings = [entry.noise_ceiling for entry in entries]
         if any(c is not None and c.spearman is not None for c in ceilings):
             values = np.array([_nan_for_none(c.spearman_bound if c else None) for c in ceilings])
+            # each alpha's bound spans its whole group of markers, [position - 0.5, + 0.5]
+            edges = np.r_[positions - 0.5, positions[-1] + 0.5]
+            levels = np.r_[values, values[-1]]
             axis.fill_between(
-                positions, values, 1.0, color="0.85", step="mid", label="above the noise bound"
+                edges, levels, 1.0, color="0.85", step="post", label="above the noise bound"
             )
-            axis.step(positions, values, where="mid", color="0.45", linewidth=1.0)
+            axis.step(edges, levels, where="post", color="0.45", linewidth=1.0)
         estimators = list(entries[0].metrics)
         width = 0.8 / max(len(estimators), 1)
         for number, estimator in enumerate(estimators):

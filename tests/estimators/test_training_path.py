@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import per_example_loss
+from fidelity.core.objective import per_example_grads, per_example_loss
 from fidelity.core.problem import MinibatchRecipe, Problem
 from fidelity.core.training import record_trajectory, train_minibatch
 from fidelity.estimators import (
@@ -205,3 +205,19 @@ def test_training_path_estimators_refuse_what_they_cannot_run():
         ReplayEstimator().fit(train(short)).scores(short.test, short.test)
     with pytest.raises(FidelityError, match=r"source\.horizon"):
         SourceEstimator(horizon="forever")
+
+
+@pytest.mark.parametrize("curvature", ["gnh", "ekfac"])
+def test_source_scores_are_the_measurement_of_its_parameter_changes(curvature):
+    # the adjoint form (scores) and the forward form (parameter_changes) of one linear map
+    problem = dataclasses.replace(make_tiny_mlp_problem(), recipe=RECIPES["sgd"])
+    trained = train(problem)
+    estimator = SourceEstimator(segments=3, curvature=curvature).fit(trained)
+    changes = estimator.parameter_changes(problem.train)
+    test_grads = per_example_grads(trained.model, problem.loss, trained.theta, problem.test)
+    torch.testing.assert_close(
+        estimator.scores(problem.test, problem.train),
+        test_grads @ changes.T,
+        rtol=1e-9,
+        atol=1e-13,
+    )
