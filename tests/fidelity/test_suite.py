@@ -91,7 +91,7 @@ def test_unknown_suite_name_lists_bundled_ones():
     with pytest.raises(
         FidelityError,
         match=r"unknown suite .smok.; bundled suites: counterfactual, groups, kfac, ladder, lds, "
-        r"nightly, noise, peers, smoke, solvers",
+        r"nightly, noise, path, peers, smoke, solvers",
     ):
         load_suite("smok")
 

@@ -12,7 +12,7 @@ from fidelity.core.objective import objective
 from fidelity.retrain import Execution, SubsetsResponse, train
 from fidelity.retrain.subsets import draw_masks, measurement, retrain_masks
 from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
-from tests.retrain.test_minibatch import RECIPE
+from tests.fidelity.test_training import RECIPE
 
 
 def test_masks_keep_round_alpha_n_points_and_are_seeded():

@@ -5,7 +5,7 @@ import torch
 
 from fidelity.core.cache import ArtifactCache
 from fidelity.retrain import ColdResponse, Execution, ProximalResponse, WarmResponse, train
-from tests.retrain.test_minibatch import network_problem
+from tests.fidelity.test_training import network_problem
 
 
 @pytest.mark.parametrize("name", ["cancer-logreg", "diabetes-ridge"])
