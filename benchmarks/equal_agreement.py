@@ -186,8 +186,22 @@ def write(rows: list[dict], out: Path) -> None:
                         xytext=(3, 3),
                         textcoords="offset points",
                     )
-            log_axis(axis, "x", ticks=5)
-            log_axis(axis, "y", ticks=6)
+            spent = [row["seconds"] for row in rows if row["method"] == method]
+            nice = [0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200]
+            at = [v for v in nice if min(spent) / 1.5 <= v <= max(spent) * 1.5]
+            log_axis(axis, "x", at=at or None)
+            errors_all = [
+                max(row["relative_error"], 1e-16) for row in rows if row["method"] == method
+            ]
+            if max(errors_all) / min(errors_all) < 100:  # within two decades: label 1-2-5 steps
+                steps = [m * 10.0**e for e in range(-16, 1) for m in (1, 2, 5)]
+                log_axis(
+                    axis,
+                    "y",
+                    at=[v for v in steps if min(errors_all) / 1.5 <= v <= max(errors_all) * 1.5],
+                )
+            else:
+                log_axis(axis, "y", ticks=6)
             axis.set_xlabel("seconds (fit + scores, median)")
             axis.set_ylabel("relative error against exact")
             axis.set_title(f"{method.upper()} (labels: {knob})")

@@ -186,6 +186,28 @@ def test_the_memory_refusal_follows_the_limit_it_is_given(workspace, capsys, mon
         (suite_text(bootstrap=1_000_000_000_000), "bootstrap <= 100,000"),
         (suite_text(label=" padded"), "label ' padded' must be"),
         (suite_text(label="bell\\u0007"), "must be 1-100 printable characters"),
+        (
+            suite_text(estimator="replay", label="replay"),
+            "estimator 'replay': replay needs a problem trained by minibatch steps; 'tiny-logreg' "
+            "is trained by full-batch Newton",
+        ),
+        (
+            suite_text(
+                problem="tests.fidelity.user_problems:tiny_minibatch",
+                estimator="tracin-cp",
+                label="tracin",
+            ).replace('label = "tracin"\n', 'label = "tracin"\ncheckpoints = 50\n'),
+            "estimator 'tracin': tracin-cp.checkpoints is 50, but the run of 'tiny-logreg' has "
+            "only 20 steps",
+        ),
+        (
+            suite_text(
+                problem="tests.fidelity.user_problems:tiny_minibatch",
+                estimator="source",
+                label="source",
+            ).replace('label = "source"\n', 'label = "source"\nsegments = 21\n'),
+            "source.segments is 21, but the run of 'tiny-logreg' has only 20 steps",
+        ),
     ],
 )
 def test_a_bad_suite_is_refused_and_writes_nowhere(text, message, workspace, capsys):

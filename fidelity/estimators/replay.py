@@ -63,6 +63,19 @@ def total_steps(problem: Problem, owner: str) -> int:
     return recipe.epochs * steps_per_epoch(recipe, problem.n_train)
 
 
+def spaced_steps(problem: Problem, count: int, setting: str) -> list[int]:
+    """``count`` step counts evenly spaced over the problem's run, the last at its end (where
+    segments end, or checkpoints sit); a one-line error naming ``setting`` when the run has
+    fewer steps."""
+    owner = setting.split(".")[0]
+    total = total_steps(problem, owner)
+    if count > total:
+        raise FidelityError(
+            f"{setting} is {count}, but the run of {problem.name!r} has only {total} steps"
+        )
+    return [round(total * (c + 1) / count) for c in range(count)]
+
+
 def training_positions(trained: TrainedProblem, train: Examples, owner: str) -> Tensor:
     """The index in the training set of each example of ``train`` (its first occurrence)."""
     positions: dict[bytes, int] = {}
@@ -209,7 +222,7 @@ class ReplayEstimator(Estimator):
             number: int,
         ) -> tuple[Tensor, Tensor, Tensor]:
             grad = torch.func.grad(batch_objective, argnums=2)(model, problem, theta, weights, x, y)
-            return optimizer_step(recipe, theta, first, second, number, grad)
+            return optimizer_step(recipe, theta, first, second, number, grad, differentiable=True)
 
         return step_map
 
@@ -291,21 +304,13 @@ class TracInCheckpointsEstimator(Estimator):
         self.batch_size = check_positive_int(batch_size, "tracin-cp.batch_size")
 
     def check_problem(self, problem: Problem) -> None:
-        total = total_steps(problem, self.name)
-        if self.checkpoints > total:
-            raise FidelityError(
-                f"tracin-cp.checkpoints is {self.checkpoints}, but the run of {problem.name!r} "
-                f"has only {total} steps"
-            )
+        spaced_steps(problem, self.checkpoints, "tracin-cp.checkpoints")
 
     def fit(self, trained: TrainedProblem) -> Self:
         start = time.perf_counter()
-        self.check_problem(trained.problem)
+        self.steps_ = spaced_steps(trained.problem, self.checkpoints, "tracin-cp.checkpoints")
         recipe = check_minibatch(trained.problem, self.name)
         trajectory = training_trajectory(trained, self.name, self.checkpoint_every)
-        total = trajectory.total_steps
-        # evenly spaced, the last at the end of the run
-        self.steps_ = [round(total * (c + 1) / self.checkpoints) for c in range(self.checkpoints)]
         self.thetas_ = [trajectory_state(trajectory, trained, step)[0] for step in self.steps_]
         rates = torch.full((self.checkpoints,), recipe.learning_rate, dtype=torch.float64)
         self.weights_ = (rates / rates.sum()).tolist()

@@ -19,7 +19,7 @@ from fidelity.core.problem import Examples, MinibatchRecipe, Problem, TrainedPro
 from fidelity.core.training import check_minibatch
 from fidelity.estimators.base import Estimator
 from fidelity.estimators.kfac import EkfacEstimator
-from fidelity.estimators.replay import total_steps, training_trajectory, trajectory_state
+from fidelity.estimators.replay import spaced_steps, training_trajectory, trajectory_state
 
 CURVATURES = ("gnh", "ekfac")
 HORIZONS = ("run", "stationary")
@@ -167,26 +167,20 @@ class SourceEstimator(Estimator):
         self.batch_size = check_positive_int(batch_size, "source.batch_size")
 
     def check_problem(self, problem: Problem) -> None:
-        total = total_steps(problem, self.name)
         recipe = check_minibatch(problem, self.name)
         if self.curvature == "ekfac" and recipe.optimizer != "sgd":
             raise FidelityError(
                 "source: curvature 'ekfac' needs an SGD recipe (Adam's diagonal preconditioner "
                 "does not keep the Kronecker eigenbasis); use curvature 'gnh'"
             )
-        if self.segments > total:
-            raise FidelityError(
-                f"source.segments is {self.segments}, but the run of {problem.name!r} has only "
-                f"{total} steps"
-            )
+        spaced_steps(problem, self.segments, "source.segments")
 
     def fit(self, trained: TrainedProblem) -> Self:
         start = time.perf_counter()
         self.check_problem(trained.problem)
         recipe = check_minibatch(trained.problem, self.name)
         trajectory = training_trajectory(trained, self.name, self.checkpoint_every)
-        total = trajectory.total_steps
-        ends = [round(total * (s + 1) / self.segments) for s in range(self.segments)]
+        ends = spaced_steps(trained.problem, self.segments, "source.segments")
         starts = [0, *ends[:-1]]
         self.segments_ = []
         unstable = 0

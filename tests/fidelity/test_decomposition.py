@@ -108,3 +108,41 @@ def test_skipped_stages_are_merged_and_a_lone_stage_gives_nothing(trained_proble
     assert result.gaps[0].output_rms is None
     assert result.gaps[0].relative_mae == pytest.approx(1.0)
     assert decompose(trained, [cold], {}) is None
+
+
+def test_the_training_path_rung_compares_seed_zero_cold_with_replay(trained_problems):
+    # cold's seed-0 deltas (not the seed mean) against replay, then replay against every other
+    # estimator; each gap measured as the ladder's are
+    trained = trained_problems("digits-mlp")
+    generator = torch.Generator().manual_seed(0)
+    mean, first = (
+        torch.randn(3, 4, generator=generator, dtype=torch.float64).numpy() for _ in "ab"
+    )
+    replay, gnh = (
+        torch.randn(3, 4, generator=generator, dtype=torch.float64).numpy() for _ in "ab"
+    )
+    step = 1e-3 * torch.randn(4, trained.n_params, generator=generator, dtype=torch.float64)
+    cold = Stage("cold", "cold", mean, trained.theta + step, first_seed=first)
+    found = decompose(
+        trained,
+        [cold],
+        {"replay": (replay, 2 * step), "gnh": (gnh, None)},
+        path="replay",
+    )
+    assert [(g.source, g.target, g.components) for g in found.path] == [
+        ("cold", "replay", ("training-path nonlinearity",)),
+        ("replay", "gnh", ("optimum assumption",)),
+    ]
+    scale = float(np.mean(np.abs(mean)))
+    expected = measurement_gap(first, replay, scale)
+    assert found.path[0].relative_mae == pytest.approx(expected["relative_mae"])
+    assert found.path[0].one_minus_pearson == pytest.approx(expected["one_minus_pearson"])
+    outputs = stage_outputs(trained, trained.theta + step)
+    twice = stage_outputs(trained, trained.theta + 2 * step)
+    assert found.path[0].output_rms == pytest.approx(output_distance(outputs, twice))
+    assert found.path[1].output_rms is None  # gnh gave no parameter changes here
+    # the estimators' own gaps to the last stage use the seed mean, as before
+    assert found.estimators["replay"].relative_mae == pytest.approx(
+        measurement_gap(mean, replay, scale)["relative_mae"]
+    )
+    assert decompose(trained, [cold], {"gnh": (gnh, None)}, path="replay").path == ()

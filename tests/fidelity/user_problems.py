@@ -184,3 +184,13 @@ def too_big_for_newton() -> object:
         )
 
     return type(problem)(**{**vars(problem), "model_factory": factory})
+
+
+def tiny_minibatch() -> object:
+    """The tiny logistic problem trained by 4 epochs of minibatch SGD (20 steps)."""
+    import dataclasses
+
+    from fidelity.core.problem import MinibatchRecipe
+
+    recipe = MinibatchRecipe(optimizer="sgd", learning_rate=0.1, epochs=4, batch_size=8)
+    return dataclasses.replace(make_tiny_logreg(), recipe=recipe)
