@@ -129,8 +129,12 @@ def koh2017_fig2(context: FigureContext) -> list[Path]:
 LADDER_PROBLEMS = ("digits-logreg", "digits-mlp", "diabetes-mlp")
 
 
-def ladder_results(context: FigureContext) -> list[RunResults]:
-    """The results of the given runs, or of the nightly suite run on ``LADDER_PROBLEMS``."""
+def ladder_results(
+    context: FigureContext, accept: Callable[[ProblemResults], bool] | None = None
+) -> list[RunResults]:
+    """The results of the given runs, or of the nightly suite run on ``LADDER_PROBLEMS``; each
+    given run must hold a problem that ``accept`` takes (default: a ladder)."""
+    accept = accept or _is_ladder
     if context.runs:
         found = [RunResults.load(run) for run in context.runs]
     else:
@@ -138,10 +142,12 @@ def ladder_results(context: FigureContext) -> list[RunResults]:
         with _run(suite, context) as (results, _):
             found = [results]
     for results, source in zip(found, context.runs or ("nightly",), strict=True):
-        if not any(_is_ladder(problem) for problem in results.problems.values()):
+        if not any(accept(problem) for problem in results.problems.values()):
             raise FidelityError(
                 f"run {str(source)!r} has no problem with two or more ladder stages (cold, warm, "
-                "proximal, pbrf, linear); run the ladder or nightly suite, or leave out --run"
+                "proximal, pbrf, linear)"
+                + (" or a training-path rung" if accept is _has_gaps else "")
+                + "; run the ladder or nightly suite, or leave out --run"
             )
     return found
 
@@ -151,11 +157,20 @@ def _is_ladder(problem: ProblemResults) -> bool:
     return decomposition is not None and len(decomposition.stages) >= 2
 
 
-def ladder_problems(context: FigureContext) -> Iterator[tuple[str, ProblemResults]]:
-    """(name, problem results) of every problem with a ladder in the figure's runs."""
-    for results in ladder_results(context):
+def _has_gaps(problem: ProblemResults) -> bool:
+    """A ladder, or the training-path rung (`cold` and `replay` alone give it)."""
+    return _is_ladder(problem) or bool(problem.decomposition and problem.decomposition.path)
+
+
+def ladder_problems(
+    context: FigureContext, accept: Callable[[ProblemResults], bool] | None = None
+) -> Iterator[tuple[str, ProblemResults]]:
+    """(name, problem results) of every problem with a ladder (or what ``accept`` takes) in the
+    figure's runs."""
+    accept = accept or _is_ladder
+    for results in ladder_results(context, accept):
         for name, problem in results.problems.items():
-            if _is_ladder(problem):
+            if accept(problem):
                 yield name, problem
 
 
@@ -166,17 +181,25 @@ def ladder_problems(context: FigureContext) -> Iterator[tuple[str, ProblemResult
 )
 def bae2022_decomposition(context: FigureContext) -> list[Path]:
     rows = []
-    for name, problem in ladder_problems(context):
+    for name, problem in ladder_problems(context, _has_gaps):
         decomposition = problem.decomposition
         if decomposition is None:
             continue
         for gap in decomposition.gaps:
-            rows.append(_gap_row(name, gap, " + ".join(gap.components)))
+            rows.append(_gap_row(name, gap, _components(gap)))
         for label, gap in decomposition.estimators.items():
-            rows.append(_gap_row(name, gap, f"{' + '.join(gap.components)} ({label})"))
+            rows.append(_gap_row(name, gap, f"{_components(gap)} ({label})"))
         for gap in decomposition.path:
             rows.append(_gap_row(name, gap, f"{gap.components[0]} ({gap.source} -> {gap.target})"))
     return draw_paper.bae2022_decomposition(rows, Path(context.out), "bae2022-decomposition")
+
+
+def _components(gap: Gap) -> str:
+    """A gap's components as a label: up to two by name, more as the span they cover (a suite
+    without the middle stages merges them into one gap)."""
+    if len(gap.components) <= 2:
+        return " + ".join(gap.components)
+    return f"{gap.components[0]} ... {gap.components[-1]} ({len(gap.components)} components)"
 
 
 def _gap_row(problem: str, gap: Gap, name: str) -> dict[str, Any]:

@@ -134,7 +134,12 @@ def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) 
         (axes[0, 1], "relative_mae", "mean |Δa − Δb| / mean |Δ cold|"),
     ):
         values = np.array([np.nan if row[key] is None else row[key] for row in drawn], float)
-        floor = ROUND_OFF / 10
+        # the axis reaches down to the round-off floor only when some gap is round-off
+        finite = values[np.isfinite(values)]
+        if finite.size and bool((finite < ROUND_OFF).any()):
+            floor = ROUND_OFF / 10
+        else:
+            floor = 10 ** np.floor(np.log10(finite.min() / 2)) if finite.size else ROUND_OFF / 10
         sns.barplot(
             x=np.where(values >= ROUND_OFF, values, floor),
             y=[row["gap"] for row in drawn],
@@ -145,7 +150,7 @@ def bae2022_decomposition(rows: Sequence[dict[str, Any]], out: Path, name: str) 
             orient="h",
             legend=axis is axes[0, 0],
         )
-        log_axis(axis)
+        log_axis(axis, ticks=5)
         axis.set_xlim(left=floor)
         for container in axis.containers:
             labels = [
