@@ -1,5 +1,6 @@
 """The ``fidelity`` command line: ``run``, ``list``, ``report``, ``history``, ``check``,
-``figures`` and the applications (``explain``, ``poison``, ``mislabel``, ``prefilter``)."""
+``figures`` and the applications (``explain``, ``poison``, ``mislabel``, ``prefilter``,
+``perturb``, ``attack``)."""
 
 from __future__ import annotations
 
@@ -346,7 +347,7 @@ def _add_history_option(command: argparse.ArgumentParser) -> None:
     )
 
 
-APPLICATIONS = ("explain", "poison", "mislabel", "prefilter")
+APPLICATIONS = ("explain", "poison", "mislabel", "prefilter", "perturb", "attack")
 
 
 def _fraction(text: str) -> float:
@@ -411,6 +412,25 @@ def _add_applications(commands) -> None:
     prefilter = common("prefilter", "recall of influential sentences among retrieved candidates")
     prefilter.add_argument("--test-points", type=_positive_int, default=50)
     prefilter.add_argument("--top", type=_positive_int, default=10)
+    perturb = common("perturb", "perturbation influence against retraining with a moved input")
+    perturb.add_argument("--test-points", type=_positive_int, default=10)
+    perturb.add_argument("--train-points", type=_positive_int, default=10)
+    perturb.add_argument(
+        "--eps", type=float, action="append", help="step sizes (default 0.001 0.01 0.1 0.3 1)"
+    )
+    perturb.add_argument("--seed", type=int, default=0)
+    attack = common("attack", "move one training input per test point to flip its prediction")
+    attack.add_argument("--test-points", type=_positive_int, default=20)
+    attack.add_argument("--budget", type=float, default=0.1, help="L-infinity budget")
+    attack.add_argument("--steps", type=_positive_int, default=10)
+    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument(
+        "--range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="valid input values (default: the training inputs' smallest and largest)",
+    )
 
 
 def _cache(args: argparse.Namespace) -> ArtifactCache:
@@ -922,6 +942,33 @@ def command_application(args: argparse.Namespace) -> int:
         )
         figure = render.mislabel_figure(result, out / "mislabel.png").name
         text, shown = (render.render_mislabel(result, figure, escape=e) for e in escapes)
+    elif args.command == "perturb":
+        _, estimator = next(iter(estimators.items()))
+        result = applications.perturbation_agreement(
+            trained,
+            estimator.fit(trained),
+            test_points=args.test_points,
+            train_points=args.train_points,
+            eps=args.eps or applications.perturb.DEFAULT_EPS,
+            seed=args.seed,
+            execution=Execution(cache=cache),
+        )
+        text, shown = (render.render_perturb(result, escape=e) for e in escapes)
+    elif args.command == "attack":
+        _, estimator = next(iter(estimators.items()))
+        result = applications.attack(
+            trained,
+            estimator.fit(trained),
+            test_points=args.test_points,
+            budget=args.budget,
+            steps=args.steps,
+            seed=args.seed,
+            value_range=None if args.range is None else (args.range[0], args.range[1]),
+            execution=Execution(cache=cache),
+        )
+        drawn = render.attack_figure(result, out / "attack.png")
+        figure = None if drawn is None else drawn.name
+        text, shown = (render.render_attack(result, figure, escape=e) for e in escapes)
     else:
         reference, estimator = next(iter(estimators.items()))
         result = applications.prefilter(
@@ -967,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
         "nightly": command_nightly,
     }
     handlers.update(
-        dict.fromkeys(("explain", "poison", "mislabel", "prefilter"), command_application)
+        dict.fromkeys(APPLICATIONS, command_application)
     )
     try:
         return handlers[args.command](args)

@@ -290,6 +290,30 @@ def test_explain_refuses_a_label_it_would_ignore_or_cannot_use(workspace, capsys
         check_explained_point(text, None, "a fine film", None)
 
 
+TINY_PROBLEM = "tests.fidelity.user_problems:tiny"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["perturb", TINY_PROBLEM, "--eps", "0"], "eps must be positive"),
+        (["attack", TINY_PROBLEM, "--budget", "50"], "exceeds the width of the data range"),
+        (["attack", TINY_PROBLEM, "--budget", "-1"], "budget must be a positive"),
+        (["attack", TINY_PROBLEM, "--range", "2", "1"], "low < high"),
+        (
+            ["attack", "tests.fidelity.user_problems:integer_inputs"],
+            "x_train must be a floating-point tensor",
+        ),
+        (["attack", TINY_PROBLEM, "--estimator", "grad-cos"], "ranking score"),
+    ],
+)
+def test_perturbation_commands_refuse_bad_input_in_one_line(arguments, message, workspace, capsys):
+    if "--estimator" not in arguments:
+        arguments = [*arguments, "--estimator", "exact"]
+    refused(capsys, cli([*arguments, "--out", "p", "--no-history"]), message)
+    assert not (workspace / "p").exists()
+
+
 def test_check_writable_probes_by_writing(tmp_path):
     check_writable(tmp_path / "new" / "deeper", "run directory", directory=True)
     assert not (tmp_path / "new").exists()  # probed, not created

@@ -1,5 +1,6 @@
 """The seed study's workflows on any problem: explanations (most helpful and harmful training
-points), label-flip poisoning, mislabel detection by self-influence, and retrieval prefiltering.
+points), label-flip poisoning, mislabel detection by self-influence, retrieval prefiltering, and
+perturbation influence (its agreement with retraining, and the training-set attack it guides).
 
 Each function takes a trained problem and fitted estimators and returns a JSON-serialisable
 dict; ``fidelity.reports.applications`` renders them and ``fidelity <command>`` runs them."""
@@ -7,7 +8,16 @@ dict; ``fidelity.reports.applications`` renders them and ``fidelity <command>`` 
 from fidelity.applications.common import build_estimators
 from fidelity.applications.explain import explain
 from fidelity.applications.mislabel import mislabel
+from fidelity.applications.perturb import attack, perturbation_agreement
 from fidelity.applications.poison import poison
 from fidelity.applications.prefilter import prefilter
 
-__all__ = ["build_estimators", "explain", "mislabel", "poison", "prefilter"]
+__all__ = [
+    "attack",
+    "build_estimators",
+    "explain",
+    "mislabel",
+    "perturbation_agreement",
+    "poison",
+    "prefilter",
+]

@@ -197,3 +197,44 @@ def output_hessian_factor(loss: str, outputs: Tensor, targets: Tensor) -> Tensor
         eye = torch.eye(outputs.shape[-1], dtype=outputs.dtype, device=outputs.device)
         return eye.expand(*outputs.shape[:-1], -1, -1).clone()
     raise ValueError(f"unknown loss {loss!r}")
+
+
+def mixed_input_gradients(
+    model: FunctionalModel,
+    loss: str,
+    theta: Tensor,
+    directions: Tensor,
+    data: Examples,
+    batch_size: int = 256,
+) -> Tensor:
+    """``[m, n, *input_shape]``: d/dx_i (v_a^T grad_theta L(theta, x_i, y_i)) for every row v_a of
+    ``directions`` ``[m, p]`` and every example i, the mixed second derivative of the loss in the
+    parameters (along v_a) and the input, by forward mode over theta of the input gradient
+    (torch.func), vmapped over directions and examples. Inputs must be floating point."""
+    if not torch.is_floating_point(data.x):
+        raise FidelityError(
+            f"the inputs are {data.x.dtype}: a perturbation of an input needs floating-point "
+            "inputs (for token ids, perturb an embedding or feature space instead)"
+        )
+
+    def input_gradient(point: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        def single(xx: Tensor) -> Tensor:
+            return loss_from_outputs(loss, model(point, xx.unsqueeze(0)), y.unsqueeze(0)).sum()
+
+        return torch.func.grad(single)(x)
+
+    def along(direction: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return torch.func.jvp(lambda point: input_gradient(point, x, y), (theta,), (direction,))[1]
+
+    per_example = torch.func.vmap(
+        torch.func.vmap(along, in_dims=(0, None, None)), in_dims=(None, 0, 0)
+    )
+    parts = [
+        per_example(
+            directions, data.x[start : start + batch_size], data.y[start : start + batch_size]
+        )
+        for start in range(0, len(data), batch_size)
+    ]
+    if not parts:
+        return directions.new_zeros((directions.shape[0], 0, *data.x.shape[1:]))
+    return torch.cat(parts).transpose(0, 1)

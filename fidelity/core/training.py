@@ -134,13 +134,15 @@ def train_minibatch(
     damping: float = 0.0,
     state: OptimizerState | None = None,
     keep_every: int | None = None,
+    inputs: Tensor | None = None,
 ) -> MinibatchRun:
     """Train ``weights.shape[0]`` models from ``theta0`` for ``epochs`` (default: the recipe's)
     epochs, adding (damping/2) ||theta - anchor||^2 when an anchor is given, with the
     optimizer starting from ``state`` (default: fresh, zero moments at step 0). Every model
     starts from the same parameters and sees the same recorded batches; model b weights
     example i by ``weights[b, i]``. ``keep_every``: record the first model's trajectory, every
-    that many steps."""
+    that many steps. ``inputs``: training inputs per model, ``[n_models, N, *input_shape]``
+    (default: the problem's for every model), for retraining with perturbed inputs."""
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
     if keep_every is not None and keep_every < 1:
@@ -150,7 +152,13 @@ def train_minibatch(
     def objective(theta: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return batch_objective(model, problem, theta, w, x, y, anchor, damping)
 
-    gradients = torch.func.vmap(torch.func.grad(objective), in_dims=(0, 0, None, None))
+    if inputs is not None and inputs.shape != (n_models, *problem.x_train.shape):
+        raise FidelityError(
+            f"per-model inputs must be shaped {(n_models, *problem.x_train.shape)}, got "
+            f"{tuple(inputs.shape)}"
+        )
+    own_inputs = 0 if inputs is not None else None
+    gradients = torch.func.vmap(torch.func.grad(objective), in_dims=(0, 0, own_inputs, None))
     thetas = theta0.detach().unsqueeze(0).repeat(n_models, 1)
     state = state if state is not None else OptimizerState.fresh(thetas)
     if state.first.shape != thetas.shape or state.second.shape != thetas.shape:
@@ -163,7 +171,8 @@ def train_minibatch(
     kept = [(step, thetas[0], first[0], second[0])] if keep_every else []
     for number, index in enumerate(batches, start=1):
         index = index.to(thetas.device)
-        grad = gradients(thetas, weights[:, index], problem.x_train[index], problem.y_train[index])
+        x = problem.x_train[index] if inputs is None else inputs[:, index]
+        grad = gradients(thetas, weights[:, index], x, problem.y_train[index])
         step += 1
         thetas, first, second = optimizer_step(recipe, thetas, first, second, step, grad)
         if keep_every and (number % keep_every == 0 or number == len(batches)):

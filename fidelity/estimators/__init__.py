@@ -2,7 +2,12 @@
 
 from fidelity.core.registry import Registry
 from fidelity.estimators.arnoldi import ArnoldiEstimator
-from fidelity.estimators.base import Estimator, GroupEffects, InverseCurvatureEstimator
+from fidelity.estimators.base import (
+    Estimator,
+    GroupEffects,
+    InverseCurvatureEstimator,
+    perturbation_effects,
+)
 from fidelity.estimators.baselines import GradCosEstimator, GradDotEstimator
 from fidelity.estimators.cg import ConjugateGradientEstimator
 from fidelity.estimators.exact import ExactEstimator, GaussNewtonEstimator
@@ -53,4 +58,5 @@ __all__ = [
     "RescaledInfluenceEstimator",
     "SourceEstimator",
     "TracInCheckpointsEstimator",
+    "perturbation_effects",
 ]

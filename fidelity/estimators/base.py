@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fidelity.core.checks import check_positive_int
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import per_example_grads
+from fidelity.core.objective import mixed_input_gradients, per_example_grads
 from fidelity.core.problem import Examples, Problem, TrainedProblem
 from fidelity.core.registry import constructor_params
 
@@ -77,6 +77,18 @@ class GroupEffects(Protocol):
         ...
 
 
+def perturbation_effects(gradients: Tensor, directions: Tensor) -> Tensor:
+    """``[n_test, n_train]``: the first-order change of each test point's loss when training
+    input j moves by ``directions[j]`` (any size: the change is linear in it), from
+    ``perturbation_gradients`` ``[n_test, n_train, *input_shape]``."""
+    if directions.shape != gradients.shape[1:]:
+        raise FidelityError(
+            f"a perturbation direction per training point must be shaped "
+            f"{tuple(gradients.shape[1:])} (training points x input), got {tuple(directions.shape)}"
+        )
+    return (gradients * directions.unsqueeze(0)).flatten(2).sum(-1)
+
+
 class InverseCurvatureEstimator(Estimator):
     """Template for estimators of the form (1/N) g_t^T C^{-1} g_j.
 
@@ -114,6 +126,26 @@ class InverseCurvatureEstimator(Estimator):
         """(1/N) C^{-1} g_j: the first-order parameter change of removing j, ``[n_train, p]``."""
         trained = self._check_fitted()
         return self._inverse_curvature_product(self.gradients(train)) / trained.problem.n_train
+
+    def perturbation_gradients(self, test: Examples, train: Examples) -> Tensor:
+        """``[n_test, n_train, *input_shape]``: d m(z_t, theta_hat) / d x_j, the first-order
+        change of test point t's loss per unit change of training input x_j (the rest of the
+        training set, and the label y_j, fixed):
+
+            -(1/N) (d/dx_j grad_theta L(z_j))^T (C + damping I)^{-1} g_t
+
+        (Koh & Liang's I_pert,loss, in DESIGN.md's units: the refit theta_hat(x_j) moves by
+        -(1/N) C^{-1} d/dx_j grad_theta L(z_j) dx_j). Moving x_j to x_j + eps v changes the loss by
+        eps <gradient, v> to first order (``perturbation_effects``); positive: the move raises
+        t's loss. One inverse-curvature product per test point, then the mixed second derivative
+        of each training point's loss along it (torch.func, no new solver code)."""
+        trained = self._check_fitted()
+        solved = self._inverse_curvature_product(self.gradients(test))
+        problem = trained.problem
+        mixed = mixed_input_gradients(
+            trained.model, problem.loss, trained.theta, solved, train, self.batch_size
+        )
+        return -mixed / problem.n_train
 
     def scores(self, test: Examples, train: Examples) -> Tensor:
         trained = self._check_fitted()

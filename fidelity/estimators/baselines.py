@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.estimators.base import InverseCurvatureEstimator
 
@@ -37,6 +38,12 @@ class GradCosEstimator(GradDotEstimator):
 
     def parameter_changes(self, train: Examples) -> Tensor | None:
         return None  # a ranking score: it predicts no parameter change
+
+    def perturbation_gradients(self, test: Examples, train: Examples) -> Tensor:
+        raise FidelityError(
+            "grad-cos is a ranking score, not a loss change: it has no perturbation estimand "
+            "(use grad-dot)"
+        )
 
     def scores(self, test: Examples, train: Examples) -> Tensor:
         self._check_fitted()

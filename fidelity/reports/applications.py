@@ -220,3 +220,127 @@ def prefilter_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> P
     figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
+
+
+def render_perturb(result: dict[str, Any], *, escape: Escape = md_escape) -> str:
+    lines = [
+        f"## Perturbation influence against retraining on {escape(result['problem'])}",
+        "",
+        f"Estimator {escape(result['estimator'])}; inputs: {escape(result['input_space'])}. "
+        f"{len(result['test_index'])} test points, the {len(result['train_index'])} training "
+        "points whose inputs move those test losses most; each training input moved by eps v "
+        "with v of unit L2 norm (random, or the predicted worst: the gradient of the summed "
+        "test losses) and retrained. Predicted: eps <d loss_t / d x_j, v>; actual: the test "
+        "loss after retraining minus before.",
+        "",
+        "| direction | eps | Pearson | slope (actual on predicted) | relative error | mean "
+        "\\|actual\\| |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['direction']} | {row['eps']:g} | {row['pearson']:.5f} | "
+            f"{row['slope']:.4f} | {_number(row['relative_error'], 3)} | "
+            f"{row['mean_abs_actual']:.3g} |"
+        )
+    breaks = {
+        row["direction"]: row.get("breaks_down_at")
+        for row in result["rows"]
+        if "breaks_down_at" in row
+    }
+    lines += [
+        "",
+        "Breaks down (Pearson < 0.9 or slope off by more than 10%) at eps: "
+        + ", ".join(
+            f"{kind} {'beyond the grid' if at is None else f'{at:g}'}"
+            for kind, at in breaks.items()
+        )
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_attack(
+    result: dict[str, Any], figure: str | None = None, *, escape: Escape = md_escape
+) -> str:
+    low, high = result["value_range"]
+    lines = [
+        f"## Training-set attack on {escape(result['problem'])}",
+        "",
+        f"Estimator {escape(result['estimator'])}; inputs: {escape(result['input_space'])}. For "
+        f"each of {len(result['test_index'])} correctly classified test points one training "
+        f"input is moved within an L-infinity budget of {result['budget']:g} (inside "
+        f"[{low:g}, {high:g}]) by {result['steps']} projected signed-gradient steps of the "
+        "perturbation influence"
+        + (
+            ", retraining exactly and refitting the estimator after each step"
+            if result["refit_per_step"]
+            else ", with the gradient at theta_s (a network is retrained once, at the end)"
+        )
+        + "; then the model is retrained with the moved input.",
+        "",
+        "| perturbation | flipped | flip rate [95% Wilson] | test loss change [95% t] |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, outcome in result["outcomes"].items():
+        rate = outcome["flip_rate"]
+        lines.append(
+            f"| {escape(name)} | {outcome['flipped']} of {len(result['test_index'])} | "
+            f"{_number(rate['value'], 3)} [{_number(rate['low'], 3)}, {_number(rate['high'], 3)}] "
+            f"| {_interval(outcome['loss_change'])} |"
+        )
+    if figure is not None:
+        lines += ["", f"![perturbed training inputs]({escape(figure)})"]
+    return "\n".join(lines) + "\n"
+
+
+def attack_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Path | None:
+    """For image inputs (a square number of pixels, or one channel): per shown attack the
+    training image before and after, the change, and the attacked test image. None for other
+    inputs."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    size = math.prod(result["input_shape"])
+    side = math.isqrt(size)
+    if side * side != size or not result["shown"]:
+        return None
+    low, high = result["value_range"]
+    rows = result["shown"]
+    figure, axes = plt.subplots(
+        len(rows), 4, figsize=(5.6, 1.5 * len(rows) + 0.4), squeeze=False, constrained_layout=True
+    )
+    titles = ("training input", "perturbed", "change", "attacked test point")
+    for row, shown in zip(axes, rows, strict=True):
+        original = np.array(shown["original"]).reshape(side, side)
+        moved = np.array(shown["perturbed"]).reshape(side, side)
+        change = moved - original
+        limit = max(float(np.abs(change).max()), 1e-12)
+        images = (
+            (original, "gray_r", low, high),
+            (moved, "gray_r", low, high),
+            (change, "RdBu_r", -limit, limit),
+            (np.array(shown["test_input"]).reshape(side, side), "gray_r", low, high),
+        )
+        for axis, (image, cmap, vmin, vmax) in zip(row, images, strict=True):
+            axis.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        row[0].set_ylabel(f"train {shown['train_index']}\nlabel {shown['train_label']}", fontsize=7)
+        verdict = "flipped" if shown["flipped"] else "kept"
+        row[3].set_xlabel(
+            f"test {shown['test_index']}, label {shown['test_label']}\n"
+            f"{verdict}, loss {shown['loss_change']:+.3f}",
+            fontsize=6,
+        )
+    for axis, title in zip(axes[0], titles, strict=True):
+        axis.set_title(title, fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path

@@ -190,3 +190,22 @@ def test_hessian_operator_averages_batches_without_their_sizes(mlp, solver, opti
     assert relative_error(uneven, chunk_averaged_scores(mlp, 7, 0.1)) < 1e-8
     direct = PydvlEstimator(solver="direct", damping=0.1, batch_size=7).fit(mlp)
     assert relative_error(direct.scores(problem.test, problem.train), exact) < 1e-8
+
+
+@pytest.mark.skipif(not HAS_PYDVL, reason="pydvl is not installed")
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_perturbation_influence_equals_ours_after_conversion(mlp, damping):
+    # pyDVL's "perturbation" mode is <(C + r I)^{-1} g_test, d/dx grad L(x)> with no minus
+    # sign and no 1/N: our d m(z_t) / d x_j is -value / N, for its direct solver as for ours
+    problem = mlp.problem
+    ours = (
+        ExactEstimator(damping=damping).fit(mlp).perturbation_gradients(problem.test, problem.train)
+    )
+    theirs = (
+        PydvlEstimator(solver="direct", damping=damping, batch_size=problem.n_train)
+        .fit(mlp)
+        .perturbation_gradients(problem.test, problem.train)
+    )
+    assert theirs.shape == ours.shape == (problem.n_test, problem.n_train, 3)
+    assert relative_error(theirs, ours) <= 1e-6

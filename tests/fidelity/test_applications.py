@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from fidelity.applications import build_estimators, explain, mislabel, poison, prefilter
+from fidelity.applications import (
+    attack,
+    build_estimators,
+    explain,
+    mislabel,
+    perturbation_agreement,
+    poison,
+    prefilter,
+)
 from fidelity.applications.common import flip_labels, self_influence
 from fidelity.applications.prefilter import bm25_similarity, tfidf_similarity
 from fidelity.core.errors import FidelityError
@@ -178,3 +186,56 @@ def test_build_estimators_from_specs():
         build_estimators(["nope"])
     with pytest.raises(FidelityError):
         build_estimators(["cg[dampin=0.1]"])
+
+
+def test_perturbation_agreement_is_first_order_and_breaks_down_only_for_large_steps():
+    trained = train(make_tiny_logreg())
+    result = perturbation_agreement(
+        trained, ExactEstimator().fit(trained), test_points=5, train_points=4, eps=(1e-4, 30.0)
+    )
+    rows = {(row["direction"], row["eps"]): row for row in result["rows"]}
+    for kind in ("random", "worst"):
+        small = rows[(kind, 1e-4)]
+        assert small["pearson"] > 0.9999 and abs(small["slope"] - 1) < 1e-3
+    # a step of 30 (inputs are standard normal) is far outside the first-order regime
+    assert rows[("random", 1e-4)]["breaks_down_at"] in (30.0, None)
+    assert result["input_space"] == "the model's input"
+    with pytest.raises(FidelityError, match="eps must be positive"):
+        perturbation_agreement(trained, ExactEstimator().fit(trained), eps=(0.1, 0.0))
+
+
+def test_attack_raises_the_attacked_losses_beyond_random_moves():
+    problem = make_tiny_logreg(n_train=40, n_test=12)
+    trained = train(problem)
+    estimator = ExactEstimator().fit(trained)
+    result = attack(trained, estimator, test_points=6, budget=1.0, steps=4, seed=1)
+    outcomes = result["outcomes"]
+    assert set(outcomes) == {
+        "attack",
+        "random signs, same point",
+        "random signs, most influential point",
+    }
+    attacked = outcomes["attack"]["loss_change"]["mean"]
+    assert attacked > outcomes["random signs, same point"]["loss_change"]["mean"]
+    assert attacked > 0
+    assert outcomes["attack"]["largest_step"] <= 1.0 + 1e-12  # within the budget
+    low, high = result["value_range"]
+    for shown in result["shown"]:
+        assert min(shown["perturbed"]) >= low - 1e-12 and max(shown["perturbed"]) <= high + 1e-12
+    rate = outcomes["attack"]["flip_rate"]
+    assert rate["low"] <= rate["value"] <= rate["high"]
+
+
+def test_attack_input_errors():
+    trained = train(make_tiny_logreg())
+    estimator = ExactEstimator().fit(trained)
+    low, high = (float(trained.problem.x_train.min()), float(trained.problem.x_train.max()))
+    with pytest.raises(FidelityError, match="budget must be a positive number"):
+        attack(trained, estimator, budget=0.0)
+    with pytest.raises(FidelityError, match="exceeds the width of the data range"):
+        attack(trained, estimator, budget=2 * (high - low))
+    with pytest.raises(FidelityError, match="low < high"):
+        attack(trained, estimator, value_range=(1.0, 1.0))
+    ridge = train(make_tiny_mlp_problem(loss="mse"))
+    with pytest.raises(FidelityError, match="needs a classification problem"):
+        attack(ridge, ExactEstimator().fit(ridge))

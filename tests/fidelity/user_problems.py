@@ -194,3 +194,12 @@ def tiny_minibatch() -> object:
 
     recipe = MinibatchRecipe(optimizer="sgd", learning_rate=0.1, epochs=4, batch_size=8)
     return dataclasses.replace(make_tiny_logreg(), recipe=recipe)
+
+
+def integer_inputs() -> object:
+    """The tiny logistic problem with its inputs rounded to integers (refused: a problem's
+    inputs must be floating point, so no perturbation or attack can meet them)."""
+    import dataclasses
+
+    problem = make_tiny_logreg()
+    return dataclasses.replace(problem, x_train=problem.x_train.round().long())

@@ -176,6 +176,18 @@ class PydvlEstimator(Estimator):
         }
         return self
 
+    def perturbation_gradients(self, test: Examples, train: Examples) -> Tensor:
+        """pyDVL's perturbation influence ``<(C_mean + r I)^{-1} g_test, d/dx grad L(x)>``
+        (``mode="perturbation"``, ``[n_test, n_train, *input]``), converted to our
+        ``d m(z_t) / d x_j``: -value / N (its up-weighting convention has no minus sign and no
+        1/N, as in ``scores``; moving an input is an up-weighting of the derivative)."""
+        trained = self._check_fitted()
+        with library_context(trained, self.seed, "pydvl"):
+            values = self.influence_model_.influences(
+                test.x, test.y, train.x, train.y, mode="perturbation"
+            )
+        return -torch.as_tensor(values).detach().to(trained.theta) / trained.problem.n_train
+
     def scores(self, test: Examples, train: Examples) -> Tensor:
         trained = self._check_fitted()
         start = time.perf_counter()
