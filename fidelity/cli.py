@@ -1013,9 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
         "record": command_record,
         "nightly": command_nightly,
     }
-    handlers.update(
-        dict.fromkeys(APPLICATIONS, command_application)
-    )
+    handlers.update(dict.fromkeys(APPLICATIONS, command_application))
     try:
         return handlers[args.command](args)
     except FidelityError as exc:
