@@ -347,7 +347,9 @@ def _add_history_option(command: argparse.ArgumentParser) -> None:
     )
 
 
-APPLICATIONS = ("explain", "poison", "mislabel", "prefilter", "perturb", "attack")
+APPLICATIONS = ("explain", "poison", "mislabel", "prefilter", "perturb", "attack", "damping")
+# The perturbation commands follow one estimator; its inverse product is the expensive part.
+PERTURBATION_ESTIMATOR = "gnh"
 
 
 def _fraction(text: str) -> float:
@@ -362,15 +364,22 @@ def _fraction(text: str) -> float:
 
 def _add_applications(commands) -> None:
 
-    def common(name: str, help_text: str) -> argparse.ArgumentParser:
+    def common(
+        name: str, help_text: str, *, one_estimator: bool = False
+    ) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("problem", help="problem name, e.g. 'movies-minilm-logreg[size=2000]'")
         command.add_argument(
             "--estimator",
             action="append",
             metavar="SPEC",
-            help="estimator as kind or kind[key=value,...], repeatable (default: "
-            f"{', '.join(DEFAULT_ESTIMATORS)})",
+            help=(
+                "estimator as kind or kind[key=value,...], once; an inverse-curvature estimator "
+                f"(default: {PERTURBATION_ESTIMATOR})"
+                if one_estimator
+                else "estimator as kind or kind[key=value,...], repeatable (default: "
+                f"{', '.join(DEFAULT_ESTIMATORS)})"
+            ),
         )
         command.add_argument(
             "--out", type=Path, help=f"output directory (default runs/{name}-<time>)"
@@ -412,18 +421,87 @@ def _add_applications(commands) -> None:
     prefilter = common("prefilter", "recall of influential sentences among retrieved candidates")
     prefilter.add_argument("--test-points", type=_positive_int, default=50)
     prefilter.add_argument("--top", type=_positive_int, default=10)
-    perturb = common("perturb", "perturbation influence against retraining with a moved input")
-    perturb.add_argument("--test-points", type=_positive_int, default=10)
-    perturb.add_argument("--train-points", type=_positive_int, default=10)
-    perturb.add_argument(
-        "--eps", type=float, action="append", help="step sizes (default 0.001 0.01 0.1 0.3 1)"
+    perturb = common(
+        "perturb",
+        "perturbation influence against retraining with a moved input",
+        one_estimator=True,
     )
-    perturb.add_argument("--seed", type=int, default=0)
-    attack = common("attack", "move one training input per test point to flip its prediction")
-    attack.add_argument("--test-points", type=_positive_int, default=20)
-    attack.add_argument("--budget", type=float, default=0.1, help="L-infinity budget")
-    attack.add_argument("--steps", type=_positive_int, default=10)
-    attack.add_argument("--seed", type=int, default=0)
+    perturb.add_argument(
+        "--test-points", type=_positive_int, default=10, help="test points drawn (default 10)"
+    )
+    perturb.add_argument(
+        "--train-points",
+        type=_positive_int,
+        default=10,
+        help="training points moved, drawn per test point (default 10)",
+    )
+    perturb.add_argument(
+        "--eps",
+        type=float,
+        action="append",
+        help="step sizes, repeatable (default 0.001 0.01 0.1 0.3 1)",
+    )
+    perturb.add_argument("--seed", type=int, default=0, help="draws of points and directions")
+    attack = common(
+        "attack",
+        "move one training input per test point to flip its prediction",
+        one_estimator=True,
+    )
+    attack.add_argument(
+        "--test-points",
+        type=_positive_int,
+        default=20,
+        help="correctly classified test points attacked (default 20)",
+    )
+    attack.add_argument(
+        "--budget", type=float, default=0.1, help="L-infinity budget of the move (default 0.1)"
+    )
+    attack.add_argument(
+        "--steps", type=_positive_int, default=10, help="signed-gradient steps (default 10)"
+    )
+    attack.add_argument("--seed", type=int, default=0, help="draws of test points and random moves")
+    damping = commands.add_parser(
+        "damping",
+        help="sweep each damped estimator's damping, choose it on held-out subsets",
+    )
+    damping.add_argument("problem", help="problem name, e.g. 'digits-mlp'")
+    damping.add_argument(
+        "--estimator",
+        action="append",
+        metavar="SPEC",
+        help="damped estimator as kind or kind[key=value,...], repeatable (default: "
+        f"{', '.join(applications.damping.DEFAULT_DAMPED)})",
+    )
+    damping.add_argument(
+        "--grid",
+        type=float,
+        action="append",
+        help="damping values, repeatable (default "
+        f"{' '.join(f'{g:g}' for g in applications.damping.DEFAULT_GRID)})",
+    )
+    damping.add_argument("--test-points", type=_positive_int, default=20, help="(default 20)")
+    damping.add_argument(
+        "--subsets",
+        type=_positive_int,
+        default=100,
+        help="subsets per half: as many select as score (default 100)",
+    )
+    damping.add_argument(
+        "--alpha", type=_fraction, default=0.5, help="fraction of the training set kept (0.5)"
+    )
+    damping.add_argument(
+        "--seeds", type=_positive_int, default=1, help="training seeds per subset (default 1)"
+    )
+    damping.add_argument("--seed", type=int, default=0, help="draws of test points and subsets")
+    damping.add_argument("--out", type=Path, help="output directory (default runs/damping-<time>)")
+    damping.add_argument(
+        "--cache-dir", type=Path, help="artefact cache (trained models, encodings)"
+    )
+    damping.add_argument("--no-cache", action="store_true", help="recompute everything")
+    _add_history_option(damping)
+    damping.add_argument(
+        "--no-history", action="store_true", help="do not record the output in the history"
+    )
     attack.add_argument(
         "--range",
         type=float,
@@ -906,9 +984,19 @@ def command_application(args: argparse.Namespace) -> int:
     problem = load_problem(args.problem, cache=cache)
     if args.command == "explain":
         check_explained_point(problem, args.test, args.text, args.label)
-    trained = train(problem, cache=cache)
-    specs = args.estimator or list(DEFAULT_ESTIMATORS)
+    if args.command in ("perturb", "attack") and len(args.estimator or ()) > 1:
+        raise FidelityError(f"fidelity {args.command} takes one --estimator")
+    if args.command in ("perturb", "attack"):
+        specs = args.estimator or [PERTURBATION_ESTIMATOR]
+    elif args.command == "damping":
+        specs = args.estimator or list(applications.damping.DEFAULT_DAMPED)
+        applications.damping.check_grid(args.grid or applications.damping.DEFAULT_GRID)
+        applications.damping.check_damped(specs)
+    else:
+        specs = args.estimator or list(DEFAULT_ESTIMATORS)
+    # Estimators are built (settings checked, no work) before anything trains.
     estimators = applications.build_estimators(specs)
+    trained = train(problem, cache=cache)
     figure = None
     if args.command == "explain":
         for estimator in estimators.values():
@@ -943,7 +1031,7 @@ def command_application(args: argparse.Namespace) -> int:
         figure = render.mislabel_figure(result, out / "mislabel.png").name
         text, shown = (render.render_mislabel(result, figure, escape=e) for e in escapes)
     elif args.command == "perturb":
-        _, estimator = next(iter(estimators.items()))
+        label, estimator = next(iter(estimators.items()))
         result = applications.perturbation_agreement(
             trained,
             estimator.fit(trained),
@@ -952,10 +1040,11 @@ def command_application(args: argparse.Namespace) -> int:
             eps=args.eps or applications.perturb.DEFAULT_EPS,
             seed=args.seed,
             execution=Execution(cache=cache),
+            label=label,
         )
         text, shown = (render.render_perturb(result, escape=e) for e in escapes)
     elif args.command == "attack":
-        _, estimator = next(iter(estimators.items()))
+        label, estimator = next(iter(estimators.items()))
         result = applications.attack(
             trained,
             estimator.fit(trained),
@@ -965,10 +1054,25 @@ def command_application(args: argparse.Namespace) -> int:
             seed=args.seed,
             value_range=None if args.range is None else (args.range[0], args.range[1]),
             execution=Execution(cache=cache),
+            label=label,
         )
         drawn = render.attack_figure(result, out / "attack.png")
         figure = None if drawn is None else drawn.name
         text, shown = (render.render_attack(result, figure, escape=e) for e in escapes)
+    elif args.command == "damping":
+        result = applications.damping_protocol(
+            trained,
+            specs,
+            grid=args.grid or applications.damping.DEFAULT_GRID,
+            test_points=args.test_points,
+            subsets=args.subsets,
+            alpha=args.alpha,
+            seeds=args.seeds,
+            seed=args.seed,
+            execution=Execution(cache=cache),
+        )
+        figure = render.damping_figure(result, out / "damping.png").name
+        text, shown = (render.render_damping(result, figure, escape=e) for e in escapes)
     else:
         reference, estimator = next(iter(estimators.items()))
         result = applications.prefilter(

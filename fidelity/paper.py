@@ -7,6 +7,7 @@ runner, or reading given run directories) and hand it to ``fidelity.reports.pape
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -320,6 +321,38 @@ def _cell(problem: str, estimator: str, measure: str, value: Interval) -> dict[s
         "low": value.low,
         "high": value.high,
     }
+
+
+#: The curvature ladder, best approximation first (Hong et al. 2025, "Better Hessians matter").
+CURVATURE_LADDER = ("exact", "gnh", "ekfac", "kfac", "diagonal", "grad-dot")
+
+
+@PAPER_FIGURES.register(
+    "curvature-ladder",
+    description="LDS and leave-one-out correlation of exact Hessian, Gauss-Newton, EK-FAC, "
+    "K-FAC, diagonal and identity curvature against the same retrains, with the gap each rung "
+    "adds (Hong et al. 2025)",
+)
+def curvature_ladder(context: FigureContext) -> list[Path]:
+    given = _given_runs(context, "breadth", "lds")
+    if given:
+        found = [results for results, _ in given]
+    else:
+        suite = load_suite("breadth")
+        suite = dataclasses.replace(
+            suite.with_problems(tuple(context.problems or DATAMODEL_PROBLEMS)),
+            estimators=tuple(e for e in suite.estimators if e.label in CURVATURE_LADDER),
+        )
+        with _run(suite, context, decomposition=False) as (results, _):
+            found = [results]
+    rows = [row for row in _lds_rows(found) if row["estimator"] in CURVATURE_LADDER]
+    if not rows:
+        raise FidelityError(
+            f"these runs score none of the curvature ladder's estimators "
+            f"({', '.join(CURVATURE_LADDER)})"
+        )
+    rows.sort(key=lambda row: (row["problem"], CURVATURE_LADDER.index(row["estimator"])))
+    return draw_paper.curvature_ladder(rows, Path(context.out), "curvature-ladder")
 
 
 @PAPER_FIGURES.register(

@@ -208,6 +208,24 @@ def test_the_memory_refusal_follows_the_limit_it_is_given(workspace, capsys, mon
             ).replace('label = "source"\n', 'label = "source"\nsegments = 21\n'),
             "source.segments is 21, but the run of 'tiny-logreg' has only 20 steps",
         ),
+        (
+            suite_text(estimator="trak", label="trak").replace(
+                'label = "trak"\n', 'label = "trak"\nprojection_dim = 0\n'
+            ),
+            "trak.projection_dim must be",
+        ),
+        (
+            suite_text(estimator="trak", label="trak").replace(
+                'label = "trak"\n', 'label = "trak"\nprojection_dim = 13\n'
+            ),
+            "trak.projection_dim is 13, but the model has 12 parameters",
+        ),
+        (
+            suite_text(estimator="trak", label="trak").replace(
+                'label = "trak"\n', 'label = "trak"\nensemble_size = 0\n'
+            ),
+            "trak.ensemble_size must be",
+        ),
     ],
 )
 def test_a_bad_suite_is_refused_and_writes_nowhere(text, message, workspace, capsys):
@@ -305,6 +323,7 @@ TINY_PROBLEM = "tests.fidelity.user_problems:tiny"
             "x_train must be a floating-point tensor",
         ),
         (["attack", TINY_PROBLEM, "--estimator", "grad-cos"], "ranking score"),
+        (["perturb", TINY_PROBLEM, "--estimator", "gnh", "--estimator", "cg"], "one --estimator"),
     ],
 )
 def test_perturbation_commands_refuse_bad_input_in_one_line(arguments, message, workspace, capsys):
@@ -312,6 +331,21 @@ def test_perturbation_commands_refuse_bad_input_in_one_line(arguments, message, 
         arguments = [*arguments, "--estimator", "exact"]
     refused(capsys, cli([*arguments, "--out", "p", "--no-history"]), message)
     assert not (workspace / "p").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--grid", "0", "--grid", "1"], "positive and finite"),
+        (["--grid", "1"], "at least two"),
+        (["--estimator", "grad-dot"], "no damping to sweep"),
+        (["--estimator", "trak[projection_dim=0]"], "projection_dim must be"),
+    ],
+)
+def test_damping_command_refuses_bad_input_in_one_line(arguments, message, workspace, capsys):
+    command = ["damping", TINY_PROBLEM, *arguments, "--subsets", "3", "--out", "d"]
+    refused(capsys, cli([*command, "--no-history"]), message)
+    assert not (workspace / "d").exists()
 
 
 def test_check_writable_probes_by_writing(tmp_path):

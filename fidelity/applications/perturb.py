@@ -82,6 +82,7 @@ def perturbation_agreement(
     eps: Sequence[float] = DEFAULT_EPS,
     seed: int = 0,
     execution: Execution | None = None,
+    label: str | None = None,
 ) -> dict[str, object]:
     """Predicted against retrained changes of the test losses when single training inputs move.
 
@@ -93,7 +94,8 @@ def perturbation_agreement(
     changes of every test loss are compared with eps <gradient, v>: Pearson, the slope of actual
     on predicted (least squares through the origin: 1 when the first-order prediction is right
     in scale), the relative error, and the eps where the prediction breaks down (Pearson below
-    0.9 or the slope off by more than 10%).
+    0.9 or the slope off by more than 10%). ``label`` names the estimator in the result
+    (default: its kind).
     """
     problem = trained.problem
     eps = check_eps(eps)
@@ -145,7 +147,7 @@ def perturbation_agreement(
     return {
         "application": "perturb",
         "problem": problem.name,
-        "estimator": estimator.name,
+        "estimator": label or estimator.name,
         "input_space": input_space(trained),
         "test_index": test_index.tolist(),
         "train_index": chosen.tolist(),
@@ -153,6 +155,10 @@ def perturbation_agreement(
         "seed": seed,
         "rows": rows,
     }
+
+
+#: How many attacked points the result keeps for the figure.
+SHOWN = 6
 
 
 def attack(
@@ -165,6 +171,7 @@ def attack(
     seed: int = 0,
     value_range: tuple[float, float] | None = None,
     execution: Execution | None = None,
+    label: str | None = None,
 ) -> dict[str, object]:
     """Koh & Liang's training-set attack: for each of ``test_points`` correctly classified test
     points (drawn with ``seed``), move ONE training input within an L-infinity ``budget`` (and
@@ -180,6 +187,7 @@ def attack(
     the same size: the same point moved by a random sign vector, and the point of largest
     removal influence |delta_hat[t, j]| moved by a random sign vector. Flip rates carry a 95%
     Wilson interval over the attacked test points; loss changes a Student-t interval.
+    ``label`` names the estimator in the result (default: its kind).
     """
     problem = trained.problem
     check_classification(problem, "attack")
@@ -279,7 +287,10 @@ def attack(
             "largest_step": float(steps_taken.abs().max()),
         }
         if name == "attack":
-            for k, (j, move) in enumerate(moves[:6]):
+            # the flipped ones first, then those whose loss rose most
+            ranked = sorted(range(len(moves)), key=lambda k: (not flipped[k], -changes[k]))
+            for k in ranked[:SHOWN]:
+                j, move = moves[k]
                 shown.append(
                     {
                         "test_index": int(attacked[k]),
@@ -296,7 +307,7 @@ def attack(
     return {
         "application": "attack",
         "problem": problem.name,
-        "estimator": estimator.name,
+        "estimator": label or estimator.name,
         "input_space": input_space(trained),
         "input_shape": list(problem.x_train.shape[1:]),
         "test_index": attacked.tolist(),
@@ -332,4 +343,7 @@ def _wilson(successes: int, trials: int, z: float = 1.959963984540054) -> dict[s
     half = (
         z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
     )
-    return {"value": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+    # At 0 or all successes the bound is exactly 0 or 1; the formula leaves round-off there.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return {"value": p, "low": low, "high": high}

@@ -136,6 +136,21 @@ class CurvatureOperator:
         matrix.diagonal().add_(problem.weight_decay)
         return 0.5 * (matrix + matrix.T)
 
+    def diagonal(self) -> Tensor:
+        """diag(C) ``[p]``, weight decay included, exactly: the Gauss-Newton matrix's from the
+        squared per-example factors R^T J, the empirical Fisher's from squared gradients (both
+        one pass over the data, no p x p matrix), the Hessian's from the dense matrix."""
+        problem = self.trained.problem
+        if self.curvature == "hessian":
+            return self.dense().diagonal().clone()
+        total = self.trained.theta.new_zeros(self.n_params)
+        for batch in self.batches():
+            if self.curvature == "gnh":
+                total += self.gauss_newton_factors(batch).pow(2).sum((0, 1))
+            else:
+                total += self.example_gradients(batch).pow(2).sum(0)
+        return total / problem.n_train + problem.weight_decay
+
     def weighted_sum(self, weights: Tensor | None) -> Tensor:
         """``sum_i w_i C_i`` over the training set, ``[p, p]`` (no 1/N, no wd; every w_i = 1
         when ``weights`` is None). Examples of weight 0 are skipped, so the curvature of a small

@@ -10,7 +10,7 @@ import hashlib
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -235,6 +235,21 @@ class Problem:
             digest.update(name.encode())
             digest.update(tensor_bytes(tensor))
         return digest.hexdigest()
+
+
+def seeded_variant(problem: Problem, offset: int) -> Problem:
+    """The problem with its recipe's initialisation (and batch-order) seed shifted by ``offset``:
+    the same data, model and objective trained from another seed (training seeds of ``cold``,
+    ensemble members of ``trak``)."""
+    recipe = problem.recipe
+    shifted: NewtonRecipe | MinibatchRecipe
+    if isinstance(recipe, MinibatchRecipe):
+        shifted = replace(
+            recipe, init_seed=recipe.init_seed + offset, order_seed=recipe.order_seed + offset
+        )
+    else:
+        shifted = replace(recipe, init_seed=recipe.init_seed + offset)
+    return replace(problem, recipe=shifted)
 
 
 def _check_target_values(name: str, loss: str, label: str, y: Tensor) -> None:

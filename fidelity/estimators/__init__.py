@@ -8,15 +8,23 @@ from fidelity.estimators.base import (
     InverseCurvatureEstimator,
     perturbation_effects,
 )
-from fidelity.estimators.baselines import GradCosEstimator, GradDotEstimator
+from fidelity.estimators.baselines import (
+    GradCosEstimator,
+    GradDotEstimator,
+    RepresentationEstimator,
+)
 from fidelity.estimators.cg import ConjugateGradientEstimator
+from fidelity.estimators.datainf import DataInfEstimator
+from fidelity.estimators.diagonal import DiagonalEstimator
 from fidelity.estimators.exact import ExactEstimator, GaussNewtonEstimator
 from fidelity.estimators.kfac import EkfacEstimator, KfacEstimator
 from fidelity.estimators.lissa import LissaEstimator
+from fidelity.estimators.logra import LograEstimator
 from fidelity.estimators.newton_step import NewtonStepEstimator, RescaledInfluenceEstimator
 from fidelity.estimators.precomputed import PrecomputedEstimator
 from fidelity.estimators.replay import ReplayEstimator, TracInCheckpointsEstimator
 from fidelity.estimators.source import SourceEstimator
+from fidelity.estimators.trak import TrakEstimator
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator", base=Estimator)
 for _estimator in (
@@ -35,6 +43,11 @@ for _estimator in (
     ReplayEstimator,
     SourceEstimator,
     TracInCheckpointsEstimator,
+    TrakEstimator,
+    DataInfEstimator,
+    RepresentationEstimator,
+    DiagonalEstimator,
+    LograEstimator,
 ):
     ESTIMATORS.register(_estimator.name)(_estimator)
 
@@ -42,6 +55,8 @@ __all__ = [
     "ESTIMATORS",
     "ArnoldiEstimator",
     "ConjugateGradientEstimator",
+    "DataInfEstimator",
+    "DiagonalEstimator",
     "EkfacEstimator",
     "Estimator",
     "ExactEstimator",
@@ -52,11 +67,14 @@ __all__ = [
     "InverseCurvatureEstimator",
     "KfacEstimator",
     "LissaEstimator",
+    "LograEstimator",
     "NewtonStepEstimator",
     "PrecomputedEstimator",
     "ReplayEstimator",
+    "RepresentationEstimator",
     "RescaledInfluenceEstimator",
     "SourceEstimator",
     "TracInCheckpointsEstimator",
+    "TrakEstimator",
     "perturbation_effects",
 ]

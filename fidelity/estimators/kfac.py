@@ -33,6 +33,7 @@ from fidelity.core.problem import Examples, FunctionalModel, TrainedProblem
 from fidelity.estimators.base import InverseCurvatureEstimator
 
 FISHERS = ("expected", "sampled", "empirical")
+CONVOLUTIONS = ("expand", "reduce")
 DEFAULT_DAMPING_RATIO = 0.1  # of each layer's mean eigenvalue, when no damping is given
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -269,7 +270,11 @@ class KroneckerEstimator(InverseCurvatureEstimator):
     relative form of Grosse et al. 2023); with neither given, ``damping_ratio = 0.1``, with
     one given the other is 0. Weight decay is added to every eigenvalue, as in ``gnh``.
     ``layers``: fnmatch patterns of module names (a string or list), default every nn.Linear
-    and nn.Conv2d.
+    and nn.Conv2d. ``convolution``: how a convolution's spatial positions enter the factors
+    (Eschenhagen et al. 2023): ``"expand"`` (default; KFC, every position an example of the
+    layer, as in the module docstring) or ``"reduce"`` (A from each example's mean patch, S from
+    each example's gradient summed over positions: A = (1/N) sum_i abar_i abar_i^T,
+    S = (1/N) sum_i sum_c sbar_ic sbar_ic^T); linear layers are the same in both.
     """
 
     ekfac = False
@@ -282,10 +287,17 @@ class KroneckerEstimator(InverseCurvatureEstimator):
         fisher: str = "expected",
         layers: str | list[str] | None = None,
         factor_dtype: str = "float64",
+        convolution: str = "expand",
         seed: int = 0,
         batch_size: int = 512,
     ) -> None:
         super().__init__(batch_size=batch_size)
+        if convolution not in CONVOLUTIONS:
+            raise FidelityError(
+                f"{self.name}.convolution must be one of {', '.join(CONVOLUTIONS)}, got "
+                f"{convolution!r}"
+            )
+        self.convolution = convolution
         if damping is None and damping_ratio is None:
             damping_ratio = DEFAULT_DAMPING_RATIO
         self.damping = check_nonnegative(damping or 0.0, f"{self.name}.damping")
@@ -319,9 +331,14 @@ class KroneckerEstimator(InverseCurvatureEstimator):
         ):
             for index, a in enumerate(activations):
                 a = a.to(dtype)
+                reduce = self.convolution == "reduce"
+                if reduce:
+                    a = a.mean(dim=1, keepdim=True)
                 activation_cov[index] += torch.einsum("bti,btj->ij", a, a) / a.shape[1] / n
                 for grads in per_direction:
                     s = grads[index].to(dtype)
+                    if reduce:
+                        s = s.sum(dim=1, keepdim=True)
                     gradient_cov[index] += torch.einsum("bto,btq->oq", s, s) / n
         factor_seconds = time.perf_counter() - tick
         self.blocks_ = blocks

@@ -254,7 +254,11 @@ def lds_loo_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[
                 text = f"{cell['value']:.3f} [{cell['low']:.2f}, {cell['high']:.2f}]"
             style = "italic" if estimator == "noise bound" else "normal"
             axis.text(j, i, text, ha="center", va="center", fontsize=6.5, style=style)
-    axis.set_xticks(range(len(columns)), [f"{p}\n{m}" for p, m in columns])
+    # A long problem name is broken at its hyphens so that neighbouring headers do not collide.
+    headers = [
+        "\n".join(textwrap.wrap(p, 16, break_on_hyphens=True)) + f"\n{m}" for p, m in columns
+    ]
+    axis.set_xticks(range(len(columns)), headers)
     axis.xaxis.tick_top()
     axis.set_yticks(range(len(estimators)), estimators)
     axis.tick_params(length=0)
@@ -327,3 +331,83 @@ def koh2019_groups(panels: Sequence[dict[str, Any]], out: Path, name: str) -> li
                     }
                 )
     return _save(plt, figure, out, name, rows)
+
+
+@literal_text
+def curvature_ladder(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """The curvature ladder (Hong et al. 2025): each rung's LDS and leave-one-out Pearson
+    (rungs in ladder order on x, one panel per problem, intervals as error bars), and beside the
+    figure a Markdown table with the gap each rung adds (the value of the rung above minus its
+    own).
+
+    Each row: ``{"problem", "estimator", "measure", "value", "low", "high"}``, the estimators
+    already in ladder order."""
+    import numpy as np
+
+    plt, _ = _figure()
+    problems = list(dict.fromkeys(row["problem"] for row in rows))
+    measures = list(dict.fromkeys(row["measure"] for row in rows))
+    figure, axes = plt.subplots(
+        1, len(problems), figsize=(TEXT_WIDTH, 2.6), squeeze=False, sharey=True
+    )
+    for axis, problem in zip(axes[0], problems, strict=True):
+        mine = [row for row in rows if row["problem"] == problem]
+        rungs = list(dict.fromkeys(row["estimator"] for row in mine))
+        for number, measure in enumerate(measures):
+            points = {row["estimator"]: row for row in mine if row["measure"] == measure}
+            x = np.arange(len(rungs)) + (number - (len(measures) - 1) / 2) * 0.12
+            y = np.array([_value(points.get(rung), "value") for rung in rungs])
+            low = np.array([_value(points.get(rung), "low") for rung in rungs])
+            high = np.array([_value(points.get(rung), "high") for rung in rungs])
+            (line,) = axis.plot(
+                x, y, marker="os"[number % 2], markersize=3.5, linewidth=1, label=measure
+            )
+            interval_bars(axis, x, low, high, line.get_color(), capsize=2, linewidth=1)
+        axis.set_xticks(np.arange(len(rungs)), rungs, rotation=30, ha="right")
+        axis.set_title(problem)
+    axes[0, 0].set_ylabel("correlation with retraining")
+    finite = [row["low"] for row in rows if row["low"] is not None]
+    axes[0, 0].set_ylim(min(0.0, *finite) - 0.02, 1.02)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=len(labels))
+    paths = _save(plt, figure, out, name, rows)
+    return [*paths, _ladder_table(rows, problems, measures, out / f"{name}.md")]
+
+
+def _ladder_table(
+    rows: Sequence[dict[str, Any]], problems: list[str], measures: list[str], path: Path
+) -> Path:
+    """Per problem and measure: each rung's value [interval] and the gap it adds below the
+    rung above it."""
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| problem | rung | " + " | ".join(f"{m} | gap to the rung above" for m in measures) + " |",
+        "|---|---|" + "---:|---:|" * len(measures),
+    ]
+    for problem in problems:
+        mine = [row for row in rows if row["problem"] == problem]
+        rungs = list(dict.fromkeys(row["estimator"] for row in mine))
+        for index, rung in enumerate(rungs):
+            cells = []
+            for measure in measures:
+                found = {row["estimator"]: row for row in mine if row["measure"] == measure}
+                row = found.get(rung)
+                above = found.get(rungs[index - 1]) if index else None
+                if row is None or row["value"] is None:
+                    cells += ["n/a", ""]
+                    continue
+                interval = (
+                    "" if row["low"] is None else f" [{shown(row['low'])}, {shown(row['high'])}]"
+                )
+                gap = (
+                    ""
+                    if above is None or above["value"] is None
+                    else f"{above['value'] - row['value']:+.3f}"
+                )
+                cells += [f"{shown(row['value'])}{interval}", gap]
+            lines.append(f"| {problem} | {rung} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -5,6 +5,7 @@ workers and cached, ``refit`` the one refit template with its presets (cold, war
 ``pbrf`` and ``linear`` the last two rungs.
 """
 
+from fidelity.core.problem import seeded_variant
 from fidelity.core.registry import Registry
 from fidelity.retrain.counterfactual import CounterfactualResponse, CounterfactualResult
 from fidelity.retrain.execution import Execution
@@ -12,10 +13,11 @@ from fidelity.retrain.groups import GroupResult, GroupsResponse
 from fidelity.retrain.imported import ImportedSubsets, read_ground_truth
 from fidelity.retrain.linear import LinearResponse
 from fidelity.retrain.pbrf import PbrfResponse
+from fidelity.retrain.perturbation import PerturbedResult, retrain_perturbed
 from fidelity.retrain.refit import ColdResponse, ProximalResponse, WarmResponse
 from fidelity.retrain.response import Response, ResponseResult
 from fidelity.retrain.subsets import SubsetResult, SubsetsResponse
-from fidelity.retrain.train import seeded_variant, train
+from fidelity.retrain.train import train
 
 RESPONSES: Registry[type[Response]] = Registry("response", base=Response)
 for _response in (ColdResponse, WarmResponse, ProximalResponse, PbrfResponse, LinearResponse):
@@ -47,6 +49,7 @@ __all__ = [
     "ImportedSubsets",
     "LinearResponse",
     "PbrfResponse",
+    "PerturbedResult",
     "ProximalResponse",
     "Response",
     "ResponseResult",
@@ -54,6 +57,7 @@ __all__ = [
     "SubsetsResponse",
     "WarmResponse",
     "read_ground_truth",
+    "retrain_perturbed",
     "seeded_variant",
     "train",
 ]

@@ -7,6 +7,7 @@ runs, so no number depends on the backend, the worker count or the group size.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -234,7 +235,9 @@ def retrain_indices(
             log.debug(
                 "%s %s: %d of %d refits done", stage, trained.problem.name, done, len(missing)
             )
-    log.info(
+    # A lone refit (an attack's step) is routine; announcing each would drown the log.
+    log.log(
+        logging.INFO if len(indices) > 1 else logging.DEBUG,
         "%s %s: %d refits (%d from the cache) in %.1f s",
         stage,
         trained.problem.name,

@@ -25,7 +25,14 @@ from fidelity.core.cache import cache_key
 from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import objective, objective_hessian
-from fidelity.core.problem import Examples, MinibatchRecipe, NewtonRecipe, Problem, TrainedProblem
+from fidelity.core.problem import (
+    Examples,
+    MinibatchRecipe,
+    NewtonRecipe,
+    Problem,
+    TrainedProblem,
+    seeded_variant,
+)
 from fidelity.core.training import train_minibatch
 from fidelity.retrain.execution import Execution, GroupSolver, Refits, retrain_indices
 from fidelity.retrain.newton import newton_minimize, refit_removals, removal_weights
@@ -36,7 +43,7 @@ from fidelity.retrain.response import (
     measure,
     stack_removed,
 )
-from fidelity.retrain.train import seeded_variant, theta_digest, train
+from fidelity.retrain.train import theta_digest, train
 
 CONTROL = -1  # the index of the no-removal control run
 

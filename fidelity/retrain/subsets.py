@@ -33,12 +33,18 @@ from fidelity.core.cache import cache_key
 from fidelity.core.checks import check_int, check_positive_int
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import check_target, objective, target_values
-from fidelity.core.problem import Examples, MinibatchRecipe, NewtonRecipe, TrainedProblem
+from fidelity.core.problem import (
+    Examples,
+    MinibatchRecipe,
+    NewtonRecipe,
+    TrainedProblem,
+    seeded_variant,
+)
 from fidelity.core.registry import constructor_params
 from fidelity.core.training import train_minibatch
 from fidelity.retrain.execution import Execution, Refits, retrain_indices
 from fidelity.retrain.newton import refit_weighted
-from fidelity.retrain.train import seeded_variant, theta_digest, train
+from fidelity.retrain.train import theta_digest, train
 
 
 def draw_masks(n_train: int, alphas: tuple[float, ...], count: int, seed: int) -> np.ndarray:

@@ -19,7 +19,6 @@ from fidelity.core.problem import (
     NewtonRecipe,
     OptimizerState,
     Problem,
-    Recipe,
     TrainedProblem,
     Trajectory,
     check_model,
@@ -139,19 +138,6 @@ def _store(
 def theta_digest(trained: TrainedProblem) -> str:
     """Content hash of theta_s, part of every cache key derived from it."""
     return cache_key(theta=trained.theta.detach().cpu().numpy().tobytes().hex())
-
-
-def seeded_variant(problem: Problem, offset: int) -> Problem:
-    """The problem with its recipe's initialisation (and batch-order) seed shifted by ``offset``."""
-    recipe = problem.recipe
-    shifted: Recipe
-    if isinstance(recipe, MinibatchRecipe):
-        shifted = replace(
-            recipe, init_seed=recipe.init_seed + offset, order_seed=recipe.order_seed + offset
-        )
-    else:
-        shifted = replace(recipe, init_seed=recipe.init_seed + offset)
-    return replace(problem, recipe=shifted)
 
 
 def with_trajectory(

@@ -149,6 +149,23 @@ def test_datainf_equals_its_per_layer_closed_form(mlp, exact):
     assert pearson(actual, exact) == pytest.approx(0.8451, abs=1e-3)
 
 
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+def test_datainf_equals_our_datainf_at_the_same_damping(mlp):
+    """dattri's DataInf with r = wd + damping is our `datainf` with that absolute damping on
+    every layer (ours groups a module's weight and bias as one layer, as dattri does)."""
+    from fidelity.estimators import DataInfEstimator
+
+    problem = mlp.problem
+    _, theirs = dattri_scores(mlp, solver="datainf")
+    ours = (
+        DataInfEstimator(damping=problem.weight_decay + DAMPING)
+        .fit(mlp)
+        .scores(problem.test, problem.train)
+    )
+    assert relative_error(theirs, ours) <= 1e-10
+
+
 def ekfac_closed_form(mlp, bases, damping, *, dattri_defects):
     """EK-FAC scores from the Kronecker eigenbases ``bases`` (layer name -> (Q_A, Q_S), as
     torch.linalg.eigh returns them), the eigenvalues corrected to the per-example gradients'

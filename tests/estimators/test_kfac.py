@@ -261,3 +261,16 @@ def test_damping_is_absolute_and_the_ratio_relative(trained_problems):
     assert default == pytest.approx([0.1 * m for m in means], rel=1e-12)
     both = KfacEstimator(damping=0.02, damping_ratio=0.5).fit(trained).dampings_
     assert both == pytest.approx([0.02 + 0.5 * m for m in means], rel=1e-12)
+
+
+def test_the_reduce_form_changes_convolutions_only(mlp, cnn):
+    problem = mlp.problem
+    expand = KfacEstimator(convolution="expand").fit(mlp).scores(problem.test, problem.train)
+    reduce = KfacEstimator(convolution="reduce").fit(mlp).scores(problem.test, problem.train)
+    assert torch.equal(expand, reduce)  # a linear layer has one position: the forms agree
+    test, train_points = cnn.problem.test, cnn.problem.train
+    expand = KfacEstimator(convolution="expand").fit(cnn).scores(test, train_points)
+    reduce = KfacEstimator(convolution="reduce").fit(cnn).scores(test, train_points)
+    assert not torch.allclose(expand, reduce)
+    with pytest.raises(FidelityError, match="convolution must be one of"):
+        KfacEstimator(convolution="sum")

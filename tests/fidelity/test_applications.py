@@ -239,3 +239,70 @@ def test_attack_input_errors():
     ridge = train(make_tiny_mlp_problem(loss="mse"))
     with pytest.raises(FidelityError, match="needs a classification problem"):
         attack(ridge, ExactEstimator().fit(ridge))
+
+
+def test_damping_protocol_chooses_on_held_out_subsets_and_scores_on_the_others():
+    from fidelity.applications import damping_protocol
+    from fidelity.metrics import lds
+    from fidelity.retrain import SubsetsResponse
+
+    trained = train(make_tiny_mlp_problem(loss="cross_entropy", n_train=40))
+    problem = trained.problem
+    grid = (1e-6, 1e-3, 0.1, 1.0)
+    result = damping_protocol(
+        trained, ["exact", "gnh"], grid=grid, test_points=6, subsets=8, bootstrap=50
+    )
+    # the same subsets, retrained again here, give the same scoring LDS at every damping
+    test = problem.test.subset(torch.as_tensor(result["test_index"]))
+    found = SubsetsResponse(alphas=(0.5,), subsets=16, seed=0).compute(trained, test)
+    dropped = 1 - found.masks
+    for row in result["rows"]:
+        scored = [entry for entry in row["grid"] if "refused" not in entry]
+        assert scored, row
+        best_selection = max(scored, key=lambda entry: entry["selection"]["value"])
+        best_scoring = max(scored, key=lambda entry: entry["scoring"]["value"])
+        assert row["held_out"]["damping"] == best_selection["damping"]
+        assert row["hindsight"]["damping"] == best_scoring["damping"]
+        assert row["optimism"] >= 0
+        kind = row["estimator"]
+        for entry in scored:
+            estimator = ExactEstimator(
+                damping=entry["damping"], curvature="hessian" if kind == "exact" else "gnh"
+            ).fit(trained)
+            predicted = (dropped @ estimator.scores(test, problem.train).T).numpy()
+            expected = lds(predicted[8:], found.measured.numpy()[8:], n_boot=50)["lds"].value
+            assert entry["scoring"]["value"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_damping_protocol_records_a_refused_damping():
+    # a network a few epochs into training has an indefinite Hessian: damping 1e-6 is refused
+    # and recorded, 10 is scored
+    import dataclasses
+
+    from fidelity.applications import damping_protocol
+    from fidelity.core.problem import MinibatchRecipe
+
+    problem = make_tiny_mlp_problem(loss="cross_entropy", n_train=24)
+    recipe = MinibatchRecipe(
+        optimizer="sgd", learning_rate=0.1, momentum=0.9, epochs=4, batch_size=8
+    )
+    trained = train(dataclasses.replace(problem, recipe=recipe, name="tiny-mlp-minibatch"))
+    result = damping_protocol(
+        trained, ["exact"], grid=(1e-6, 10.0), test_points=3, subsets=4, bootstrap=20
+    )
+    (row,) = result["rows"]
+    assert "not positive definite" in row["grid"][0]["refused"]
+    assert "refused" not in row["grid"][1]
+    assert row["held_out"]["damping"] == row["hindsight"]["damping"] == 10.0
+
+
+def test_damping_protocol_input_errors():
+    from fidelity.applications import damping_protocol
+
+    trained = train(make_tiny_logreg())
+    with pytest.raises(FidelityError, match="positive and finite"):
+        damping_protocol(trained, ["gnh"], grid=(0.0, 1.0))
+    with pytest.raises(FidelityError, match="at least two"):
+        damping_protocol(trained, ["gnh"], grid=(1.0,))
+    with pytest.raises(FidelityError, match="no damping to sweep"):
+        damping_protocol(trained, ["grad-dot"])

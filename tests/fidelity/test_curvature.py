@@ -188,3 +188,16 @@ def test_block_cg_hands_an_indefinite_span_to_per_column_cg():
     torch.testing.assert_close(
         result.solution[[0, 1, 3]], torch.linalg.solve(matrix, rhs.T).T[[0, 1, 3]]
     )
+
+
+@pytest.mark.parametrize("curvature", ["gnh", "empirical-fisher", "hessian"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "mse"])
+def test_diagonal_is_the_dense_matrix_diagonal(curvature, loss):
+    from fidelity.core.curvature import CurvatureOperator
+    from fidelity.retrain import train
+    from tests.conftest import make_tiny_mlp_problem
+
+    trained = train(make_tiny_mlp_problem(loss=loss))
+    operator = CurvatureOperator(trained, curvature, batch_size=7)
+    dense = operator.dense().diagonal()
+    assert torch.allclose(operator.diagonal(), dense, rtol=1e-12, atol=1e-14)
