@@ -8,6 +8,7 @@ runner, or reading given run directories) and hand it to ``fidelity.reports.pape
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fidelity.core.errors import FidelityError
-from fidelity.core.registry import Registry
+from fidelity.core.registry import Registry, parse_spec
 from fidelity.reports import load_problem_arrays
 from fidelity.reports import paper as draw_paper
 from fidelity.results import Gap, Interval, ProblemResults, RunResults
@@ -353,6 +354,64 @@ def curvature_ladder(context: FigureContext) -> list[Path]:
         )
     rows.sort(key=lambda row: (row["problem"], CURVATURE_LADDER.index(row["estimator"])))
     return draw_paper.curvature_ladder(rows, Path(context.out), "curvature-ladder")
+
+
+#: The estimators of Basu et al.'s figure: the damped Hessian, and the Gauss-Newton matrix.
+FRAGILITY_ESTIMATORS = ("exact", "gnh")
+
+
+@PAPER_FIGURES.register(
+    "basu2021-fragility",
+    description="leave-one-out Pearson and Spearman of exact influence against retraining as "
+    "the digits MLP grows deeper and wider, with and without weight decay, with noise bounds "
+    "(Basu et al. 2021)",
+)
+def basu2021_fragility(context: FigureContext) -> list[Path]:
+    given = _given_runs(context, "basu", "metrics")
+    if given:
+        found = [results for results, _ in given]
+    else:
+        with _run(load_suite("basu"), context, decomposition=False) as (results, _):
+            found = [results]
+    rows = []
+    for results in found:
+        for name, problem in results.problems.items():
+            kind, options = parse_spec(name, kind="problem")
+            if kind != "digits-mlp":
+                continue
+            ceiling = (
+                problem.responses["cold"].noise_ceiling if "cold" in problem.responses else None
+            )
+            for estimator, measure in itertools.product(
+                FRAGILITY_ESTIMATORS, ("pearson", "spearman")
+            ):
+                value = problem.metric(estimator, "cold", measure)
+                if value is None:
+                    continue
+                bound = None
+                if ceiling is not None:
+                    bound = (
+                        ceiling.max_correlation if measure == "pearson" else ceiling.spearman_bound
+                    )
+                rows.append(
+                    {
+                        "problem": name,
+                        "estimator": estimator,
+                        "width": int(options.get("width", 32)),
+                        "depth": int(options.get("depth", 1)),
+                        "weight_decay": float(options.get("weight_decay", 1e-3)),
+                        "measure": measure,
+                        "value": value.value,
+                        "low": value.low,
+                        "high": value.high,
+                        "noise_bound": bound,
+                    }
+                )
+    if not rows:
+        raise FidelityError(
+            "these runs hold no digits-mlp problem scored by exact or gnh against cold"
+        )
+    return draw_paper.basu_fragility(rows, Path(context.out), "basu2021-fragility")
 
 
 @PAPER_FIGURES.register(

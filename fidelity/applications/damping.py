@@ -97,7 +97,11 @@ def damping_protocol(
         except FidelityError as error:
             return {"refused": " ".join(str(error).split())}
         predicted = (dropped @ scores.T).detach().cpu().numpy()
-        entry: dict[str, Any] = {"damping_used": estimator.get_params().get("damping")}
+        params = estimator.get_params()
+        # the damping as configured: kfac's relative form, datainf's rule, or a number
+        entry: dict[str, Any] = {
+            "setting": {key: params[key] for key in ("damping", "damping_ratio") if key in params}
+        }
         for half, rows in halves.items():
             value = lds(predicted[rows], measured[rows], n_boot=bootstrap, seed=seed)["lds"]
             entry[half] = _interval(value)

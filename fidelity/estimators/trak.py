@@ -94,6 +94,33 @@ def output_function(
     return grads, -torch.sigmoid(-margins)
 
 
+def ensemble_members(
+    trained: TrainedProblem, size: int, ensemble: str, owner: str
+) -> tuple[list[Tensor], float]:
+    """The parameters of an ensemble of ``size`` models (theta_s first) and the seconds spent
+    training them. ``seeds``: theta_s and models trained from the recipe's seeds shifted by 1,
+    2, ... (a Newton recipe's unique minimiser ``size`` times); ``checkpoints``: evenly spaced
+    checkpoints of theta_s's recorded run, the last (theta_s) first."""
+    problem = trained.problem
+    start = time.perf_counter()
+    if ensemble == "checkpoints":
+        trajectory = training_trajectory(trained, owner, None)
+        steps = spaced_steps(problem, size, f"{owner}.ensemble_size")
+        thetas = [trajectory_state(trajectory, trained, step)[0] for step in steps[::-1]]
+        return thetas, time.perf_counter() - start
+    if not isinstance(problem.recipe, MinibatchRecipe):
+        return [trained.theta] * size, 0.0
+    thetas = [trained.theta]
+    for offset in range(1, size):
+        variant = seeded_variant(problem, offset)
+        recipe = check_minibatch(variant, owner)
+        model = FunctionalModel.of(variant.build_model())
+        weights = torch.ones(1, problem.n_train, dtype=problem.dtype, device=problem.device)
+        run = train_minibatch(model, variant, recipe, model.initial_theta(), weights)
+        thetas.append(run.thetas[0].detach())
+    return thetas, time.perf_counter() - start
+
+
 @dataclass(frozen=True)
 class TrakMember:
     """One model of the ensemble: its parameters, projection and the Cholesky factor of its
@@ -199,7 +226,9 @@ class TrakEstimator(Estimator):
             fix="lower projection_dim or ensemble_size",
             device=problem.device,
         )
-        thetas, train_seconds = self._member_thetas(trained)
+        thetas, train_seconds = ensemble_members(
+            trained, self.ensemble_size, self.ensemble, self.name
+        )
         members = []
         for member, theta in enumerate(thetas):
             projection = random_projection(
@@ -235,27 +264,6 @@ class TrakEstimator(Estimator):
             "fit_seconds": time.perf_counter() - start,
         }
         return self
-
-    def _member_thetas(self, trained: TrainedProblem) -> tuple[list[Tensor], float]:
-        """The ensemble's parameters (theta_s first) and the seconds spent training them."""
-        problem = trained.problem
-        start = time.perf_counter()
-        if self.ensemble == "checkpoints":
-            trajectory = training_trajectory(trained, self.name, None)
-            steps = spaced_steps(problem, self.ensemble_size, "trak.ensemble_size")
-            thetas = [trajectory_state(trajectory, trained, step)[0] for step in steps[::-1]]
-            return thetas, time.perf_counter() - start
-        if not isinstance(problem.recipe, MinibatchRecipe):
-            return [trained.theta] * self.ensemble_size, 0.0
-        thetas = [trained.theta]
-        for offset in range(1, self.ensemble_size):
-            variant = seeded_variant(problem, offset)
-            recipe = check_minibatch(variant, self.name)
-            model = FunctionalModel.of(variant.build_model())
-            weights = torch.ones(1, problem.n_train, dtype=problem.dtype, device=problem.device)
-            run = train_minibatch(model, variant, recipe, model.initial_theta(), weights)
-            thetas.append(run.thetas[0].detach())
-        return thetas, time.perf_counter() - start
 
     def scores(self, test: Examples, train: Examples) -> Tensor:
         trained = self._check_fitted()

@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.problem import MinibatchRecipe, NewtonRecipe, Problem
 from fidelity.problems.models import DigitsCNN, linear_model, tanh_mlp
 
@@ -122,14 +123,25 @@ def _with_model(
     )
 
 
-def digits_mlp(seed: int = 0, device: str = "cpu") -> Problem:
+def digits_mlp(
+    seed: int = 0,
+    device: str = "cpu",
+    width: int = 32,
+    depth: int = 1,
+    weight_decay: float = 1e-3,
+) -> Problem:
     """digits as in digits-logreg, 64-32-10 tanh MLP, weight decay 1e-3, SGD with momentum 0.9,
-    learning rate 0.05, batch 64, 100 epochs from a seeded initialisation and batch order."""
+    learning rate 0.05, batch 64, 100 epochs from a seeded initialisation and batch order.
+    ``width``, ``depth`` (hidden layers) and ``weight_decay`` change the network and its
+    objective (Basu et al.'s fragility sweep)."""
+    width = check_positive_int(width, "digits-mlp.width")
+    depth = check_positive_int(depth, "digits-mlp.depth")
+    weight_decay = check_nonnegative(weight_decay, "digits-mlp.weight_decay")
     return _with_model(
         digits_logreg(seed, device),
         "digits-mlp",
-        partial(tanh_mlp, (64, 32, 10)),
-        1e-3,
+        partial(tanh_mlp, (64, *([width] * depth), 10)),
+        weight_decay,
         digits_mlp.__doc__ or "",
     )
 

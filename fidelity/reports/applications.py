@@ -391,9 +391,14 @@ def render_damping(
         if "refused" in default:
             default_text = f"refused: {escape(default['refused'])}"
         else:
-            default_text = (
-                f"{escape(_damping_value(default['damping_used']))}, {_lds(default['scoring'])}"
+            setting = default["setting"]
+            shown = (
+                _damping_value(setting.get("damping"))
+                if not setting.get("damping_ratio")
+                else f"{setting['damping_ratio']:g} x mean eigenvalue"
+                + (f" + {setting['damping']:g}" if setting.get("damping") else "")
             )
+            default_text = f"{escape(shown)}, {_lds(default['scoring'])}"
         if "held_out" in row:
             held, best = row["held_out"], row["hindsight"]
             lines.append(
@@ -480,8 +485,14 @@ def damping_figure(result: dict[str, Any], path: Path, *, dpi: int = 150) -> Pat
         axis.set_visible(False)
     for axis in axes[:, 0]:
         axis.set_ylabel("LDS (Spearman)", fontsize=7)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=7)
+    # every kind of mark once, whichever panel drew it (a refused default draws no line)
+    legend: dict[str, Any] = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    figure.legend(
+        list(legend.values()), list(legend), loc="outside lower center", ncols=3, fontsize=7
+    )
     figure.suptitle(f"{result['problem']}: damping chosen on held-out subsets", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)

@@ -7,6 +7,7 @@ run directories, and writes ``NAME.png``, ``NAME.pdf`` and ``NAME.csv`` into a f
 from __future__ import annotations
 
 import csv
+import itertools
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -411,3 +412,93 @@ def _ladder_table(
             lines.append(f"| {problem} | {rung} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@literal_text
+def basu_fragility(rows: Sequence[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Basu et al. (2021): leave-one-out Pearson (top) and Spearman (bottom) of influence
+    against retraining as the network grows deeper (left; width 32) and wider (right; one
+    hidden layer), one colour per weight decay and one line style per estimator, intervals as
+    error bars and each weight decay's noise bound dotted.
+
+    Each row: ``{"problem", "estimator", "width", "depth", "weight_decay", "measure", "value",
+    "low", "high", "noise_bound"}``."""
+    import numpy as np
+
+    plt, _ = _figure()
+    measures = [m for m in ("pearson", "spearman") if any(r["measure"] == m for r in rows)]
+    sweeps = (
+        ("depth", "hidden layers (width 32)", 32, "width"),
+        ("width", "hidden units (one layer)", 1, "depth"),
+    )
+    figure, axes = plt.subplots(
+        len(measures),
+        2,
+        figsize=(TEXT_WIDTH, 2.3 * len(measures) + 0.6),
+        squeeze=False,
+        sharey="row",
+    )
+    decays = sorted({row["weight_decay"] for row in rows}, reverse=True)
+    estimators = list(dict.fromkeys(row["estimator"] for row in rows))
+    colors = {decay: f"C{index}" for index, decay in enumerate(decays)}
+    for line, measure in enumerate(measures):
+        for column, (swept, label, fixed, other) in enumerate(sweeps):
+            axis = axes[line, column]
+            for decay, (number, estimator) in itertools.product(decays, enumerate(estimators)):
+                chosen = sorted(
+                    (
+                        row
+                        for row in rows
+                        if row["measure"] == measure
+                        and row["estimator"] == estimator
+                        and row["weight_decay"] == decay
+                        and row[other] == fixed
+                    ),
+                    key=lambda row: row[swept],
+                )
+                if not chosen:
+                    continue
+                x = np.array([row[swept] for row in chosen], dtype=float)
+                # estimators side by side at each x, so that their intervals stay apart
+                shifted = x * (1 + 0.04 * (number - (len(estimators) - 1) / 2))
+                y = np.array([_value(row, "value") for row in chosen])
+                low = np.array([_value(row, "low") for row in chosen])
+                high = np.array([_value(row, "high") for row in chosen])
+                color = colors[decay]
+                axis.plot(
+                    shifted,
+                    y,
+                    ("-", "--")[number % 2],
+                    color=color,
+                    marker="os"[number % 2],
+                    markersize=3.5,
+                    linewidth=1,
+                    label=f"{estimator}, weight decay {decay:g}",
+                )
+                interval_bars(axis, shifted, low, high, color, capsize=2, linewidth=1)
+                if number == 0:
+                    bounds = np.array([_value(row, "noise_bound") for row in chosen])
+                    if np.isfinite(bounds).any():
+                        axis.plot(
+                            x,
+                            bounds,
+                            ":",
+                            color=color,
+                            marker="x",
+                            markersize=3,
+                            linewidth=1,
+                            label=f"noise bound, weight decay {decay:g}",
+                        )
+            axis.set_xscale("log" if swept == "width" else "linear")
+            ticks = sorted({row[swept] for row in rows if row[other] == fixed})
+            axis.set_xticks(ticks, [str(tick) for tick in ticks])
+            axis.minorticks_off()
+            axis.set_xlabel(label)
+            axis.set_title(f"{measure.capitalize()} vs {swept}", fontsize=8)
+        axes[line, 0].set_ylabel(f"LOO {measure.capitalize()}")
+    finite = [row["low"] for row in rows if row["low"] is not None]
+    for axis in axes[:, 0]:
+        axis.set_ylim(min(0.0, *finite) - 0.05, 1.02)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=3)
+    return _save(plt, figure, out, name, rows)

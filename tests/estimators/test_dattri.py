@@ -252,3 +252,44 @@ def test_a_model_that_is_one_layer_equals_exact(trained_problems):
     expected = ExactEstimator(damping=0.0).fit(trained).scores(test, train_points)
     actual = DattriEstimator(solver="explicit").fit(trained).scores(test, train_points)
     assert relative_error(actual, expected) <= 1e-6
+
+
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("damping", [0.01, 0.1])
+def test_trak_with_its_identity_projection_equals_our_unprojected_trak(mlp, damping):
+    """dattri's TRAK (gradients / sqrt(p), regularization r = damping N, no projection) is our
+    `trak` with an orthogonal projection that keeps every dimension, at the same damping."""
+    from fidelity.estimators import TrakEstimator
+
+    problem = mlp.problem
+    theirs = DattriEstimator(solver="trak", damping=damping).fit(mlp)
+    theirs = theirs.scores(problem.test, problem.train)
+    ours = TrakEstimator(projection_dim=mlp.n_params, projection="orthogonal", damping=damping)
+    ours = ours.fit(mlp).scores(problem.test, problem.train)
+    assert relative_error(theirs, ours) <= 1e-8
+
+
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+def test_trak_scores_a_subset_of_its_training_set(mlp):
+    problem = mlp.problem
+    estimator = DattriEstimator(solver="trak", damping=0.01, projection_dim=10).fit(mlp)
+    full = estimator.scores(problem.test, problem.train)
+    picked = torch.tensor([3, 0, 11])
+    part = estimator.scores(problem.test, problem.train.subset(picked))
+    torch.testing.assert_close(part, full[:, picked], rtol=1e-10, atol=0)
+
+
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+def test_tracin_at_theta_s_equals_grad_dot(mlp):
+    problem = mlp.problem
+    theirs = DattriEstimator(solver="tracin").fit(mlp).scores(problem.test, problem.train)
+    ours = ESTIMATORS.get("grad-dot")().fit(mlp).scores(problem.test, problem.train)
+    assert relative_error(theirs, ours) <= 1e-10
+
+
+def test_projection_dim_is_for_trak_only():
+    with pytest.raises(FidelityError, match=r"dattri\.projection_dim applies"):
+        DattriEstimator(solver="cg", projection_dim=4)

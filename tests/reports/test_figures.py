@@ -139,6 +139,7 @@ def drawn(tmp_path_factory):
             "estimator-ladder",
             "lds-loo-table",
             "koh2019-groups",
+            "curvature-ladder",
         ):
             out = root / "paper"
             assert main(["figures", name, "--out", str(out), "--run", str(run), "-q"]) == 0
@@ -162,7 +163,13 @@ def test_every_paper_figure_embeds_truetype_fonts(drawn):
     root, _ = drawn
     pdfs = sorted((root / "paper").glob("*.pdf"))
     assert [p.stem for p in pdfs] == sorted(
-        ["bae2022-decomposition", "estimator-ladder", "lds-loo-table", "koh2019-groups"]
+        [
+            "bae2022-decomposition",
+            "estimator-ladder",
+            "lds-loo-table",
+            "koh2019-groups",
+            "curvature-ladder",
+        ]
     )
     for pdf in pdfs:
         data = pdf.read_bytes()
@@ -208,3 +215,51 @@ def test_interval_bars_draw_the_interval_even_when_it_excludes_the_point():
     assert drawn[0] == pytest.approx((0.99, 1.0 - 1e-16), abs=1e-15)
     assert drawn[1] == pytest.approx((0.6, 0.7))
     assert len(drawn) == 2
+
+
+def test_the_curvature_ladder_table_gives_each_rung_its_gap(drawn):
+    root, _ = drawn
+    table = (root / "paper" / "curvature-ladder.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| tiny")]
+    # exact, gnh and grad-dot ran (in ladder order), on both problems
+    assert [row.split(" | ")[1] for row in rows[:3]] == ["exact", "gnh", "grad-dot"]
+    assert all(len(row.split(" | ")) == 6 for row in rows)
+
+
+def test_basu_fragility_draws_both_sweeps_and_refuses_runs_without_them(drawn, tmp_path, capsys):
+    from fidelity.reports.paper import basu_fragility
+
+    rows = [
+        {
+            "problem": f"digits-mlp[depth={depth},width={width},weight_decay={decay}]",
+            "estimator": estimator,
+            "width": width,
+            "depth": depth,
+            "weight_decay": decay,
+            "measure": measure,
+            "value": 0.9 - 0.1 * depth - (0.2 if decay == 0 else 0),
+            "low": 0.5,
+            "high": 0.95,
+            "noise_bound": 0.97,
+        }
+        for width, depth in ((32, 1), (32, 2), (32, 3), (16, 1), (64, 1))
+        for decay in (1e-3, 0.0)
+        for measure in ("pearson", "spearman")
+        for estimator in ("exact", "gnh")
+    ]
+    paths = basu_fragility(rows, tmp_path, "basu")
+    assert sorted(p.name for p in paths) == ["basu.csv", "basu.pdf", "basu.png"]
+    root, _ = drawn
+    code = main(
+        [
+            "figures",
+            "basu2021-fragility",
+            "--out",
+            str(tmp_path / "x"),
+            "--run",
+            str(root / "run"),
+            "-q",
+        ]
+    )
+    assert code == 2
+    assert "no digits-mlp problem scored" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""dattri 0.3.0's influence-function attributors (explicit, CG, LiSSA, Arnoldi, DataInf, EK-FAC)
-behind our estimator contract.
+"""dattri 0.3.0's influence-function attributors (explicit, CG, LiSSA, Arnoldi, DataInf, EK-FAC),
+its TRAK and its TracIn behind our estimator contract.
 
 Conventions mapped here, once (read from dattri's source and checked against our ``exact`` and
 ``ekfac`` on a tiny MLP, tests/estimators/test_dattri.py):
@@ -45,6 +45,19 @@ Conventions mapped here, once (read from dattri's source and checked against our
   seeded with ``seed``.
 - The model is a fresh module with theta_s loaded (``trained_module``); dattri computes every
   gradient with its own code on it.
+- TRAK (``trak``): the task's loss is the true class's margin (TRAK's output function, our
+  ``trak``'s), ``correct_probability_func`` its probability; dattri divides the gradients by
+  sqrt(p), projects them (``projection_dim``; None: its ``identity`` projection) and returns
+  ``[train, test]`` values phi_t (X^T X + r I)^{-1} phi_j (1 - p_j) averaged over its checkpoints
+  (theta_s alone here), so our delta is (1 - p_t) times the transposed value, with
+  r = damping N / p (identity projection) or damping N k / p (its Gaussian projection, N(0, 1)
+  entries against our N(0, 1/k)) to match our (1/N) Phi^T Phi + damping I: exact for the
+  identity, in expectation for the Gaussian. Cross-entropy problems (the margin is the class's).
+- TracIn (``tracin``): sum over checkpoints of weight x g_train^T g_test; one checkpoint
+  (theta_s) of weight 1 and the identity projection make it our ``grad-dot`` (value / N).
+- dattri 0.3.0's TRAK and TracIn update the module-level dict of default projector settings in
+  place (``DEFAULT_PROJECTOR_KWARGS.update(...)``), so one attributor's projector settings become
+  the next one's defaults: the adapter passes every setting each time.
 """
 
 from __future__ import annotations
@@ -65,12 +78,13 @@ from fidelity.estimators.external import (
     examples_loader,
     library_context,
     record_scores,
+    rows_of,
     trained_module,
     with_parent,
 )
 from fidelity.estimators.kfac import check_layers
 
-SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac")
+SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac", "trak", "tracin")
 # Solvers that recompute their inverse-Hessian products for every (train batch, test batch).
 WHOLE_BATCH_SOLVERS = ("explicit", "cg", "lissa")
 INSTALL_HINT = (
@@ -88,6 +102,8 @@ def _import_dattri() -> tuple[Any, dict[str, Any]]:
             IFAttributorExplicit,
             IFAttributorLiSSA,
         )
+        from dattri.algorithm.tracin import TracInAttributor
+        from dattri.algorithm.trak import TRAKAttributor
         from dattri.task import AttributionTask
     except ImportError as error:
         raise FidelityError(INSTALL_HINT) from error
@@ -98,6 +114,8 @@ def _import_dattri() -> tuple[Any, dict[str, Any]]:
         "arnoldi": IFAttributorArnoldi,
         "datainf": IFAttributorDataInf,
         "ekfac": IFAttributorEKFAC,
+        "trak": TRAKAttributor,
+        "tracin": TracInAttributor,
     }
     return AttributionTask, attributors
 
@@ -105,8 +123,10 @@ def _import_dattri() -> tuple[Any, dict[str, Any]]:
 class DattriEstimator(Estimator):
     """dattri's influence function with ``solver`` explicit, cg, lissa or arnoldi (the Hessian
     of the mean training loss plus (wd + damping) I: the estimand of our ``exact`` at the same
-    damping), datainf (DataInf's per-layer closed form with r = wd + damping) or ekfac (EK-FAC of
-    the empirical Fisher plus (wd + damping) I), converted to delta_hat[t, j]: the predicted
+    damping), datainf (DataInf's per-layer closed form with r = wd + damping), ekfac (EK-FAC of
+    the empirical Fisher plus (wd + damping) I), trak (the estimand of our ``trak`` with one
+    model and the same ``projection_dim`` and damping) or tracin (at theta_s: our
+    ``grad-dot``), converted to delta_hat[t, j]: the predicted
     change of test loss t when training point j is removed (epsilon = -1/N, positive = j
     helped), shaped [n_test, n_train]. Non-finite scores are returned as dattri gives them and
     counted in ``diagnostics["nonfinite_scores"]``.
@@ -133,6 +153,7 @@ class DattriEstimator(Estimator):
         minibatch_size: int | None = None,
         repeats: int = 1,
         layers: str | list[str] | None = None,
+        projection_dim: int | None = None,
         seed: int = 0,
         batch_size: int = 512,
     ) -> None:
@@ -154,6 +175,11 @@ class DattriEstimator(Estimator):
         self.layers = check_layers(layers, "dattri")
         if self.layers is not None and solver != "ekfac":
             raise FidelityError("dattri.layers applies to solver 'ekfac' only")
+        if projection_dim is not None:
+            check_positive_int(projection_dim, "dattri.projection_dim")
+            if solver != "trak":
+                raise FidelityError("dattri.projection_dim applies to solver 'trak' only")
+        self.projection_dim = projection_dim
         self.seed = check_int(seed, "dattri.seed")
         self.batch_size = check_positive_int(batch_size, "dattri.batch_size")
 
@@ -185,9 +211,58 @@ class DattriEstimator(Estimator):
             raise FidelityError(f"dattri.layers {patterns} match no nn.Linear module")
         return names
 
+    def _margin_functions(self, trained: TrainedProblem, module: nn.Module):
+        """TRAK's output function (the true class's margin, summed over a batch) and the true
+        class's probability per example, as dattri's TRAK takes them."""
+        problem = trained.problem
+
+        def batched(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            # dattri calls these per example (vmapped): give the model a batch of one
+            x = x.to(problem.dtype)
+            if x.dim() < problem.x_train.dim():
+                x, y = x.unsqueeze(0), y.reshape(1)
+            return x, y.long()
+
+        def margin(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
+            x, y = batched(*data)
+            outputs = torch.func.functional_call(module, params, (x,))
+            correct = outputs.gather(1, y.unsqueeze(1))[:, 0]
+            others = outputs.scatter(1, y.unsqueeze(1), float("-inf"))
+            return (correct - others.logsumexp(dim=1)).sum()
+
+        def probability(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
+            x, y = batched(*data)
+            outputs = torch.func.functional_call(module, params, (x,))
+            return torch.softmax(outputs, dim=-1).gather(1, y.unsqueeze(1))[:, 0]
+
+        return margin, probability
+
     def _attributor(self, trained: TrainedProblem, task_cls: Any, attributors: dict) -> Any:
         problem = trained.problem
         module = with_parent(trained_module(trained))  # dattri found no parameters in a bare layer
+        cls = attributors[self.solver]
+        if self.solver == "trak":
+            margin, probability = self._margin_functions(trained, module)
+            task = task_cls(loss_func=margin, model=module, checkpoints=module.state_dict())
+            dimension = self.projection_dim or trained.n_params
+            return cls(
+                task=task,
+                correct_probability_func=probability,
+                projector_kwargs={
+                    "proj_dim": dimension,
+                    "proj_max_batch_size": 32,
+                    "proj_seed": self.seed,
+                    "proj_type": "normal" if self.projection_dim else "identity",
+                    "device": str(problem.device),
+                },
+                device=str(problem.device),
+                # its X is the gradients over sqrt(p), projected by N(0, 1) entries (k of
+                # them: X^T X is k/p times our Phi^T Phi) or not at all (1/p times)
+                regularization=self.damping
+                * problem.n_train
+                * (self.projection_dim or 1)
+                / trained.n_params,
+            )
         task = task_cls(
             loss_func=self._loss(trained, module),
             model=module,
@@ -195,7 +270,19 @@ class DattriEstimator(Estimator):
         )
         common = {"task": task, "device": str(problem.device)}
         shift = problem.weight_decay + self.damping
-        cls = attributors[self.solver]
+        if self.solver == "tracin":
+            return cls(
+                **common,
+                weight_list=torch.ones(1, dtype=problem.dtype),
+                normalized_grad=False,
+                projector_kwargs={
+                    "proj_dim": trained.n_params,
+                    "proj_max_batch_size": 32,
+                    "proj_seed": self.seed,
+                    "proj_type": "identity",
+                    "device": str(problem.device),
+                },
+            )
         if self.solver == "explicit":
             return cls(**common, regularization=shift)
         if self.solver == "cg":
@@ -228,9 +315,22 @@ class DattriEstimator(Estimator):
         problem = trained.problem
         if problem.weight_decay + self.damping <= 0 and self.solver == "datainf":
             raise FidelityError("dattri's DataInf divides by wd + damping: set damping above 0")
+        if self.solver == "trak" and problem.loss != "cross_entropy":
+            raise FidelityError(
+                f"dattri's TRAK here takes a cross_entropy problem; {problem.name!r} is "
+                f"{problem.loss}"
+            )
+        if self.projection_dim is not None and self.projection_dim > trained.n_params:
+            raise FidelityError(
+                f"dattri.projection_dim is {self.projection_dim}, but the model has "
+                f"{trained.n_params} parameters"
+            )
         with library_context(trained, self.seed, "dattri") as messages:
             self.attributor_ = self._attributor(trained, task_cls, attributors)
-            self.attributor_.cache(examples_loader(problem.train, problem.n_train))
+            if self.solver == "trak":
+                self.attributor_.cache(examples_loader(problem.train, self.batch_size))
+            elif self.solver != "tracin":  # TracIn caches nothing: it reads both loaders
+                self.attributor_.cache(examples_loader(problem.train, problem.n_train))
             if self.solver == "arnoldi":
                 # dattri runs the Arnoldi iteration at the first projection: do it here.
                 with torch.no_grad():
@@ -252,8 +352,18 @@ class DattriEstimator(Estimator):
         whole = self.solver in WHOLE_BATCH_SOLVERS
         train_loader = examples_loader(train, len(train) if whole else self.batch_size)
         test_loader = examples_loader(test, len(test) if whole else self.batch_size)
+        problem = trained.problem
         with library_context(trained, self.seed, "dattri") as messages, torch.no_grad():
-            raw = self.attributor_.attribute(train_loader, test_loader)
-        deltas = raw.detach().T.to(trained.theta) / trained.problem.n_train
+            if self.solver == "trak":
+                # TRAK scores its cached training set: pick the scored points' rows
+                raw = self.attributor_.attribute(test_loader)[rows_of(train, problem)]
+            else:
+                raw = self.attributor_.attribute(train_loader, test_loader)
+        deltas = raw.detach().T.to(trained.theta) / problem.n_train
+        if self.solver == "trak":
+            with torch.no_grad():
+                outputs = trained.model(trained.theta, test.x)
+                correct = torch.softmax(outputs, -1)[torch.arange(len(test)), test.y]
+            deltas = (1 - correct)[:, None] * deltas * problem.n_train
         record_scores(self.diagnostics_, deltas, time.perf_counter() - start, messages)
         return deltas
