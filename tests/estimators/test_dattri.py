@@ -52,7 +52,7 @@ def test_missing_library_names_the_environment_to_create(mlp):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"solver": "tracin"}, r"dattri\.solver"),
+        ({"solver": "influence"}, r"dattri\.solver"),
         ({"damping": -1.0}, r"dattri\.damping"),
         ({"scale": 0.0}, r"dattri\.scale"),
         ({"iterations": 0}, r"dattri\.iterations"),
