@@ -397,9 +397,9 @@ def basu2021_fragility(context: FigureContext) -> list[Path]:
                     {
                         "problem": name,
                         "estimator": estimator,
-                        "width": int(options.get("width", 32)),
-                        "depth": int(options.get("depth", 1)),
-                        "weight_decay": float(options.get("weight_decay", 1e-3)),
+                        "width": int(str(options.get("width", 32))),
+                        "depth": int(str(options.get("depth", 1))),
+                        "weight_decay": float(str(options.get("weight_decay", 1e-3))),
                         "measure": measure,
                         "value": value.value,
                         "low": value.low,
