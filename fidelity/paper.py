@@ -262,6 +262,18 @@ def _given_runs(
     return []
 
 
+def _given_or_run(
+    context: FigureContext, suite_name: str, wanted: str, suite: Suite
+) -> list[RunResults]:
+    """The results of the runs given with --run (each must hold ``wanted`` results), or else
+    of ``suite`` run now (without the decomposition, which these figures do not draw)."""
+    given = _given_runs(context, suite_name, wanted)
+    if given:
+        return [results for results, _ in given]
+    with _run(suite, context, decomposition=False) as (results, _):
+        return [results]
+
+
 @PAPER_FIGURES.register(
     "lds-loo-table",
     description="dattri's benchmark table, measured here: LDS (alpha 0.5) and leave-one-out "
@@ -335,17 +347,12 @@ CURVATURE_LADDER = ("exact", "gnh", "ekfac", "kfac", "diagonal", "grad-dot")
     "adds (Hong et al. 2025)",
 )
 def curvature_ladder(context: FigureContext) -> list[Path]:
-    given = _given_runs(context, "breadth", "lds")
-    if given:
-        found = [results for results, _ in given]
-    else:
-        suite = load_suite("breadth")
-        suite = dataclasses.replace(
-            suite.with_problems(tuple(context.problems or DATAMODEL_PROBLEMS)),
-            estimators=tuple(e for e in suite.estimators if e.label in CURVATURE_LADDER),
-        )
-        with _run(suite, context, decomposition=False) as (results, _):
-            found = [results]
+    breadth = load_suite("breadth")
+    ladder_only = dataclasses.replace(
+        breadth.with_problems(tuple(context.problems or DATAMODEL_PROBLEMS)),
+        estimators=tuple(e for e in breadth.estimators if e.label in CURVATURE_LADDER),
+    )
+    found = _given_or_run(context, "breadth", "lds", ladder_only)
     rows = [row for row in _lds_rows(found) if row["estimator"] in CURVATURE_LADDER]
     if not rows:
         raise FidelityError(
@@ -367,12 +374,7 @@ FRAGILITY_ESTIMATORS = ("exact", "gnh")
     "(Basu et al. 2021)",
 )
 def basu2021_fragility(context: FigureContext) -> list[Path]:
-    given = _given_runs(context, "basu", "metrics")
-    if given:
-        found = [results for results, _ in given]
-    else:
-        with _run(load_suite("basu"), context, decomposition=False) as (results, _):
-            found = [results]
+    found = _given_or_run(context, "basu", "metrics", load_suite("basu"))
     rows = []
     for results in found:
         for name, problem in results.problems.items():

@@ -101,3 +101,32 @@ def make_tiny_mlp_problem(loss: str = "cross_entropy", n_train: int = 30, seed: 
         weight_decay=1e-2,
         recipe=NewtonRecipe(),
     )
+
+
+class TinyCNN(torch.nn.Module):
+    """2x5x5 inputs (flat), one 3x3 stride-2 tanh conv layer of 3 channels, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
+        self.head = torch.nn.Linear(3 * 3 * 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x.reshape(-1, 2, 5, 5))).flatten(1))
+
+
+def make_tiny_cnn_problem() -> Problem:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 50, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 2, (24,), generator=generator)
+    return Problem(
+        name="tiny-cnn",
+        x_train=x[:20],
+        y_train=y[:20],
+        x_test=x[20:],
+        y_test=y[20:],
+        model_factory=TinyCNN,
+        loss="cross_entropy",
+        weight_decay=1e-2,
+        recipe=NewtonRecipe(),
+    )

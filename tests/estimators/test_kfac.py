@@ -1,21 +1,17 @@
 """K-FAC and EK-FAC against explicit dense matrices built from the same factors, the exact
 Gauss-Newton terms, and an unfold-based convolution reference."""
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fidelity.core.curvature import CurvatureOperator
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import output_hessian_factor, per_example_grads
-from fidelity.core.problem import NewtonRecipe, Problem
 from fidelity.estimators import EkfacEstimator, GaussNewtonEstimator, KfacEstimator
 from fidelity.estimators.kfac import layer_statistics, select_layers
 from fidelity.retrain import train
-from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
+from tests.conftest import make_tiny_cnn_problem, make_tiny_logreg, make_tiny_mlp_problem
 
 
 @pytest.fixture(scope="module")
@@ -110,33 +106,9 @@ def test_eigenvalue_correction_never_fits_worse_than_kfac(mlp):
         assert ekfac_error < kfac_error  # the correction does something on a real MLP
 
 
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
-        self.head = nn.Linear(3 * 3 * 3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.conv(x.reshape(-1, 2, 5, 5))).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def cnn():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 50, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 2, (24,), generator=generator)
-    problem = Problem(
-        name="tiny-cnn",
-        x_train=x[:20],
-        y_train=y[:20],
-        x_test=x[20:],
-        y_test=y[20:],
-        model_factory=partial(TinyCNN),
-        loss="cross_entropy",
-        weight_decay=1e-2,
-        recipe=NewtonRecipe(),
-    )
-    return train(problem)
+    return train(make_tiny_cnn_problem())
 
 
 def test_conv2d_factors_match_an_unfold_computation(cnn):

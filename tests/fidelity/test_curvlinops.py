@@ -17,39 +17,11 @@ import torch
 from torch import nn
 
 from fidelity.core.curvature import CurvatureOperator
-from fidelity.core.problem import NewtonRecipe, Problem
 from fidelity.estimators import EkfacEstimator, KfacEstimator
 from fidelity.retrain import train
-from tests.conftest import make_tiny_logreg, make_tiny_mlp_problem
+from tests.conftest import make_tiny_cnn_problem, make_tiny_logreg, make_tiny_mlp_problem
 
 curvlinops = pytest.importorskip("curvlinops")
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
-        self.head = nn.Linear(3 * 3 * 3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.conv(x.reshape(-1, 2, 5, 5))).flatten(1))
-
-
-def tiny_cnn_problem() -> Problem:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 50, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 2, (24,), generator=generator)
-    return Problem(
-        name="tiny-cnn",
-        x_train=x[:20],
-        y_train=y[:20],
-        x_test=x[20:],
-        y_test=y[20:],
-        model_factory=partial(TinyCNN),
-        loss="cross_entropy",
-        weight_decay=1e-2,
-        recipe=NewtonRecipe(),
-    )
 
 
 PROBLEMS = {
@@ -57,7 +29,7 @@ PROBLEMS = {
     "mlp-ce": partial(make_tiny_mlp_problem, loss="cross_entropy"),
     "mlp-bce": partial(make_tiny_mlp_problem, loss="bce"),
     "mlp-mse": partial(make_tiny_mlp_problem, loss="mse"),
-    "cnn": tiny_cnn_problem,
+    "cnn": make_tiny_cnn_problem,
 }
 
 
