@@ -293,3 +293,25 @@ def test_tracin_at_theta_s_equals_grad_dot(mlp):
 def test_projection_dim_is_for_trak_only():
     with pytest.raises(FidelityError, match=r"dattri\.projection_dim applies"):
         DattriEstimator(solver="cg", projection_dim=4)
+
+
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+def test_per_example_solvers_run_on_a_network_that_reshapes_its_input():
+    # dattri hands its loss one unbatched example; a CNN reshapes x into a batch of its own
+    from fidelity.estimators import DataInfEstimator
+    from tests.conftest import make_tiny_cnn_problem
+
+    cnn = train(make_tiny_cnn_problem())
+    problem = cnn.problem
+    tracin = DattriEstimator(solver="tracin").fit(cnn).scores(problem.test, problem.train)
+    grad_dot = ESTIMATORS.get("grad-dot")().fit(cnn).scores(problem.test, problem.train)
+    assert relative_error(tracin, grad_dot) <= 1e-10
+    datainf = DattriEstimator(solver="datainf", damping=DAMPING).fit(cnn)
+    ours = DataInfEstimator(damping=problem.weight_decay + DAMPING).fit(cnn)
+    assert (
+        relative_error(
+            datainf.scores(problem.test, problem.train), ours.scores(problem.test, problem.train)
+        )
+        <= 1e-10
+    )

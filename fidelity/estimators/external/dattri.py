@@ -191,6 +191,10 @@ class DattriEstimator(Estimator):
             # dattri's LiSSA hands over float32 copies of every data tensor.
             x = x.to(problem.dtype)
             y = y.long() if problem.loss == "cross_entropy" else y.to(problem.dtype)
+            if x.dim() < problem.x_train.dim():
+                # dattri's per-example gradients call this with one unbatched example: a
+                # model that reshapes its input (a CNN) would make a batch of one of x alone
+                x, y = x.unsqueeze(0), y.unsqueeze(0)
             outputs = torch.func.functional_call(module, params, (x,))
             return loss_from_outputs(problem.loss, outputs, y).mean()
 
