@@ -53,18 +53,23 @@ def target_values(
     signed by the label), TRAK's and kronfluence's model output. ``log-probability``: log p(true
     class), the negated cross-entropy (bce: the negated bce), quanda's.
     """
+    return target_from_outputs(loss, model(theta, data.x), data.y, target)
+
+
+def target_from_outputs(loss: str, outputs: Tensor, targets: Tensor, target: str) -> Tensor:
+    """``[n]``: the measurement ``target`` (see ``target_values``) from model outputs
+    ``[n, k]``, for code that evaluates the model itself (a library's functional call)."""
     check_target(target, "measurement")
     if target != "loss" and loss == "mse":
         raise FidelityError(f"target {target!r} needs a classification loss, not mse")
-    outputs = model(theta, data.x)
     if target == "loss":
-        return loss_from_outputs(loss, outputs, data.y)
+        return loss_from_outputs(loss, outputs, targets)
     if target == "log-probability":
-        return -loss_from_outputs(loss, outputs, data.y)
+        return -loss_from_outputs(loss, outputs, targets)
     if loss == "bce":
-        return (2 * data.y[:, 0] - 1) * outputs[:, 0]
-    correct = outputs.gather(1, data.y.unsqueeze(1))[:, 0]
-    others = outputs.scatter(1, data.y.unsqueeze(1), float("-inf"))
+        return (2 * targets[:, 0] - 1) * outputs[:, 0]
+    correct = outputs.gather(1, targets.unsqueeze(1))[:, 0]
+    others = outputs.scatter(1, targets.unsqueeze(1), float("-inf"))
     return correct - others.logsumexp(dim=1)
 
 

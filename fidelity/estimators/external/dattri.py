@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from fidelity.core.checks import check_int, check_nonnegative, check_positive_int
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import loss_from_outputs
+from fidelity.core.objective import loss_from_outputs, target_from_outputs, target_values
 from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.estimators.base import Estimator
 from fidelity.estimators.external import (
@@ -227,17 +227,16 @@ class DattriEstimator(Estimator):
                 x, y = x.unsqueeze(0), y.reshape(1)
             return x, y.long()
 
-        def margin(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
+        def measured(params: dict[str, Tensor], data: tuple[Tensor, Tensor], target: str):
             x, y = batched(*data)
             outputs = torch.func.functional_call(module, params, (x,))
-            correct = outputs.gather(1, y.unsqueeze(1))[:, 0]
-            others = outputs.scatter(1, y.unsqueeze(1), float("-inf"))
-            return (correct - others.logsumexp(dim=1)).sum()
+            return target_from_outputs(problem.loss, outputs, y, target)
+
+        def margin(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
+            return measured(params, data, "margin").sum()
 
         def probability(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
-            x, y = batched(*data)
-            outputs = torch.func.functional_call(module, params, (x,))
-            return torch.softmax(outputs, dim=-1).gather(1, y.unsqueeze(1))[:, 0]
+            return measured(params, data, "log-probability").exp()
 
         return margin, probability
 
@@ -366,8 +365,9 @@ class DattriEstimator(Estimator):
         deltas = raw.detach().T.to(trained.theta) / problem.n_train
         if self.solver == "trak":
             with torch.no_grad():
-                outputs = trained.model(trained.theta, test.x)
-                correct = torch.softmax(outputs, -1)[torch.arange(len(test)), test.y]
+                correct = target_values(
+                    trained.model, problem.loss, trained.theta, test, "log-probability"
+                ).exp()
             deltas = (1 - correct)[:, None] * deltas * problem.n_train
         record_scores(self.diagnostics_, deltas, time.perf_counter() - start, messages)
         return deltas

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.errors import FidelityError
+from fidelity.core.objective import target_values
 from fidelity.core.problem import Examples, ParamSpec, Problem, TrainedProblem
 from fidelity.estimators.base import Estimator
 from fidelity.estimators.external import record_scores, rows_of, trained_module
@@ -205,12 +206,16 @@ class TrakerEstimator(Estimator):
             np.asarray(self.traker_.finalize_scores(experiment)), dtype=problem.dtype
         ).T.to(problem.device)
         with torch.no_grad():
-            probabilities = torch.stack(
-                [
-                    torch.softmax(trained.model(theta, test.x), -1)[torch.arange(len(test)), test.y]
-                    for theta in self.thetas_
-                ]
-            ).mean(0)
+            probabilities = (
+                torch.stack(
+                    [
+                        target_values(trained.model, problem.loss, theta, test, "log-probability")
+                        for theta in self.thetas_
+                    ]
+                )
+                .exp()
+                .mean(0)
+            )
         deltas = (1 - probabilities)[:, None] * tau[:, rows_of(train, problem).to(problem.device)]
         record_scores(self.diagnostics_, deltas, time.perf_counter() - start, [])
         return deltas
