@@ -281,16 +281,9 @@ def _given_or_run(
     "noise ceilings",
 )
 def lds_loo_table(context: FigureContext) -> list[Path]:
-    problems = tuple(context.problems or DATAMODEL_PROBLEMS)
-    given = _given_runs(context, "lds", "lds")
-    if given:
-        return draw_paper.lds_loo_table(
-            _lds_rows([r for r, _ in given]), Path(context.out), "lds-loo-table"
-        )
-    suite = load_suite("lds").with_problems(problems)
-    with _run(suite, context, decomposition=False) as (results, _):
-        rows = _lds_rows([results])
-    return draw_paper.lds_loo_table(rows, Path(context.out), "lds-loo-table")
+    suite = load_suite("lds").with_problems(tuple(context.problems or DATAMODEL_PROBLEMS))
+    found = _given_or_run(context, "lds", "lds", suite)
+    return draw_paper.lds_loo_table(_lds_rows(found), Path(context.out), "lds-loo-table")
 
 
 def _lds_rows(found: list[RunResults]) -> list[dict[str, Any]]:

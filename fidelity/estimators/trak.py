@@ -191,19 +191,22 @@ class TrakEstimator(Estimator):
         self.batch_size = check_positive_int(batch_size, "trak.batch_size")
 
     def check_problem(self, problem: Problem) -> None:
-        if problem.loss == "mse" and problem.y_train.shape[1] != 1:
+        self._checked_dimension(problem, ParamSpec.of(problem.build_model()).numel)
+
+    def _checked_dimension(self, problem: Problem, n_params: int) -> int:
+        """Refuse a problem without a scalar output function, a projection beyond its
+        ``n_params`` parameters or more checkpoints than steps; the projection's dimension."""
+        outputs = problem.y_train.shape[1] if problem.loss != "cross_entropy" else 1
+        if outputs != 1:
+            kind = "regression" if problem.loss == "mse" else "binary"
             raise FidelityError(
-                f"trak needs a scalar output function: {problem.name!r} regresses "
-                f"{problem.y_train.shape[1]} outputs"
+                f"trak needs a scalar output function: {problem.name!r} has {outputs} {kind} "
+                "outputs"
             )
-        if problem.loss == "bce" and problem.y_train.shape[1] != 1:
-            raise FidelityError(
-                f"trak needs a scalar output function: {problem.name!r} has "
-                f"{problem.y_train.shape[1]} binary outputs"
-            )
-        self._dimension(ParamSpec.of(problem.build_model()).numel)
+        dimension = self._dimension(n_params)
         if self.ensemble == "checkpoints":
             spaced_steps(problem, self.ensemble_size, "trak.ensemble_size")
+        return dimension
 
     def _dimension(self, n_params: int) -> int:
         """The projection's dimension for a model of ``n_params`` parameters: the setting, or
@@ -217,8 +220,7 @@ class TrakEstimator(Estimator):
     def fit(self, trained: TrainedProblem) -> Self:
         start = time.perf_counter()
         problem = trained.problem
-        self.check_problem(problem)
-        dimension = self._dimension(trained.n_params)
+        dimension = self._checked_dimension(problem, trained.n_params)
         itemsize = trained.theta.element_size()
         check_memory(
             self.ensemble_size * trained.n_params * dimension * itemsize,
