@@ -504,6 +504,26 @@ def _split_half(
 CONFORMANCE_THRESHOLD = 0.999
 
 
+def crashed_conformance(
+    reference_label: str,
+    reason: str,
+    tolerance: float | None = None,
+    threshold: float = CONFORMANCE_THRESHOLD,
+) -> Conformance:
+    """The conformance of an estimator whose library raised instead of returning scores: no
+    numbers, flagged, the exception as the reason."""
+    return Conformance(
+        reference=reference_label,
+        pearson=None,
+        max_relative_difference=None,
+        finite=False,
+        flagged=True,
+        reason=f"crashed: {reason}",
+        threshold=threshold,
+        tolerance=tolerance,
+    )
+
+
 def conformance(
     candidate: np.ndarray,
     reference: np.ndarray,

@@ -16,6 +16,7 @@ arrays/, report.md, report.html, figures/).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import shutil
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from glob import escape as glob_escape
@@ -45,6 +47,7 @@ from fidelity.history import append_run, check_history, recent_runs
 from fidelity.memory import PeakMemory
 from fidelity.metrics import (
     conformance,
+    crashed_conformance,
     lds,
     mean_interval,
     pearson,
@@ -147,6 +150,8 @@ class Predictions:
     removed_reason: np.ndarray
     # deltas for every training point [n_test, N] where they were computed (the ranking)
     full_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    # checked estimators whose library raised, by label: what it raised (a conformance finding)
+    crashed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,7 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
     fitted: dict[str, Estimator] = {}
     timing: dict[str, dict[str, int | float | None]] = {}
     checked, skipped = {}, {}
+    crashed: dict[str, str] = {}
     for spec in (spec for spec in suite.estimators if spec.runs_on(*names)):
         missing = spec.missing_modules()
         if missing:
@@ -330,8 +336,10 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
             ESTIMATORS, spec.kind, suite.settings_for(spec, *names), where=spec.label
         )
         tick = time.perf_counter()
-        with PeakMemory() as memory:
+        with PeakMemory() as memory, _crash_recorded(spec, "fit", crashed, problem.name):
             fitted[spec.label] = estimator.fit(setup.trained)
+        if spec.label in crashed:
+            continue
         timing[spec.label] = {
             "fit_seconds": time.perf_counter() - tick,
             "fit_peak_memory_bytes": memory.peak_increase,
@@ -341,6 +349,11 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
         raise FidelityError(f"no estimator of the suite can run on {problem.name!r}: {skipped}")
     selection = setup.selection
     selector = selection.top_by or next(iter(fitted))
+    if selector in crashed:
+        raise FidelityError(
+            f"selection.top_by {selector!r} crashed on {problem.name!r} ({crashed[selector]}); "
+            "rank by an estimator that runs here"
+        )
     if selector in skipped:
         raise FidelityError(
             f"selection.top_by {selector!r} was skipped on {problem.name!r} "
@@ -356,11 +369,14 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
     deltas, records = {}, {}
     for label, estimator in fitted.items():
         tick = time.perf_counter()
-        with PeakMemory() as memory:
+        spec = next(spec for spec in suite.estimators if spec.label == label)
+        with PeakMemory() as memory, _crash_recorded(spec, "scores", crashed, problem.name):
             if ranking is not None and label == selector:
                 predicted = ranking[:, removed_index]
             else:
                 predicted = estimator.scores(setup.test, removed_train).detach().cpu().numpy()
+        if label in crashed:
+            continue
         if label not in checked:
             # An estimator checked against a reference reports non-finite values as a
             # conformance finding (with the numbers) instead of ending the run.
@@ -374,7 +390,6 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
             *predicted.shape,
             time.perf_counter() - tick,
         )
-        spec = next(spec for spec in suite.estimators if spec.label == label)
         records[label] = EstimatorRecord(
             kind=spec.kind,
             settings=json_ready(estimator.get_params()),
@@ -387,7 +402,7 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
             scores_cuda_peak_bytes=memory.cuda_peak_bytes,
         )
     return Predictions(
-        fitted,
+        {label: estimator for label, estimator in fitted.items() if label not in crashed},
         records,
         deltas,
         skipped,
@@ -396,7 +411,27 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
         removed_index,
         reasons,
         {} if ranking is None else {selector: ranking},
+        crashed,
     )
+
+
+@contextlib.contextmanager
+def _crash_recorded(
+    spec: ComponentSpec, step: str, crashed: dict[str, str], problem: str
+) -> Iterator[None]:
+    """For an estimator checked against a reference (another library behind an adapter), an
+    exception from its ``step`` is recorded in ``crashed`` as a conformance finding and the
+    run goes on; for any other estimator it propagates."""
+    if spec.reference is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:  # the library's own failure, whatever its type
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        crashed[spec.label] = f"{step} raised {type(error).__name__}: {first_line}"
+        log.warning("%s: estimator %s crashed (%s)", problem, spec.label, crashed[spec.label])
+        log.debug("traceback of %s", spec.label, exc_info=True)
 
 
 def respond(
@@ -678,8 +713,13 @@ def score_all(
         )
         for label, spec in predictions.checked.items()
         # a skipped reference leaves nothing to compare with
-        if spec.reference is not None and spec.reference in predictions.deltas
+        if spec.reference is not None
+        and spec.reference in predictions.deltas
+        and label in predictions.deltas
     }
+    for label, reason in predictions.crashed.items():
+        spec = predictions.checked[label]
+        found[label] = crashed_conformance(str(spec.reference), reason, spec.tolerance)
     lds_found = () if datamodels is None else score_lds(datamodels, suite)
     counterfactuals = () if datamodels is None else score_counterfactuals(datamodels, suite)
     groups = () if datamodels is None else score_groups(datamodels)

@@ -13,12 +13,14 @@ from functools import partial
 import torch
 
 from fidelity.core.cache import ArtifactCache
+from fidelity.core.errors import FidelityError
 from fidelity.core.problem import MinibatchRecipe, NewtonRecipe, Problem
 from fidelity.problems.models import linear_model
 from fidelity.text.block import BlockClassifier
 from fidelity.text.encoder import block_inputs, sentence_embeddings
 from fidelity.text.snippets import load_snippets, split_snippets
 
+FINETUNE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FINETUNE_RECIPE = MinibatchRecipe(
     optimizer="adam", learning_rate=3e-4, epochs=8, batch_size=32, momentum=0.9
 )
@@ -73,10 +75,16 @@ def _standardised_embeddings(
 
 
 def _block_features(
-    texts: tuple[str, ...], *, max_length: int, device: str, cache: ArtifactCache | None
+    texts: tuple[str, ...],
+    *,
+    max_length: int,
+    dtype: torch.dtype,
+    device: str,
+    cache: ArtifactCache | None,
 ) -> torch.Tensor:
     inputs = block_inputs(texts, max_length=max_length, cache=cache)
-    return torch.cat([inputs.hidden, inputs.mask.unsqueeze(-1)], dim=-1).to(device)
+    features = torch.cat([inputs.hidden, inputs.mask.unsqueeze(-1)], dim=-1)
+    return features.to(device=device, dtype=dtype)
 
 
 def movies_minilm_finetune(
@@ -84,6 +92,7 @@ def movies_minilm_finetune(
     size: int = 160,
     test_size: int = 200,
     max_length: int = 32,
+    dtype: str = "float32",
     device: str = "cpu",
     cache: ArtifactCache | None = None,
 ) -> Problem:
@@ -92,13 +101,20 @@ def movies_minilm_finetune(
     Inputs: the hidden states entering MiniLM's last block (cached) with the attention mask as
     an extra channel. Model: that block (1.77M parameters, initialised from the pretrained
     weights) + mean pooling + a linear head to one logit, bce, weight decay 1e-4. Adam,
-    learning rate 3e-4, batch 32, 8 epochs, seeded head initialisation and batch order. Float32:
-    a transformer block in float64 costs 2-3x the CPU time, and the deltas measured here (about
-    1e-3) sit far above float32 rounding."""
+    learning rate 3e-4, batch 32, 8 epochs, seeded head initialisation and batch order. Float32
+    by default: a transformer block in float64 costs 2-3x the CPU time, and the deltas measured
+    here (about 1e-3) sit far above float32 rounding; ``dtype="float64"`` for conformance checks
+    that compare libraries to 1e-6."""
+    if dtype not in FINETUNE_DTYPES:
+        raise FidelityError(
+            f"movies-minilm-finetune dtype must be one of {', '.join(FINETUNE_DTYPES)}, "
+            f"got {dtype!r}"
+        )
+    real = FINETUNE_DTYPES[dtype]
     train, test = split_snippets(load_snippets(), seed=seed, size=size, test_size=test_size)
     inputs = block_inputs(train.texts + test.texts, max_length=max_length, cache=cache)
-    x = torch.cat([inputs.hidden, inputs.mask.unsqueeze(-1)], dim=-1).to(device)
-    as_y = partial(torch.tensor, dtype=torch.float32, device=device)
+    x = torch.cat([inputs.hidden, inputs.mask.unsqueeze(-1)], dim=-1).to(device=device, dtype=real)
+    as_y = partial(torch.tensor, dtype=real, device=device)
     return Problem(
         name="movies-minilm-finetune",
         x_train=x[: len(train)].contiguous(),
@@ -112,5 +128,7 @@ def movies_minilm_finetune(
         description=movies_minilm_finetune.__doc__ or "",
         train_texts=train.texts,
         test_texts=test.texts,
-        featurize=partial(_block_features, max_length=max_length, device=device, cache=cache),
+        featurize=partial(
+            _block_features, max_length=max_length, dtype=real, device=device, cache=cache
+        ),
     )

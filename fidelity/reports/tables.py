@@ -578,7 +578,7 @@ def conformance_table(problem: ProblemResults) -> Table | None:
         rows.append(
             (
                 label,
-                problem.estimators[label].kind,
+                problem.estimators[label].kind if label in problem.estimators else "-",
                 entry.reference,
                 "n/a" if pearson is None else f"{pearson:.6f}",
                 "n/a" if difference is None else f"{difference:.2e}",

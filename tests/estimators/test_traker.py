@@ -55,9 +55,23 @@ def test_bad_settings(settings, message):
         TrakerEstimator(**settings)
 
 
-def test_a_problem_other_than_cross_entropy_is_refused():
-    with pytest.raises(FidelityError, match="cross_entropy"):
-        TrakerEstimator(projection_dim=4).check_problem(make_tiny_mlp_problem("bce"))
+def test_a_problem_other_than_classification_is_refused():
+    with pytest.raises(FidelityError, match="cross_entropy problem or a bce"):
+        TrakerEstimator(projection_dim=4).check_problem(make_tiny_mlp_problem("mse"))
+    TrakerEstimator(projection_dim=4).check_problem(make_tiny_mlp_problem("bce"))
+
+
+@needs_traker
+@pytest.mark.filterwarnings("ignore")
+def test_a_one_logit_bce_model_as_two_classes_equals_our_trak_up_to_its_scale():
+    trained = train(make_tiny_mlp_problem("bce", n_train=60))
+    problem = trained.problem
+    theirs = TrakerEstimator(projection_dim=20, damping=0.01).fit(trained)
+    theirs = theirs.scores(problem.test, problem.train)
+    ours = TrakEstimator(projection_dim=20, damping=0.01).fit(trained)
+    ours = ours.scores(problem.test, problem.train)
+    assert pearson(theirs, ours) >= 1 - 1e-9
+    assert scaled_error(theirs, ours) <= 1e-5
 
 
 @needs_traker

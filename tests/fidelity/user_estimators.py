@@ -20,6 +20,24 @@ class NanAfterFirstColumn(GradDotEstimator):
         return None
 
 
+class CrashesInFit(GradDotEstimator):
+    """A library that raises while fitting (as dattri's EK-FAC does on token sequences)."""
+
+    name = "crashes-in-fit"
+
+    def fit(self, trained):
+        raise UnboundLocalError("cannot access local variable 'a_prev'")
+
+
+class CrashesInScores(GradDotEstimator):
+    """A library that fits and then raises while scoring."""
+
+    name = "crashes-in-scores"
+
+    def scores(self, test: Examples, train: Examples) -> Tensor:
+        raise RuntimeError("shape mismatch\nsecond line of the message")
+
+
 class NotAnEstimator:
     """A class a suite could name as an estimator kind by mistake: it has no fit or scores."""
 

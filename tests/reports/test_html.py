@@ -173,7 +173,7 @@ def test_the_report_renders_in_headless_chromium_without_console_errors(markup_r
         shutil.copy(shot, Path(keep) / "report.png")
 
 
-def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp_path):
+def test_conformance_table_flags_disagreement_nan_and_crashes_without_ending_the_run(tmp_path):
     suite = parse_suite(
         {
             "name": "conformance",
@@ -194,6 +194,17 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
                     "reference": "exact",
                     "requires": ["fidelity_no_such_library"],
                 },
+                {
+                    "kind": "tests.fidelity.user_estimators:CrashesInFit",
+                    "label": "crash-fit",
+                    "reference": "exact",
+                },
+                {
+                    "kind": "tests.fidelity.user_estimators:CrashesInScores",
+                    "label": "crash-scores",
+                    "reference": "grad-dot",
+                    "tolerance": 1e-6,
+                },
             ],
             "responses": [{"kind": "cold"}],
         }
@@ -202,7 +213,14 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
     results = run_suite(suite, RunOptions(out=out))
     (problem,) = results.problems.values()
     found = problem.conformance
-    assert set(found) == {"cg", "grad-dot", "broken"}
+    assert set(found) == {"cg", "grad-dot", "broken", "crash-fit", "crash-scores"}
+    assert found["crash-fit"].flagged and found["crash-fit"].pearson is None
+    assert found["crash-fit"].reason == (
+        "crashed: fit raised UnboundLocalError: cannot access local variable 'a_prev'"
+    )
+    assert found["crash-scores"].reason == "crashed: scores raised RuntimeError: shape mismatch"
+    assert found["crash-scores"].tolerance == 1e-6
+    assert not {"crash-fit", "crash-scores"} & set(problem.estimators)
     assert problem.skipped_estimators == {
         "grad-cos": "not importable here: fidelity_no_such_library"
     }
@@ -222,6 +240,9 @@ def test_conformance_table_flags_disagreement_and_nan_without_ending_the_run(tmp
     assert "PROBABLE DEFECT: 21 NaN or infinite value(s)" in markdown
     assert "| cg | cg | exact | 1.000000 |" in markdown and "| 1e-06 |" in markdown
     assert "broken: probable implementation defect against exact" in markdown
+    assert "| crash-fit | - | exact | n/a | n/a | - | no | PROBABLE DEFECT: crashed: fit" in (
+        markdown.replace("\\", "")
+    )
     unescaped = markdown.replace("\\", "")
     assert "grad-cos: skipped (not importable here: fidelity_no_such_library)" in unescaped
     assert "PROBABLE DEFECT" in (out / "report.html").read_text()

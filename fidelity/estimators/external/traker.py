@@ -3,7 +3,9 @@ contract, on CPU.
 
 Conventions mapped here, once (found by comparing with our ``trak`` on a tiny MLP):
 - TRAKer's task ``image_classification`` is the margin log(p / (1 - p)) of the true class, our
-  ``trak``'s output function, for cross-entropy problems only. Its scores are ``[train, test]``
+  ``trak``'s output function, for cross-entropy problems. A bce problem (one logit z) is handed
+  to it as two classes with logits (0, z) and labels 0/1: the margin of that view is the signed
+  logit, ours for bce, and its 1 - p is bce's. Its scores are ``[train, test]``
   values of sum_m phi_j^m (Phi_m^T Phi_m + lambda I)^{-1} phi_t^m / M times the members' mean
   (1 - p_j): TRAK's tau, positive when j helps t. Our units: delta = (1 - pbar_t) tau, pbar_t
   the members' mean probability of t's class (``trak``'s a_t a_j: the two minus signs cancel).
@@ -34,7 +36,7 @@ from typing import Any, Self
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.errors import FidelityError
@@ -89,10 +91,12 @@ class TrakerEstimator(Estimator):
         self.batch_size = check_positive_int(batch_size, "traker.batch_size")
 
     def check_problem(self, problem: Problem) -> None:
-        if problem.loss != "cross_entropy":
+        if problem.loss not in ("cross_entropy", "bce") or (
+            problem.loss == "bce" and problem.y_train.shape[1:] != (1,)
+        ):
             raise FidelityError(
-                f"traker's image_classification margin needs a cross_entropy problem; "
-                f"{problem.name!r} is {problem.loss}"
+                f"traker's image_classification margin needs a cross_entropy problem or a bce "
+                f"problem with one logit; {problem.name!r} is {problem.loss}"
             )
         n_params = ParamSpec.of(problem.build_model()).numel
         check_projection_dimension(self.projection_dim, n_params, self.name)
@@ -110,6 +114,8 @@ class TrakerEstimator(Estimator):
         )
         self.workdir_ = tempfile.TemporaryDirectory(prefix="fidelity-traker-")
         module = trained_module(trained)
+        if problem.loss == "bce":
+            module = TwoClassLogits(module)
         self.traker_ = TRAKer(
             model=copy.deepcopy(module),
             task="image_classification",
@@ -127,7 +133,7 @@ class TrakerEstimator(Estimator):
             self.traker_.load_checkpoint(state, model_id=member)
             for begin in range(0, problem.n_train, self.batch_size):
                 end = min(begin + self.batch_size, problem.n_train)
-                batch = (problem.x_train[begin:end], problem.y_train[begin:end])
+                batch = (problem.x_train[begin:end], _classes(problem.y_train[begin:end]))
                 self.traker_.featurize(batch=batch, num_samples=end - begin)
         self.traker_.finalize_features()
         self.thetas_ = thetas
@@ -182,8 +188,9 @@ class TrakerEstimator(Estimator):
 
     @staticmethod
     def _state(trained: TrainedProblem, theta: Tensor) -> dict[str, Tensor]:
+        prefix = "inner." if trained.problem.loss == "bce" else ""
         return {
-            name: value.detach().clone()
+            prefix + name: value.detach().clone()
             for name, value in trained.model.spec.unflatten(theta).items()
         }
 
@@ -200,7 +207,8 @@ class TrakerEstimator(Estimator):
             for begin in range(0, len(test), self.batch_size):
                 end = min(begin + self.batch_size, len(test))
                 self.traker_.score(
-                    batch=(test.x[begin:end], test.y[begin:end]), num_samples=end - begin
+                    batch=(test.x[begin:end], _classes(test.y[begin:end])),
+                    num_samples=end - begin,
                 )
         tau = torch.as_tensor(
             np.asarray(self.traker_.finalize_scores(experiment)), dtype=problem.dtype
@@ -219,3 +227,21 @@ class TrakerEstimator(Estimator):
         deltas = (1 - probabilities)[:, None] * tau[:, rows_of(train, problem).to(problem.device)]
         record_scores(self.diagnostics_, deltas, time.perf_counter() - start, [])
         return deltas
+
+
+class TwoClassLogits(nn.Module):
+    """A one-logit bce model seen as two classes with logits (0, z): softmax gives class 1 the
+    probability sigmoid(z), so cross-entropy at label 0/1 is the bce loss."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        logit = self.inner(x)
+        return torch.cat([torch.zeros_like(logit), logit], dim=-1)
+
+
+def _classes(y: Tensor) -> Tensor:
+    """Class indices for TRAKer: cross-entropy labels as they are, bce's 0/1 column as longs."""
+    return y.reshape(-1).long() if y.is_floating_point() else y
