@@ -421,12 +421,15 @@ def _crash_recorded(
 ) -> Iterator[None]:
     """For an estimator checked against a reference (another library behind an adapter), an
     exception from its ``step`` is recorded in ``crashed`` as a conformance finding and the
-    run goes on; for any other estimator it propagates."""
+    run goes on; a FidelityError (the adapter refusing a setting or the problem), or any
+    exception of an estimator without a reference, propagates."""
     if spec.reference is None:
         yield
         return
     try:
         yield
+    except FidelityError:
+        raise  # the adapter refused a setting or the problem: a configuration error
     except Exception as error:  # the library's own failure, whatever its type
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         crashed[spec.label] = f"{step} raised {type(error).__name__}: {first_line}"

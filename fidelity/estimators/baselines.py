@@ -12,19 +12,41 @@ from fidelity.core.checks import check_positive_int
 from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.estimators.base import Estimator, InverseCurvatureEstimator
+from fidelity.estimators.kfac import check_layers, parameter_subset
 
 
 class GradDotEstimator(InverseCurvatureEstimator):
     """delta_hat[t, j] = (1/N) g_t^T g_j: influence with the curvature replaced by the identity.
 
     Same sign convention as influence (positive: removing j is predicted to raise t's loss), in
-    loss units only up to the missing curvature scale.
+    loss units only up to the missing curvature scale. ``layers`` (fnmatch patterns of module
+    names, as for ``kfac``) keeps only the gradients of those nn.Linear/nn.Conv2d layers (the
+    others count as zero), as libraries that track layers rather than parameters compute it.
     """
 
     name = "grad-dot"
 
+    def __init__(self, *, layers: str | list[str] | None = None, batch_size: int = 512) -> None:
+        super().__init__(batch_size=batch_size)
+        self.layers = check_layers(layers, self.name)
+
     def _fit_curvature(self, trained: TrainedProblem) -> dict[str, Any]:
-        return {"n_params": trained.n_params}
+        self.subset_: Tensor | None = None
+        if self.layers is None:
+            return {"n_params": trained.n_params}
+        self.subset_, uncovered = parameter_subset(trained.model, self.layers)
+        if self.subset_.numel() == 0:
+            raise FidelityError(f"{self.name}.layers {self.layers} match no nn.Linear/nn.Conv2d")
+        return {"n_params": int(self.subset_.numel()), "uncovered_parameters": uncovered}
+
+    def gradients(self, data: Examples) -> Tensor:
+        gradients = super().gradients(data)
+        if self.subset_ is None:
+            return gradients
+        kept = torch.zeros_like(gradients)
+        columns = self.subset_.to(gradients.device)
+        kept[:, columns] = gradients[:, columns]
+        return kept
 
     def _inverse_curvature_product(self, vectors: Tensor) -> Tensor:
         return vectors

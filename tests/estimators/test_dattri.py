@@ -58,6 +58,7 @@ def test_missing_library_names_the_environment_to_create(mlp):
         ({"iterations": 0}, r"dattri\.iterations"),
         ({"minibatch_size": 0}, r"dattri\.minibatch_size"),
         ({"solver": "cg", "layers": "0"}, r"dattri\.layers"),
+        ({"solver": "logra", "projection_dim": 60}, "perfect square"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
@@ -290,7 +291,7 @@ def test_tracin_at_theta_s_equals_grad_dot(mlp):
     assert relative_error(theirs, ours) <= 1e-10
 
 
-def test_projection_dim_is_for_trak_only():
+def test_projection_dim_is_for_trak_and_logra_only():
     with pytest.raises(FidelityError, match=r"dattri\.projection_dim applies"):
         DattriEstimator(solver="cg", projection_dim=4)
 
@@ -315,3 +316,61 @@ def test_per_example_solvers_run_on_a_network_that_reshapes_its_input():
         )
         <= 1e-10
     )
+
+
+def block_diagonal_efisher_influence(trained, relative_damping, layers=None):
+    """Dense float64 reference of dattri's LoGra without projection: per nn.Linear layer, the
+    empirical Fisher of its weight and bias, F_l, damped by relative_damping x its mean
+    eigenvalue; delta = (1/N) sum_l g_tl^T (F_l + d_l I)^{-1} g_jl."""
+    problem = trained.problem
+    blocks, _ = select_layers(trained.model, layers)
+    g_train = per_example_grads(trained.model, problem.loss, trained.theta, problem.train, 512)
+    g_test = per_example_grads(trained.model, problem.loss, trained.theta, problem.test, 512)
+    total = torch.zeros(problem.n_test, problem.n_train)
+    for block in blocks:
+        pieces = [torch.arange(block.weight.start, block.weight.stop)]
+        if block.bias is not None:
+            pieces.append(torch.arange(block.bias.start, block.bias.stop))
+        columns = torch.cat(pieces)
+        train_part, test_part = g_train[:, columns], g_test[:, columns]
+        fisher = train_part.T @ train_part / problem.n_train
+        shift = relative_damping * torch.trace(fisher) / fisher.shape[0]
+        fisher += shift * torch.eye(fisher.shape[0])
+        total += test_part @ torch.linalg.solve(fisher, train_part.T)
+    return total / problem.n_train
+
+
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
+def test_logra_without_projection_is_the_damped_per_layer_empirical_fisher(loss):
+    trained = train(make_tiny_mlp_problem(loss, n_train=60))
+    problem = trained.problem
+    estimator = DattriEstimator(solver="logra", damping=0.05).fit(trained)
+    theirs = estimator.scores(problem.test, problem.train)
+    reference = block_diagonal_efisher_influence(trained, 0.05)
+    assert relative_error(theirs, reference) <= 1e-5  # dattri's Fisher is float32
+    picked = torch.tensor([7, 0, 31])
+    part = estimator.scores(problem.test, problem.train.subset(picked))
+    torch.testing.assert_close(part, theirs[:, picked], rtol=1e-6, atol=1e-12)
+    one_layer = DattriEstimator(solver="logra", damping=0.05, layers="*0").fit(trained)
+    assert (
+        relative_error(
+            one_layer.scores(problem.test, problem.train),
+            block_diagonal_efisher_influence(trained, 0.05, layers="*0"),
+        )
+        <= 1e-5
+    )
+
+
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+def test_logra_with_its_projection_tracks_the_unprojected_one():
+    mlp = train(make_tiny_mlp_problem("cross_entropy", n_train=60))
+    problem = mlp.problem
+    full = DattriEstimator(solver="logra", damping=0.05).fit(mlp)
+    projected = DattriEstimator(solver="logra", damping=0.05, projection_dim=16).fit(mlp)
+    full_scores = full.scores(problem.test, problem.train)
+    projected_scores = projected.scores(problem.test, problem.train)
+    assert torch.isfinite(projected_scores).all()
+    assert pearson(projected_scores, full_scores) > 0.5

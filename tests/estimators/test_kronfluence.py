@@ -76,3 +76,72 @@ def test_identity_strategy_is_grad_dot_and_ignores_damping():
         estimator = KronfluenceEstimator(strategy="identity", damping=damping).fit(trained)
         actual = estimator.scores(problem.test, problem.train)
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-15)
+
+
+class TokenModel(torch.nn.Module):
+    """6 positions of 3 features, one Linear applied at every position (tanh, mean over the
+    positions), a linear head: a sequence layer the size of a unit test."""
+
+    positions, width = 6, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Linear(self.width, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.tokens(x.reshape(x.shape[0], self.positions, self.width))
+        return self.head(torch.tanh(hidden).mean(1))
+
+
+def token_problem():
+    from fidelity.core.problem import NewtonRecipe, Problem
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 18, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 2, (48,), generator=generator)
+    return Problem(
+        name="tokens",
+        x_train=x[:40],
+        y_train=y[:40],
+        x_test=x[40:],
+        y_test=y[40:],
+        model_factory=TokenModel,
+        loss="cross_entropy",
+        weight_decay=1e-2,
+        recipe=NewtonRecipe(),
+    )
+
+
+@pytest.mark.skipif(not HAS_KRONFLUENCE, reason="kronfluence is not installed")
+@pytest.mark.parametrize("which", ["tokens", "convolution"])
+def test_kfac_eigenvalues_of_a_layer_with_positions_are_ours_over_their_count(which):
+    """The peers-cnn / peers-text finding, exactly: for a layer applied at T positions (tokens,
+    or a convolution's output pixels) kronfluence's K-FAC eigenvalues are ours / T (it averages
+    the gradient factor over positions; ours sums it, as KFC's expand form does), while its
+    EK-FAC, whose eigenvalues come from the per-example gradients, equals ours."""
+    from fidelity.retrain import train
+    from tests.conftest import make_tiny_cnn_problem
+
+    trained = train(token_problem() if which == "tokens" else make_tiny_cnn_problem())
+    problem = trained.problem
+    positions = TokenModel.positions if which == "tokens" else 9  # the conv's 3 x 3 outputs
+    theirs = KronfluenceEstimator(strategy="kfac", fisher="empirical", damping=0.01).fit(trained)
+    theirs = theirs.scores(problem.test, problem.train)
+    ours = KfacEstimator(fisher="empirical", damping=0.01).fit(trained)
+    assert relative_difference(ours.scores(problem.test, problem.train), theirs) > 1e-3
+    ours.denominators_[0] = ours.eigenvalues_[0] / positions + problem.weight_decay + 0.01
+    assert relative_difference(ours.scores(problem.test, problem.train), theirs) <= 1e-10
+    their_ekfac = KronfluenceEstimator(strategy="ekfac", fisher="empirical", damping=0.01)
+    our_ekfac = EkfacEstimator(fisher="empirical", damping=0.01).fit(trained)
+    assert (
+        relative_difference(
+            their_ekfac.fit(trained).scores(problem.test, problem.train),
+            our_ekfac.scores(problem.test, problem.train),
+        )
+        <= 1e-10
+    )
+
+
+def relative_difference(a, b):
+    return float((a - b).abs().max() / b.abs().max())

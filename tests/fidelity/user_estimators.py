@@ -2,6 +2,7 @@
 
 from torch import Tensor
 
+from fidelity.core.errors import FidelityError
 from fidelity.core.problem import Examples
 from fidelity.estimators.baselines import GradDotEstimator
 
@@ -36,6 +37,15 @@ class CrashesInScores(GradDotEstimator):
 
     def scores(self, test: Examples, train: Examples) -> Tensor:
         raise RuntimeError("shape mismatch\nsecond line of the message")
+
+
+class RefusesTheProblem(GradDotEstimator):
+    """An adapter that refuses the problem (as pyDVL's EK-FAC refuses a bce problem)."""
+
+    name = "refuses-the-problem"
+
+    def fit(self, trained):
+        raise FidelityError("this library supports cross-entropy only")
 
 
 class NotAnEstimator:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fidelity.core.errors import FidelityError
 from fidelity.reports import write_reports
 from fidelity.results import RunResults
 from fidelity.runner import RunOptions, run_suite
@@ -246,3 +247,25 @@ def test_conformance_table_flags_disagreement_nan_and_crashes_without_ending_the
     unescaped = markdown.replace("\\", "")
     assert "grad-cos: skipped (not importable here: fidelity_no_such_library)" in unescaped
     assert "PROBABLE DEFECT" in (out / "report.html").read_text()
+
+
+def test_an_adapter_that_refuses_the_problem_ends_the_run_with_its_message(tmp_path):
+    suite = parse_suite(
+        {
+            "name": "refusal",
+            "problems": ["tests.fidelity.user_problems:tiny"],
+            "selection": {"test_points": 3, "top": 4, "random": 4},
+            "metrics": {"bootstrap": 20},
+            "estimators": [
+                {"kind": "exact"},
+                {
+                    "kind": "tests.fidelity.user_estimators:RefusesTheProblem",
+                    "label": "refuses",
+                    "reference": "exact",
+                },
+            ],
+            "responses": [{"kind": "cold"}],
+        }
+    )
+    with pytest.raises(FidelityError, match="supports cross-entropy only"):
+        run_suite(suite, RunOptions(out=tmp_path / "run"))

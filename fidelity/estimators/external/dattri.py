@@ -1,5 +1,5 @@
 """dattri 0.3.0's influence-function attributors (explicit, CG, LiSSA, Arnoldi, DataInf, EK-FAC),
-its TRAK and its TracIn behind our estimator contract.
+its TRAK, TracIn and LoGra behind our estimator contract.
 
 Conventions mapped here, once (read from dattri's source and checked against our ``exact`` and
 ``ekfac`` on a tiny MLP, tests/estimators/test_dattri.py):
@@ -55,6 +55,24 @@ Conventions mapped here, once (read from dattri's source and checked against our
   identity, in expectation for the Gaussian. Cross-entropy problems (the margin is the class's).
 - TracIn (``tracin``): sum over checkpoints of weight x g_train^T g_test; one checkpoint
   (theta_s) of weight 1 and the identity projection make it our ``grad-dot`` (value / N).
+- LoGra (``logra``): per nn.Linear layer (``layers`` selects some), each example's gradient
+  [W | b] projected on both sides by Gaussian matrices of sqrt(``projection_dim``) columns
+  each (dattri's LoGraAttributor), the layer's empirical Fisher (1/N) sum_i g_i g_i^T in that
+  space, damped by ``damping`` times its mean eigenvalue (dattri's relative damping; 0 means its
+  default 1e-5, and no weight decay), inverted per layer (block diagonal across layers). With
+  ``projection_dim`` None the adapter runs the same pipeline with dattri's identity projections
+  (its BlockProjectedIFAttributor): the damped per-layer empirical Fisher influence, equal to
+  a dense float64 reference to 1e-5 (tests). Defects of dattri 0.3.0 worked around here: with
+  (x, y) batches it sizes its projections on x[0] (one unbatched example) and crashes on a
+  Linear layer with a bias, and its test gradients are those of ``cross_entropy`` (mean) of the
+  model's outputs whatever the task's loss, so the adapter hands it dict batches and a model
+  whose output with labels carries the problem's mean ``loss``; its hooks multiply per-example
+  gradients by the batch size (a mean loss is expected); its Fisher is accumulated in float32
+  (the adapter runs it on a float32 copy); with more than one training batch its scores are
+  written to the wrong rows (a shape error), so each set is one batch; it scores every cached
+  training point (the scored points' rows are picked). Our ``logra`` differs in kind (one
+  Fisher over all covered layers, absolute damping wd + damping, its own random matrices):
+  it is compared with dattri's by correlation with the responses, not as a reference.
 - dattri 0.3.0's TRAK and TracIn update the module-level dict of default projector settings in
   place (``DEFAULT_PROJECTOR_KWARGS.update(...)``), so one attributor's projector settings become
   the next one's defaults: the adapter passes every setting each time.
@@ -62,8 +80,12 @@ Conventions mapped here, once (read from dattri's source and checked against our
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import math
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, Self
 
 import torch
@@ -84,7 +106,7 @@ from fidelity.estimators.external import (
 )
 from fidelity.estimators.kfac import check_layers
 
-SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac", "trak", "tracin")
+SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac", "trak", "tracin", "logra")
 # Solvers that recompute their inverse-Hessian products for every (train batch, test batch).
 WHOLE_BATCH_SOLVERS = ("explicit", "cg", "lissa")
 INSTALL_HINT = (
@@ -102,6 +124,7 @@ def _import_dattri() -> tuple[Any, dict[str, Any]]:
             IFAttributorExplicit,
             IFAttributorLiSSA,
         )
+        from dattri.algorithm.logra import LoGraAttributor
         from dattri.algorithm.tracin import TracInAttributor
         from dattri.algorithm.trak import TRAKAttributor
         from dattri.task import AttributionTask
@@ -116,6 +139,7 @@ def _import_dattri() -> tuple[Any, dict[str, Any]]:
         "ekfac": IFAttributorEKFAC,
         "trak": TRAKAttributor,
         "tracin": TracInAttributor,
+        "logra": LoGraAttributor,
     }
     return AttributionTask, attributors
 
@@ -173,12 +197,17 @@ class DattriEstimator(Estimator):
         self.minibatch_size = minibatch_size
         self.repeats = check_positive_int(repeats, "dattri.repeats")
         self.layers = check_layers(layers, "dattri")
-        if self.layers is not None and solver != "ekfac":
-            raise FidelityError("dattri.layers applies to solver 'ekfac' only")
+        if self.layers is not None and solver not in ("ekfac", "logra"):
+            raise FidelityError("dattri.layers applies to solvers 'ekfac' and 'logra' only")
         if projection_dim is not None:
             check_positive_int(projection_dim, "dattri.projection_dim")
-            if solver != "trak":
-                raise FidelityError("dattri.projection_dim applies to solver 'trak' only")
+            if solver not in ("trak", "logra"):
+                raise FidelityError("dattri.projection_dim applies to solvers 'trak' and 'logra'")
+            if solver == "logra" and math.isqrt(projection_dim) ** 2 != projection_dim:
+                raise FidelityError(
+                    f"dattri.projection_dim for logra must be a perfect square (its two "
+                    f"factors are sqrt of it each), got {projection_dim}"
+                )
         self.projection_dim = projection_dim
         self.seed = check_int(seed, "dattri.seed")
         self.batch_size = check_positive_int(batch_size, "dattri.batch_size")
@@ -200,7 +229,7 @@ class DattriEstimator(Estimator):
 
         return loss
 
-    def _ekfac_modules(self, module: nn.Module) -> list[str] | None:
+    def _linear_modules(self, module: nn.Module) -> list[str] | None:
         """The nn.Linear modules ``layers`` selects (None: dattri's default, every nn.Linear);
         other module kinds are skipped, as our ``ekfac`` skips unsupported ones."""
         if self.layers is None:
@@ -310,7 +339,49 @@ class DattriEstimator(Estimator):
             )
         if self.solver == "datainf":
             return cls(**common, regularization=shift)
-        return cls(**common, module_name=self._ekfac_modules(module), damping=shift)
+        if self.solver == "logra":
+            return self._logra(trained, task_cls, cls, module)
+        return cls(**common, module_name=self._linear_modules(module), damping=shift)
+
+    def _logra(self, trained: TrainedProblem, task_cls: Any, cls: Any, module: nn.Module) -> Any:
+        problem = trained.problem
+        loss = problem.loss
+
+        def mean_loss(model: nn.Module, batch: Any, device: Any) -> Tensor:
+            # LoGra's hooks read per-example gradients off one backward pass of the batch and
+            # multiply them by the batch size: the loss is the batch mean
+            y = batch["y"].long() if loss == "cross_entropy" else batch["y"]
+            return loss_from_outputs(loss, model(batch["x"]), y).mean()
+
+        names = self._linear_modules(module)
+        # dict batches (with (x, y) tuples dattri sizes its projections on x[0], one unbatched
+        # example, and crashes on a Linear layer with a bias), in float32 (its Fisher
+        # accumulators are float32 whatever the data)
+        wrapped = KeywordInputs(module, loss).float()
+        task = task_cls(loss_func=mean_loss, model=wrapped, checkpoints=wrapped.state_dict())
+        common = {
+            "task": task,
+            "device": str(problem.device),
+            "layer_names": None if names is None else [f"inner.{name}" for name in names],
+            "hessian": "eFIM",
+            "damping": self.damping or None,
+            "offload": "none",
+        }
+        if self.projection_dim is not None:
+            return cls(**common, proj_dim=self.projection_dim)
+        from dattri.algorithm.block_projected_if.block_projected_if import (
+            BlockProjectedIFAttributor,
+        )
+
+        identity = {
+            "device": str(problem.device),
+            "proj_dim": -1,
+            "proj_max_batch_size": 64,
+            "proj_type": "identity",
+        }
+        return BlockProjectedIFAttributor(
+            **common, sparsifier_kwargs=identity, projector_kwargs=identity
+        )
 
     def fit(self, trained: TrainedProblem) -> Self:
         task_cls, attributors = _import_dattri()
@@ -323,7 +394,11 @@ class DattriEstimator(Estimator):
                 f"dattri's TRAK here takes a cross_entropy problem; {problem.name!r} is "
                 f"{problem.loss}"
             )
-        if self.projection_dim is not None and self.projection_dim > trained.n_params:
+        if (
+            self.solver == "trak"
+            and self.projection_dim is not None
+            and self.projection_dim > trained.n_params
+        ):
             raise FidelityError(
                 f"dattri.projection_dim is {self.projection_dim}, but the model has "
                 f"{trained.n_params} parameters"
@@ -332,6 +407,10 @@ class DattriEstimator(Estimator):
             self.attributor_ = self._attributor(trained, task_cls, attributors)
             if self.solver == "trak":
                 self.attributor_.cache(examples_loader(problem.train, self.batch_size))
+            elif self.solver == "logra":
+                with default_dtype(torch.float32):  # its projections follow the default
+                    # one batch: with several, its scores are written to the wrong rows
+                    self.attributor_.cache(keyword_loader(problem.train, problem.n_train))
             elif self.solver != "tracin":  # TracIn caches nothing: it reads both loaders
                 self.attributor_.cache(examples_loader(problem.train, problem.n_train))
             if self.solver == "arnoldi":
@@ -360,6 +439,14 @@ class DattriEstimator(Estimator):
             if self.solver == "trak":
                 # TRAK scores its cached training set: pick the scored points' rows
                 raw = self.attributor_.attribute(test_loader)[rows_of(train, problem)]
+            elif self.solver == "logra":
+                # LoGra scores every cached training point, whatever loader it is given
+                # its test gradients come from a backward pass: grad mode on
+                with default_dtype(torch.float32), torch.enable_grad():
+                    raw = self.attributor_.attribute(
+                        keyword_loader(train, len(train)), keyword_loader(test, len(test))
+                    )
+                raw = raw[rows_of(train, problem).to(raw.device)]
             else:
                 raw = self.attributor_.attribute(train_loader, test_loader)
         deltas = raw.detach().T.to(trained.theta) / problem.n_train
@@ -371,3 +458,50 @@ class DattriEstimator(Estimator):
             deltas = (1 - correct)[:, None] * deltas * problem.n_train
         record_scores(self.diagnostics_, deltas, time.perf_counter() - start, messages)
         return deltas
+
+
+class KeywordInputs(nn.Module):
+    """``module`` as dattri's LoGra calls it with a dict batch, ``model(x=..., y=...)``: with
+    labels it returns an object whose ``loss`` is the batch's mean loss (LoGra's test
+    gradients are the backward pass of that ``loss``; it ignores the task's loss function),
+    without them the model's outputs."""
+
+    def __init__(self, inner: nn.Module, loss: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.loss = loss
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Any:
+        outputs = self.inner(x)
+        if y is None:
+            return outputs
+        y = y.long() if self.loss == "cross_entropy" else y
+        return SimpleNamespace(loss=loss_from_outputs(self.loss, outputs, y).mean())
+
+
+class _KeywordExamples(torch.utils.data.Dataset):
+    def __init__(self, data: Examples) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        y = self.data.y[index]
+        return {"x": self.data.x[index].float(), "y": y.float() if y.is_floating_point() else y}
+
+
+def keyword_loader(data: Examples, batch_size: int) -> torch.utils.data.DataLoader:
+    """``data`` as a DataLoader of float32 ``{"x": ..., "y": ...}`` batches, in order."""
+    return torch.utils.data.DataLoader(_KeywordExamples(data), batch_size=max(1, batch_size))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` for the block, restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
