@@ -92,7 +92,7 @@ def test_unknown_suite_name_lists_bundled_ones():
     with pytest.raises(
         FidelityError,
         match=r"unknown suite .smok.; bundled suites: basu, breadth, counterfactual, groups, kfac, "
-        r"ladder, lds, nightly, noise, path, peers, peers-cnn, smoke, solvers",
+        r"ladder, lds, nightly, noise, path, peers, peers-cnn, peers-text, smoke, solvers",
     ):
         load_suite("smok")
 
