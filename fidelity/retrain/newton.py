@@ -286,10 +286,12 @@ def refit_removals(
     anchor: Tensor | None = None,
     damping: float = 0.0,
     memory_size: int = 4,
+    to_floor: bool = True,
 ) -> RefitResult:
     """Exact minimisers of J with w_j = 0, one model per entry of ``removed``, all at once
     (plus (damping/2) ||theta - anchor||^2 when an anchor is given; ``hessian_cholesky`` must
-    then factor H + damping I).
+    then factor H + damping I): to the floating-point floor, or, with ``to_floor=False``, until
+    the gradient norm is at most ``gtol``.
 
     Each model iterates theta <- theta - B_j^{-1} grad J_{-j}(theta), vmapped over models, with
     B_j^{-1} the limited-memory BFGS update (``memory_size`` secant pairs) of P_j^{-1}. P_j is
@@ -334,6 +336,7 @@ def refit_removals(
         gtol=gtol,
         max_iter=max_iter,
         memory_size=memory_size,
+        to_floor=to_floor,
     )
     return finish_with_newton(
         result, model, problem, theta_start, weights, gtol, max_iter, anchor, damping
@@ -350,12 +353,14 @@ def chord_iterations(
     gtol: float,
     max_iter: int,
     memory_size: int,
+    to_floor: bool = True,
 ) -> RefitResult:
     """theta_b <- theta_b - B_b^{-1} grad J(theta_b; w_b) for every model b from
     ``starts`` ``[B, p]`` (whose gradients ``grads`` are given), B_b^{-1} the
     limited-memory BFGS update of a fixed ``precondition(vectors, rows)``; see
-    ``refit_removals``. Models leave the loop at the floating-point floor, or at once when their
-    gradient norm grows or stops being finite (left above ``gtol`` for the caller)."""
+    ``refit_removals``. Models leave the loop at the floating-point floor (with ``to_floor``;
+    otherwise once their gradient norm is at most ``gtol``), or at once when their gradient norm
+    grows or stops being finite (left above ``gtol`` for the caller)."""
     count = weights.shape[0]
     thetas = starts.detach().clone()
     grads = grads.clone()
@@ -378,7 +383,8 @@ def chord_iterations(
         # stepping on only adds noise.
         next_step = torch.where(torch.isinf(earlier_steps), math.inf, steps**2 / earlier_steps)
         at_floor = next_step <= resolution
-        active &= ~diverging & ((norms > gtol) | (improving & ~at_floor))
+        past_tolerance = improving & ~at_floor if to_floor else torch.zeros_like(improving)
+        active &= ~diverging & ((norms > gtol) | past_tolerance)
         if not bool(active.any()):
             break
         # only the models still iterating are stepped and re-evaluated: the few slow ones

@@ -12,6 +12,7 @@ whether the optimizer state resumes); `pbrf` (fidelity/retrain/pbrf.py) supplies
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,12 +132,20 @@ class RetrainPlan:
     damping: float = 0.0
     epochs: int | None = None
     resume_optimizer: bool = False
+    # Newton refits: stop at this gradient norm instead of the recipe's gtol and the float floor
+    tolerance: float | None = None
+
+    def gtol(self, recipe: NewtonRecipe) -> float:
+        """The gradient norm a Newton refit of this plan must reach."""
+        return recipe.gtol if self.tolerance is None else self.tolerance
 
     def key(self, fingerprint: str, theta_s: str, index: int) -> str:
         # group_size is left out on purpose: it does not change any result. The key names
         # "proximity" and, only when set, "resume_optimizer" are those of entries computed
         # before the rename to damping and before resuming existed, so those stay valid.
-        resumed = {"resume_optimizer": True} if self.resume_optimizer else {}
+        resumed: dict[str, object] = {"resume_optimizer": True} if self.resume_optimizer else {}
+        if self.tolerance is not None:
+            resumed["tolerance"] = self.tolerance
         return cache_key(
             kind=self.stage,
             problem=fingerprint,
@@ -149,12 +158,12 @@ class RetrainPlan:
         )
 
 
-def cold_plan(problem: Problem) -> RetrainPlan:
+def cold_plan(problem: Problem, tolerance: float | None = None) -> RetrainPlan:
     """`cold`: the recipe from its own start (Newton recipes may start at theta_s: same unique
-    minimiser)."""
+    minimiser); ``tolerance``: see ``ColdResponse``."""
     recipe = problem.recipe
     start = recipe.refit_start if isinstance(recipe, NewtonRecipe) else "init"
-    return RetrainPlan("cold", start)
+    return RetrainPlan("cold", start, tolerance=tolerance)
 
 
 def continued_plan(
@@ -213,11 +222,12 @@ def retrain_stage(
         recipe = problem.recipe
         if not isinstance(recipe, NewtonRecipe):
             return
-        unconverged = [i for i in indices if not refits.grad_norms[i] <= recipe.gtol]
+        gtol = plan.gtol(recipe)
+        unconverged = [i for i in indices if not refits.grad_norms[i] <= gtol]
         if unconverged:
             raise FidelityError(
                 f"{plan.stage} refits of {problem.name!r} did not converge for training "
-                f"indices {unconverged[:10]} (gradient norm above gtol {recipe.gtol:g} after "
+                f"indices {unconverged[:10]} (gradient norm above gtol {gtol:g} after "
                 "damped Newton); raise the recipe's max_iter, or add weight decay if the "
                 "objective is not strictly convex"
             )
@@ -229,7 +239,7 @@ def retrain_stage(
         group_size=group_size,
         check=check,
         # never cache a failed Newton refit; the check reports it
-        cache_below=problem.recipe.gtol if isinstance(problem.recipe, NewtonRecipe) else None,
+        cache_below=plan.gtol(problem.recipe) if isinstance(problem.recipe, NewtonRecipe) else None,
         control=subtract_drift and not newton,  # a Newton refit from theta_s has no drift
     )
     return run_refits(trained, test, removed, execution, refit)
@@ -246,13 +256,25 @@ class ColdResponse(Response):
     Removals are trained ``group_size`` at a time in one vmapped computation. Retrained
     parameters are cached per removed point, so an interrupted run resumes and a repeated run
     retrains nothing.
+
+    ``tolerance`` (Newton recipes only; default None, the floor): stop each refit from theta_s
+    once its gradient norm is at most this, instead of the recipe's gtol and then the floor;
+    for comparisons with a solver run at its own tolerance (``benchmarks.retrain_throughput``
+    compares at equal agreement with scikit-learn). Part of the cache key.
     """
 
     name = "cold"
 
-    def __init__(self, *, group_size: int = 128, seeds: int = 1) -> None:
+    def __init__(
+        self, *, group_size: int = 128, seeds: int = 1, tolerance: float | None = None
+    ) -> None:
         self.group_size = check_positive_int(group_size, "cold.group_size")
         self.seeds = check_positive_int(seeds, "cold.seeds")
+        if tolerance is not None and not (
+            isinstance(tolerance, int | float) and 0 < tolerance < math.inf
+        ):
+            raise FidelityError(f"cold.tolerance must be a positive number, got {tolerance!r}")
+        self.tolerance = None if tolerance is None else float(tolerance)
 
     def compute(
         self,
@@ -270,6 +292,11 @@ class ColdResponse(Response):
         ``seeds_computed: 1``, and no per-seed deltas (no noise ceiling) are returned.
         """
         execution = execution or Execution()
+        if self.tolerance is not None and not isinstance(trained.problem.recipe, NewtonRecipe):
+            raise FidelityError(
+                f"cold.tolerance applies to Newton recipes; {trained.problem.name!r} is trained "
+                "by minibatches for a fixed number of epochs"
+            )
         if isinstance(trained.problem.recipe, NewtonRecipe):
             # A Newton recipe solves a strictly convex objective to its unique minimiser: every
             # seed gives the same refits (to 1e-12, tests/retrain/test_cold.py), so they are
@@ -279,7 +306,7 @@ class ColdResponse(Response):
                 test,
                 removed,
                 execution,
-                cold_plan(trained.problem),
+                cold_plan(trained.problem, self.tolerance),
                 group_size=self.group_size,
                 subtract_drift=False,
             )
@@ -475,10 +502,11 @@ def _refit_group(
             trained.theta,
             hessian_factor,
             indices,
-            gtol=recipe.gtol,
+            gtol=plan.gtol(recipe),
             max_iter=recipe.max_iter,
             anchor=anchor,
             damping=plan.damping,
+            to_floor=plan.tolerance is None,
         )
         return result.thetas.cpu(), result.iterations, result.grad_norms
     finished = [

@@ -136,3 +136,31 @@ def test_seeds_on_a_convex_problem_agree_so_they_are_computed_once(trained_probl
     several = ColdResponse(seeds=3).compute(trained, test, removed)
     assert several.per_seed is None and torch.equal(several.deltas, single.deltas)
     assert several.info["seeds"] == 3 and several.info["seeds_computed"] == 1
+
+
+def test_a_refit_tolerance_stops_earlier_at_that_gradient_and_is_cached_apart(
+    trained_problems, tmp_path
+):
+    trained = trained_problems("digits-logreg")
+    test = trained.problem.test.subset(torch.arange(10))
+    removed = torch.arange(0, 400, 20)
+    execution = Execution(cache=ArtifactCache(tmp_path))
+    floor = ColdResponse().compute(trained, test, removed, execution)
+    loose = ColdResponse(tolerance=1e-11).compute(trained, test, removed, execution)
+    assert loose.info["cached"] == 0  # not read from the floor's entries
+    assert floor.info["max_grad_norm"] < loose.info["max_grad_norm"] <= 1e-11
+    assert loose.info["mean_iterations"] < floor.info["mean_iterations"]
+    relative = float((loose.deltas - floor.deltas).abs().max() / floor.deltas.abs().max())
+    assert 0 < relative <= 1e-7
+    again = ColdResponse(tolerance=1e-11).compute(trained, test, removed, execution)
+    assert again.info["cached"] == 20 and torch.equal(again.deltas, loose.deltas)
+
+
+def test_a_refit_tolerance_is_for_newton_recipes(trained_problems):
+    with pytest.raises(FidelityError, match="cold.tolerance must be a positive number"):
+        ColdResponse(tolerance=0.0)
+    trained = trained_problems("digits-mlp")
+    with pytest.raises(FidelityError, match="cold.tolerance applies to Newton recipes"):
+        ColdResponse(tolerance=1e-8).compute(
+            trained, trained.problem.test.subset(torch.arange(2)), torch.tensor([0])
+        )
