@@ -115,18 +115,44 @@ class TinyCNN(torch.nn.Module):
         return self.head(torch.tanh(self.conv(x.reshape(-1, 2, 5, 5))).flatten(1))
 
 
-def make_tiny_cnn_problem() -> Problem:
+class TinyTokenModel(torch.nn.Module):
+    """6 positions of 3 features, one Linear applied at every position (tanh, mean over the
+    positions), a linear head: a sequence layer the size of a unit test."""
+
+    positions, width = 6, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Linear(self.width, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.tokens(x.reshape(x.shape[0], self.positions, self.width))
+        return self.head(torch.tanh(hidden).mean(1))
+
+
+def _two_class_problem(name: str, model_factory, n_train: int, n_test: int, features: int):
+    """Gaussian inputs and random binary labels (seed 0), cross-entropy, wd 1e-2, Newton."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 50, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 2, (24,), generator=generator)
+    x = torch.randn(n_train + n_test, features, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 2, (n_train + n_test,), generator=generator)
     return Problem(
-        name="tiny-cnn",
-        x_train=x[:20],
-        y_train=y[:20],
-        x_test=x[20:],
-        y_test=y[20:],
-        model_factory=TinyCNN,
+        name=name,
+        x_train=x[:n_train],
+        y_train=y[:n_train],
+        x_test=x[n_train:],
+        y_test=y[n_train:],
+        model_factory=model_factory,
         loss="cross_entropy",
         weight_decay=1e-2,
         recipe=NewtonRecipe(),
     )
+
+
+def make_tiny_cnn_problem() -> Problem:
+    return _two_class_problem("tiny-cnn", TinyCNN, 20, 4, 50)
+
+
+def make_tiny_token_problem() -> Problem:
+    features = TinyTokenModel.positions * TinyTokenModel.width
+    return _two_class_problem("tiny-tokens", TinyTokenModel, 40, 8, features)

@@ -78,41 +78,6 @@ def test_identity_strategy_is_grad_dot_and_ignores_damping():
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-15)
 
 
-class TokenModel(torch.nn.Module):
-    """6 positions of 3 features, one Linear applied at every position (tanh, mean over the
-    positions), a linear head: a sequence layer the size of a unit test."""
-
-    positions, width = 6, 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens = torch.nn.Linear(self.width, 4)
-        self.head = torch.nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.tokens(x.reshape(x.shape[0], self.positions, self.width))
-        return self.head(torch.tanh(hidden).mean(1))
-
-
-def token_problem():
-    from fidelity.core.problem import NewtonRecipe, Problem
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 18, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 2, (48,), generator=generator)
-    return Problem(
-        name="tokens",
-        x_train=x[:40],
-        y_train=y[:40],
-        x_test=x[40:],
-        y_test=y[40:],
-        model_factory=TokenModel,
-        loss="cross_entropy",
-        weight_decay=1e-2,
-        recipe=NewtonRecipe(),
-    )
-
-
 @pytest.mark.skipif(not HAS_KRONFLUENCE, reason="kronfluence is not installed")
 @pytest.mark.parametrize("which", ["tokens", "convolution"])
 def test_kfac_eigenvalues_of_a_layer_with_positions_are_ours_over_their_count(which):
@@ -121,11 +86,11 @@ def test_kfac_eigenvalues_of_a_layer_with_positions_are_ours_over_their_count(wh
     the gradient factor over positions; ours sums it, as KFC's expand form does), while its
     EK-FAC, whose eigenvalues come from the per-example gradients, equals ours."""
     from fidelity.retrain import train
-    from tests.conftest import make_tiny_cnn_problem
+    from tests.conftest import TinyTokenModel, make_tiny_cnn_problem, make_tiny_token_problem
 
-    trained = train(token_problem() if which == "tokens" else make_tiny_cnn_problem())
+    trained = train(make_tiny_token_problem() if which == "tokens" else make_tiny_cnn_problem())
     problem = trained.problem
-    positions = TokenModel.positions if which == "tokens" else 9  # the conv's 3 x 3 outputs
+    positions = TinyTokenModel.positions if which == "tokens" else 9  # the conv's 3 x 3 outputs
     theirs = KronfluenceEstimator(strategy="kfac", fisher="empirical", damping=0.01).fit(trained)
     theirs = theirs.scores(problem.test, problem.train)
     ours = KfacEstimator(fisher="empirical", damping=0.01).fit(trained)

@@ -157,10 +157,10 @@ def test_a_refit_tolerance_stops_earlier_at_that_gradient_and_is_cached_apart(
 
 
 def test_a_refit_tolerance_is_for_newton_recipes(trained_problems):
-    with pytest.raises(FidelityError, match="cold.tolerance must be a positive number"):
+    with pytest.raises(FidelityError, match=r"cold\.tolerance must be a positive number"):
         ColdResponse(tolerance=0.0)
     trained = trained_problems("digits-mlp")
-    with pytest.raises(FidelityError, match="cold.tolerance applies to Newton recipes"):
+    with pytest.raises(FidelityError, match=r"cold\.tolerance applies to Newton recipes"):
         ColdResponse(tolerance=1e-8).compute(
             trained, trained.problem.test.subset(torch.arange(2)), torch.tensor([0])
         )
