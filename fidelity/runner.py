@@ -346,7 +346,9 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
             "fit_cuda_peak_bytes": memory.cuda_peak_bytes,
         }
     if not fitted:
-        raise FidelityError(f"no estimator of the suite can run on {problem.name!r}: {skipped}")
+        raise FidelityError(
+            f"no estimator of the suite can run on {problem.name!r}: {skipped | crashed}"
+        )
     selection = setup.selection
     selector = selection.top_by or next(iter(fitted))
     if selector in crashed:
@@ -419,17 +421,18 @@ def predict(setup: Setup, suite: Suite) -> Predictions:
 def _crash_recorded(
     spec: ComponentSpec, step: str, crashed: dict[str, str], problem: str
 ) -> Iterator[None]:
-    """For an estimator checked against a reference (another library behind an adapter), an
-    exception from its ``step`` is recorded in ``crashed`` as a conformance finding and the
-    run goes on; a FidelityError (the adapter refusing a setting or the problem), or any
-    exception of an estimator without a reference, propagates."""
+    """For an estimator checked against a reference (in the bundled suites, another library
+    behind an adapter), an exception from its ``step`` is recorded in ``crashed`` as a
+    conformance finding and the run goes on. Propagated: a FidelityError (the adapter refusing
+    a setting or the problem), running out of memory (the machine's limit, not a defect), and
+    any exception of an estimator without a reference."""
     if spec.reference is None:
         yield
         return
     try:
         yield
-    except FidelityError:
-        raise  # the adapter refused a setting or the problem: a configuration error
+    except (FidelityError, MemoryError, torch.OutOfMemoryError):
+        raise  # a configuration error, or the machine's memory
     except Exception as error:  # the library's own failure, whatever its type
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         crashed[spec.label] = f"{step} raised {type(error).__name__}: {first_line}"

@@ -62,6 +62,13 @@ class NewtonRecipe:
             )
 
 
+# The version of fidelity.core.training.optimizer_step's floating-point arithmetic, part of a
+# minibatch problem's fingerprint: a change moves trained models at rounding level (which a
+# minibatch run can amplify), so cached runs of the old arithmetic must not be paired with new
+# ones. 2: fused lerp/addcdiv steps.
+OPTIMIZER_ARITHMETIC = 2
+
+
 @dataclass(frozen=True)
 class MinibatchRecipe:
     """Minibatch training for a fixed number of epochs (neural networks, not converged).
@@ -226,6 +233,8 @@ class Problem:
         digest = hashlib.sha256()
         model = self.build_model()
         recipe = {k: v for k, v in asdict(self.recipe).items() if k != "refit_start"}
+        if isinstance(self.recipe, MinibatchRecipe):
+            recipe["optimizer_arithmetic"] = OPTIMIZER_ARITHMETIC
         header = [self.loss, repr(self.weight_decay), repr(recipe)]
         header += [str(self.dtype), str(self.device), repr(model), model_source(model)]
         digest.update("\x1f".join(header).encode())

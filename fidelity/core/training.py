@@ -11,6 +11,7 @@ comparison therefore take exactly the same steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -86,19 +87,26 @@ def optimizer_step(
     coordinate does not move with any weight. (Training leaves it off: the guard costs three
     more passes over the moments, 0.2 s a step for 20 models of 1.77M parameters.)
     """
+    # Fused forms (lerp, addcmul, addcdiv): 7 passes over the parameters instead of 14, 2.6x
+    # faster for 16 models of 1.77M parameters, where the step was a third of the training.
+    # Changing this arithmetic changes trained models at rounding level, which a chaotic
+    # minibatch run can amplify: bump OPTIMIZER_ARITHMETIC (in the problem's fingerprint).
     if recipe.optimizer == "sgd":
-        first = recipe.momentum * first + grad
-        return theta - recipe.learning_rate * first, first, second
-    first = recipe.momentum * first + (1 - recipe.momentum) * grad
-    second = recipe.beta2 * second + (1 - recipe.beta2) * grad.square()
-    corrected_first = first / (1 - recipe.momentum**step)
-    corrected_second = second / (1 - recipe.beta2**step)
+        first = torch.add(grad, first, alpha=recipe.momentum)
+        return torch.add(theta, first, alpha=-recipe.learning_rate), first, second
+    first = torch.lerp(grad, first, recipe.momentum)  # momentum first + (1 - momentum) grad
+    second = torch.lerp(grad.square(), second, recipe.beta2)
+    # sqrt(v / c2) + eps as sqrt(v) / sqrt(c2) + eps, and lr (m / c1) / (...) as one addcdiv;
+    # both branches give the same values (sqrt(0) = 0)
+    correction = math.sqrt(1 - recipe.beta2**step)
     if differentiable:
-        positive = corrected_second > 0
-        root = torch.where(positive, corrected_second, 1.0).sqrt() * positive
-    else:
-        root = corrected_second.sqrt()
-    return theta - recipe.learning_rate * corrected_first / (root + recipe.eps), first, second
+        positive = second > 0
+        denominator = torch.where(positive, second, 1.0).sqrt() * positive / correction
+        denominator = denominator + recipe.eps
+    else:  # in place on the fresh square root: no autograd records it here
+        denominator = second.sqrt().div_(correction).add_(recipe.eps)
+    scale = -recipe.learning_rate / (1 - recipe.momentum**step)
+    return torch.addcdiv(theta, first, denominator, value=scale), first, second
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,10 @@ class NewtonResult:
     converged: bool
 
 
-def _keeps_improving(norm: float, previous: float, gtol: float) -> bool:
-    """Whether to take another step: not yet at tolerance, or still halving the gradient."""
-    return norm > gtol or (norm > 0 and norm <= 0.5 * previous)
+def _keeps_improving(norm: float, previous: float, gtol: float, to_floor: bool = True) -> bool:
+    """Whether to take another step: not yet at tolerance, or (``to_floor``) still halving the
+    gradient."""
+    return norm > gtol or (to_floor and norm > 0 and norm <= 0.5 * previous)
 
 
 def newton_minimize(
@@ -50,6 +51,7 @@ def newton_minimize(
     max_iter: int = 100,
     anchor: Tensor | None = None,
     damping: float = 0.0,
+    to_floor: bool = True,
 ) -> NewtonResult:
     """Minimise J(theta; weights) (plus the optional proximal term) from ``theta0`` by
     ``minimize_newton``."""
@@ -60,7 +62,9 @@ def newton_minimize(
     def hessian(theta: Tensor) -> Tensor:  # closed form for affine models, autograd otherwise
         return objective_hessian(model, problem, theta, weights, anchor, damping)
 
-    return minimize_newton(value, theta0, gtol=gtol, max_iter=max_iter, hessian=hessian)
+    return minimize_newton(
+        value, theta0, gtol=gtol, max_iter=max_iter, hessian=hessian, to_floor=to_floor
+    )
 
 
 def minimize_newton(
@@ -70,8 +74,11 @@ def minimize_newton(
     gtol: float,
     max_iter: int,
     hessian: Callable[[Tensor], Tensor] | None = None,
+    to_floor: bool = True,
 ) -> NewtonResult:
-    """Minimise a smooth function of a parameter vector by Newton's method with backtracking.
+    """Minimise a smooth function of a parameter vector by Newton's method with backtracking,
+    until the gradient norm is at most ``gtol`` and then, with ``to_floor``, for as long as it
+    keeps halving (the floating-point floor).
 
     The Newton system uses the dense Hessian (``hessian``, or autograd's of ``value``), solved
     by Cholesky; where it is not positive definite (a non-convex model) a multiple of the
@@ -84,7 +91,7 @@ def minimize_newton(
     norm, previous = float(grad.norm()), math.inf
     current = float(value(theta))
     iterations = 0
-    while iterations < max_iter and _keeps_improving(norm, previous, gtol):
+    while iterations < max_iter and _keeps_improving(norm, previous, gtol, to_floor):
         curvature = hessian_fn(theta)
         direction = -_damped_solve(0.5 * (curvature + curvature.T), grad)
         step, accepted = 1.0, False
@@ -339,7 +346,7 @@ def refit_removals(
         to_floor=to_floor,
     )
     return finish_with_newton(
-        result, model, problem, theta_start, weights, gtol, max_iter, anchor, damping
+        result, model, problem, theta_start, weights, gtol, max_iter, anchor, damping, to_floor
     )
 
 
@@ -418,6 +425,7 @@ def finish_with_newton(
     max_iter: int,
     anchor: Tensor | None = None,
     damping: float = 0.0,
+    to_floor: bool = True,
 ) -> RefitResult:
     """Every model of ``result`` not at ``gtol`` solved again by the line-searched
     ``newton_minimize`` from ``theta_start``."""
@@ -432,6 +440,7 @@ def finish_with_newton(
             max_iter=max_iter,
             anchor=anchor,
             damping=damping,
+            to_floor=to_floor,
         )
         thetas[index] = finished.theta
         norms[index] = finished.grad_norm

@@ -257,8 +257,8 @@ class ColdResponse(Response):
     parameters are cached per removed point, so an interrupted run resumes and a repeated run
     retrains nothing.
 
-    ``tolerance`` (Newton recipes only; default None, the floor): stop each refit from theta_s
-    once its gradient norm is at most this, instead of the recipe's gtol and then the floor;
+    ``tolerance`` (Newton recipes only; default None, the floor): stop each refit once its
+    gradient norm is at most this, instead of the recipe's gtol and then the floor;
     for comparisons with a solver run at its own tolerance (``benchmarks.retrain_throughput``
     compares at equal agreement with scikit-learn). Part of the cache key.
     """
@@ -271,7 +271,9 @@ class ColdResponse(Response):
         self.group_size = check_positive_int(group_size, "cold.group_size")
         self.seeds = check_positive_int(seeds, "cold.seeds")
         if tolerance is not None and not (
-            isinstance(tolerance, int | float) and 0 < tolerance < math.inf
+            isinstance(tolerance, int | float)
+            and not isinstance(tolerance, bool)
+            and 0 < tolerance < math.inf
         ):
             raise FidelityError(f"cold.tolerance must be a positive number, got {tolerance!r}")
         self.tolerance = None if tolerance is None else float(tolerance)
@@ -515,10 +517,11 @@ def _refit_group(
             problem,
             start,
             weights[b],
-            gtol=recipe.gtol,
+            gtol=plan.gtol(recipe),
             max_iter=recipe.max_iter,
             anchor=anchor,
             damping=plan.damping,
+            to_floor=plan.tolerance is None,
         )
         for b in range(len(group))
     ]

@@ -346,7 +346,7 @@ def block_diagonal_efisher_influence(trained, relative_damping, layers=None):
 def test_logra_without_projection_is_the_damped_per_layer_empirical_fisher(loss):
     trained = train(make_tiny_mlp_problem(loss, n_train=60))
     problem = trained.problem
-    estimator = DattriEstimator(solver="logra", damping=0.05).fit(trained)
+    estimator = DattriEstimator(solver="logra", damping=0.05, batch_size=7).fit(trained)
     theirs = estimator.scores(problem.test, problem.train)
     reference = block_diagonal_efisher_influence(trained, 0.05)
     assert relative_error(theirs, reference) <= 1e-5  # dattri's Fisher is float32
@@ -374,3 +374,18 @@ def test_logra_with_its_projection_tracks_the_unprojected_one():
     projected_scores = projected.scores(problem.test, problem.train)
     assert torch.isfinite(projected_scores).all()
     assert pearson(projected_scores, full_scores) > 0.5
+
+
+@needs_dattri
+@pytest.mark.filterwarnings("ignore")
+def test_logra_fits_of_two_training_sets_in_one_directory_do_not_mix(tmp_path, monkeypatch):
+    # dattri reuses a batch-metadata file it finds in its cache_dir (default: the working
+    # directory); each fit of the adapter has its own
+    monkeypatch.chdir(tmp_path)
+    for n_train in (60, 40):
+        trained = train(make_tiny_mlp_problem("cross_entropy", n_train=n_train))
+        problem = trained.problem
+        theirs = DattriEstimator(solver="logra", damping=0.05).fit(trained)
+        reference = block_diagonal_efisher_influence(trained, 0.05)
+        assert relative_error(theirs.scores(problem.test, problem.train), reference) <= 1e-5
+    assert list(tmp_path.iterdir()) == []

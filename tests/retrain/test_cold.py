@@ -157,10 +157,27 @@ def test_a_refit_tolerance_stops_earlier_at_that_gradient_and_is_cached_apart(
 
 
 def test_a_refit_tolerance_is_for_newton_recipes(trained_problems):
-    with pytest.raises(FidelityError, match=r"cold\.tolerance must be a positive number"):
-        ColdResponse(tolerance=0.0)
+    for bad in (0.0, True, float("inf")):
+        with pytest.raises(FidelityError, match=r"cold\.tolerance must be a positive number"):
+            ColdResponse(tolerance=bad)
     trained = trained_problems("digits-mlp")
     with pytest.raises(FidelityError, match=r"cold\.tolerance applies to Newton recipes"):
         ColdResponse(tolerance=1e-8).compute(
             trained, trained.problem.test.subset(torch.arange(2)), torch.tensor([0])
         )
+
+
+def test_a_refit_tolerance_holds_for_refits_from_the_initialisation(trained_problems):
+    import dataclasses
+
+    trained = trained_problems("cancer-logreg")
+    problem = trained.problem
+    from_init = dataclasses.replace(
+        problem, recipe=dataclasses.replace(problem.recipe, refit_start="init")
+    )
+    trained = dataclasses.replace(trained, problem=from_init)
+    test, removed = from_init.test.subset(torch.arange(5)), torch.arange(0, 40, 8)
+    floor = ColdResponse().compute(trained, test, removed)
+    loose = ColdResponse(tolerance=1e-6).compute(trained, test, removed)
+    assert floor.info["max_grad_norm"] < loose.info["max_grad_norm"] <= 1e-6
+    assert loose.info["mean_iterations"] < floor.info["mean_iterations"]

@@ -63,7 +63,8 @@ def test_unreachable_scheduler_is_a_clear_error():
 def test_dask_tasks_carry_references_and_the_problem_is_sent_once(trained_problems, monkeypatch):
     # Each task's own bytes are counted where the engine builds it (in this thread: counting
     # inside Client.submit ran cloudpickle on the client's event loop, and the test hung once
-    # there); the trained problem (about 0.4 MB for digits-mlp) and pbrf's Gauss-Newton factor
+    # there), so what joblib's dask backend adds on the way out is not counted; the trained
+    # problem (about 0.4 MB for digits-mlp) and pbrf's Gauss-Newton factor
     # (about 46 MB) are scattered once per session, not carried by each task.
     distributed = pytest.importorskip("distributed")
     cloudpickle = pytest.importorskip("cloudpickle")

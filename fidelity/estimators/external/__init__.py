@@ -46,12 +46,10 @@ def library_context(trained: TrainedProblem, seed: int, library: str) -> Iterato
     float32) and torch's global RNG forked and seeded with ``seed`` (libraries that draw from
     it, such as random projections or sampled batches, become reproducible and leave the
     caller's RNG untouched); yields the list that collects the library's warnings."""
-    previous = torch.get_default_dtype()
     messages: list[str] = []
     device = trained.problem.device
     devices = [] if device.type != "cuda" else [device.index or torch.cuda.current_device()]
-    try:
-        torch.set_default_dtype(trained.problem.dtype)
+    with default_dtype(trained.problem.dtype):
         with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             torch.manual_seed(seed)
@@ -60,6 +58,15 @@ def library_context(trained: TrainedProblem, seed: int, library: str) -> Iterato
             text = str(item.message)
             if library in item.filename and text not in messages:
                 messages.append(text)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` for the block, restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
     finally:
         torch.set_default_dtype(previous)
 

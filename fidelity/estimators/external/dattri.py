@@ -68,11 +68,13 @@ Conventions mapped here, once (read from dattri's source and checked against our
   model's outputs whatever the task's loss, so the adapter hands it dict batches and a model
   whose output with labels carries the problem's mean ``loss``; its hooks multiply per-example
   gradients by the batch size (a mean loss is expected); its Fisher is accumulated in float32
-  (the adapter runs it on a float32 copy); with more than one training batch its scores are
-  written to the wrong rows (a shape error), so each set is one batch; it scores every cached
-  training point (the scored points' rows are picked). Our ``logra`` differs in kind (one
-  Fisher over all covered layers, absolute damping wd + damping, its own random matrices):
-  it is compared with dattri's by correlation with the responses, not as a reference.
+  (the adapter runs it on a float32 copy); it keeps batch metadata in a file of its
+  ``cache_dir`` (default: the working directory) and reuses a file it finds, so a second fit of
+  another training set there fails (a shape error): each fit gets its own temporary directory;
+  it scores every cached training point (the scored points' rows are picked). Our ``logra``
+  differs in kind (one Fisher over all covered layers, absolute damping wd + damping, its own
+  random matrices): it is compared with dattri's by correlation with the responses, not as a
+  reference.
 - dattri 0.3.0's TRAK and TracIn update the module-level dict of default projector settings in
   place (``DEFAULT_PROJECTOR_KWARGS.update(...)``), so one attributor's projector settings become
   the next one's defaults: the adapter passes every setting each time.
@@ -80,11 +82,10 @@ Conventions mapped here, once (read from dattri's source and checked against our
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import math
+import tempfile
 import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, Self
 
@@ -97,6 +98,7 @@ from fidelity.core.objective import loss_from_outputs, target_from_outputs, targ
 from fidelity.core.problem import Examples, TrainedProblem
 from fidelity.estimators.base import Estimator
 from fidelity.estimators.external import (
+    default_dtype,
     examples_loader,
     library_context,
     record_scores,
@@ -350,8 +352,7 @@ class DattriEstimator(Estimator):
         def mean_loss(model: nn.Module, batch: Any, device: Any) -> Tensor:
             # LoGra's hooks read per-example gradients off one backward pass of the batch and
             # multiply them by the batch size: the loss is the batch mean
-            y = batch["y"].long() if loss == "cross_entropy" else batch["y"]
-            return loss_from_outputs(loss, model(batch["x"]), y).mean()
+            return model(**batch).loss
 
         names = self._linear_modules(module)
         # dict batches (with (x, y) tuples dattri sizes its projections on x[0], one unbatched
@@ -359,6 +360,10 @@ class DattriEstimator(Estimator):
         # accumulators are float32 whatever the data)
         wrapped = KeywordInputs(module, loss).float()
         task = task_cls(loss_func=mean_loss, model=wrapped, checkpoints=wrapped.state_dict())
+        # dattri keeps batch metadata in a file of its cache_dir (default: the working
+        # directory) and reuses it when it finds one: a fit of another training set there would
+        # read the last one's sample count. Each fit gets its own directory.
+        self.workdir_ = tempfile.TemporaryDirectory(prefix="fidelity-dattri-logra-")
         common = {
             "task": task,
             "device": str(problem.device),
@@ -366,6 +371,7 @@ class DattriEstimator(Estimator):
             "hessian": "eFIM",
             "damping": self.damping or None,
             "offload": "none",
+            "cache_dir": self.workdir_.name,
         }
         if self.projection_dim is not None:
             return cls(**common, proj_dim=self.projection_dim)
@@ -409,8 +415,7 @@ class DattriEstimator(Estimator):
                 self.attributor_.cache(examples_loader(problem.train, self.batch_size))
             elif self.solver == "logra":
                 with default_dtype(torch.float32):  # its projections follow the default
-                    # one batch: with several, its scores are written to the wrong rows
-                    self.attributor_.cache(keyword_loader(problem.train, problem.n_train))
+                    self.attributor_.cache(keyword_loader(problem.train, self.batch_size))
             elif self.solver != "tracin":  # TracIn caches nothing: it reads both loaders
                 self.attributor_.cache(examples_loader(problem.train, problem.n_train))
             if self.solver == "arnoldi":
@@ -444,7 +449,8 @@ class DattriEstimator(Estimator):
                 # its test gradients come from a backward pass: grad mode on
                 with default_dtype(torch.float32), torch.enable_grad():
                     raw = self.attributor_.attribute(
-                        keyword_loader(train, len(train)), keyword_loader(test, len(test))
+                        keyword_loader(train, self.batch_size),
+                        keyword_loader(test, self.batch_size),
                     )
                 raw = raw[rows_of(train, problem).to(raw.device)]
             else:
@@ -494,14 +500,3 @@ class _KeywordExamples(torch.utils.data.Dataset):
 def keyword_loader(data: Examples, batch_size: int) -> torch.utils.data.DataLoader:
     """``data`` as a DataLoader of float32 ``{"x": ..., "y": ...}`` batches, in order."""
     return torch.utils.data.DataLoader(_KeywordExamples(data), batch_size=max(1, batch_size))
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """torch's default dtype set to ``dtype`` for the block, restored afterwards."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
