@@ -91,6 +91,11 @@ class TrakerEstimator(Estimator):
         self.batch_size = check_positive_int(batch_size, "traker.batch_size")
 
     def check_problem(self, problem: Problem) -> None:
+        self._check(problem, ParamSpec.of(problem.build_model()).numel)
+
+    def _check(self, problem: Problem, n_params: int) -> None:
+        """Refuse a problem without a classification margin, or a projection beyond its
+        ``n_params`` parameters."""
         if problem.loss not in ("cross_entropy", "bce") or (
             problem.loss == "bce" and problem.y_train.shape[1:] != (1,)
         ):
@@ -98,7 +103,6 @@ class TrakerEstimator(Estimator):
                 f"traker's image_classification margin needs a cross_entropy problem or a bce "
                 f"problem with one logit; {problem.name!r} is {problem.loss}"
             )
-        n_params = ParamSpec.of(problem.build_model()).numel
         check_projection_dimension(self.projection_dim, n_params, self.name)
 
     def fit(self, trained: TrainedProblem) -> Self:
@@ -108,7 +112,7 @@ class TrakerEstimator(Estimator):
             raise FidelityError(INSTALL_HINT) from None
         start = time.perf_counter()
         problem = trained.problem
-        self.check_problem(problem)
+        self._check(problem, trained.n_params)  # the trained model's count: no rebuild
         thetas, train_seconds = ensemble_members(
             trained, self.ensemble_size, self.ensemble, self.name
         )
