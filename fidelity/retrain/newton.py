@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from fidelity.core.affine import affine_form
+from fidelity.core.affine import AffineForm, affine_form, affine_hessian
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import (
     objective,
@@ -126,6 +126,53 @@ def _damped_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
     raise FidelityError("Newton step failed: the Hessian could not be made positive definite")
 
 
+#: A float32 preconditioner is used where its rounding can slow the chord iteration by at most
+#: about 1e-3 per step: condition number (bounded above) times float32's rounding unit.
+FLOAT32_PRECONDITIONER_CONDITION = 1e-3 / torch.finfo(torch.float32).eps
+
+
+def removal_base_inverse(
+    model: FunctionalModel, problem: Problem, theta: Tensor, *, damping: float = 0.0
+) -> Tensor:
+    """P^{-1} = (H + damping I)^{-1}, H the Hessian of J at ``theta``: the base matrix of every
+    removal's preconditioner in ``refit_removals``, ``[p, p]``, float32 or theta's dtype.
+
+    P only preconditions: the refits' fixed point is set by their exact float64 gradients, and
+    an error E in P^{-1} changes the contraction per step by at most about ||P E||. So for a
+    float64 model affine in theta it is formed in float32 (Hessian GEMMs, Cholesky factor and
+    inverse each about twice as fast) wherever that error is small: the data curvature is
+    positive semidefinite for every loss we have, so lambda_min(P) >= wd + damping, and with
+    lambda_max <= the largest absolute row sum the condition number is bounded; float32 is used
+    only when that bound times float32's rounding unit is at most 1e-3 (measured on
+    digits-logreg, condition 460: the same number of steps as float64, to the floor). The
+    matrix is then returned in float32, and the preconditioner is applied in float32 too (its
+    products cost half). Every other case, and a float32 factorisation that fails, is float64.
+    Raises FidelityError when the float64 matrix is not positive definite (exact refits from
+    theta_s are then ill-posed).
+    """
+    shift = problem.weight_decay + damping
+    form = affine_form(model)
+    if form is not None and theta.dtype == torch.float64 and shift > 0:
+        single = affine_hessian(
+            form, problem.loss, problem.x_train.float(), theta.float(), None, problem.n_train
+        )
+        bound = (float(single.abs().sum(dim=1).max()) + shift) / shift
+        if bound <= FLOAT32_PRECONDITIONER_CONDITION:
+            single.diagonal().add_(shift)
+            factor, info = torch.linalg.cholesky_ex(single)
+            if int(info) == 0:
+                return torch.cholesky_inverse(factor)
+    hessian = objective_hessian(model, problem, theta)
+    hessian.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if int(info) != 0:
+        raise FidelityError(
+            f"problem {problem.name!r}: the Hessian at theta_s is not positive definite, "
+            "so exact leave-one-out refits are ill-posed; add weight decay"
+        )
+    return torch.cholesky_inverse(factor)
+
+
 @dataclass(frozen=True)
 class RefitResult:
     thetas: Tensor  # [B, p]
@@ -170,14 +217,21 @@ def removal_preconditioner(
     factors = output_hessian_factor(problem.loss, outputs, y_removed)  # [B, k, k]
     form = affine_form(model) if inverse is not None else None
     if form is not None and inverse is not None:
-        design = form.design(x_removed)  # [B, c]
-        order = form.theta_order().to(theta.device).reshape(form.out_features, form.columns)
-        batch, k, c, p = design.shape[0], form.out_features, form.columns, inverse.shape[0]
-        jacobians = design.new_zeros(batch, k, p)
-        jacobians[:, torch.arange(k).unsqueeze(1), order] = design.unsqueeze(1)
-        blocks = inverse[order.reshape(-1)].reshape(k, c, p).transpose(0, 1)  # [c, k, p]
-        contracted = (design @ blocks.reshape(c, k * p)).reshape(batch, k, p)  # J_j P^{-1}
-        solved = factors.transpose(1, 2) @ contracted  # (P^{-1} U_j)^T
+        k = form.out_features
+        # J_j P^{-1} (output a's row: sum over [W, b]'s row a of x~_j times P^{-1}'s rows),
+        # from contiguous views of P^{-1}: W's rows then the bias rows
+        # in P^{-1}'s dtype (float32 where ``removal_base_inverse`` formed it so)
+        x_work, factors_work = x_removed.to(inverse.dtype), factors.to(inverse.dtype)
+        weight_rows = _weight_rows(form, inverse)  # [k, d, p]
+        contracted = torch.matmul(x_work, weight_rows)  # [k, B, p]
+        if form.bias_offset is not None:
+            contracted += _bias_rows(form, inverse).unsqueeze(1)
+        solved = factors_work.transpose(1, 2) @ contracted.transpose(0, 1)  # (P^{-1} U_j)^T
+        # U_j^T P^{-1} U_j = (P^{-1} U_j)^T J_j^T R_j, J_j^T read off the same views
+        inner = torch.einsum("bakd,bd->bak", _weight_rows(form, solved, dim=2), x_work)
+        if form.bias_offset is not None:
+            inner += _bias_rows(form, solved, dim=2)
+        gram = (inner @ factors_work).to(factors.dtype)  # [B, k, k]
     else:
 
         def single_output(point: Tensor, x: Tensor) -> Tensor:
@@ -187,12 +241,12 @@ def removal_preconditioner(
             theta, x_removed
         )  # [B, k, p]
         batch, k, p = jacobians.shape
-        low_rank = factors.transpose(1, 2) @ jacobians
+        low_rank = factors.transpose(1, 2) @ jacobians  # U_j^T, [B, k, p]
         solved = solve(low_rank.reshape(batch * k, p)).reshape(batch, k, p)  # (P^{-1} U_j)^T
-    low_rank = factors.transpose(1, 2) @ jacobians  # U_j^T, [B, k, p]
-    eye_k = torch.eye(k, dtype=low_rank.dtype, device=low_rank.device)
+        gram = low_rank @ solved.transpose(1, 2).to(low_rank.dtype)
+    eye_k = torch.eye(k, dtype=gram.dtype, device=gram.device)
     # N/w I - U^T P^{-1} U
-    capacitance = (n / removal_weight) * eye_k - low_rank @ solved.transpose(1, 2)
+    capacitance = (n / removal_weight) * eye_k - gram
     capacitance = 0.5 * (capacitance + capacitance.transpose(1, 2))
     capacitance_factor, info = torch.linalg.cholesky_ex(capacitance)
     if bool((info != 0).any()):
@@ -205,18 +259,35 @@ def removal_preconditioner(
 
     # C^{-1} explicitly: k x k, applied at every step, where a batched triangular solve of so
     # small systems costs more than the product
-    capacitance_inverse = torch.cholesky_inverse(capacitance_factor)
+    capacitance_inverse = torch.cholesky_inverse(capacitance_factor).to(solved.dtype)
 
     def precondition(vectors: Tensor, rows: Tensor | None = None) -> Tensor:
-        # rows: which removals the vectors belong to (default: all, in order)
+        # rows: which removals the vectors belong to (default: all, in order); the products
+        # are in the dtype of P^{-1} U_j, the result in the vectors' own
         low, middle = solved, capacitance_inverse
-        if rows is not None:
+        if rows is not None and rows.numel() < solved.shape[0]:  # rows: ascending, distinct
             low, middle = solved[rows], capacitance_inverse[rows]
-        base = solve(vectors)  # P^{-1} v
-        inner = middle @ (low @ vectors.unsqueeze(-1))
-        return base + (low.transpose(1, 2) @ inner).squeeze(-1)
+        given = vectors.to(solved.dtype)
+        base = solve(given)  # P^{-1} v
+        inner = middle @ (low @ given.unsqueeze(-1))
+        return (base + (low.transpose(1, 2) @ inner).squeeze(-1)).to(vectors.dtype)
 
     return precondition
+
+
+def _weight_rows(form: AffineForm, matrix: Tensor, dim: int = 0) -> Tensor:
+    """The entries of ``matrix`` along ``dim`` (of size p, in theta's layout) that hold W, as a
+    view ``[..., k, d, ...]``."""
+    k, d = form.out_features, form.in_features
+    rows = matrix.narrow(dim, form.weight_offset, k * d)
+    return rows.unflatten(dim, (k, d))
+
+
+def _bias_rows(form: AffineForm, matrix: Tensor, dim: int = 0) -> Tensor:
+    """The entries of ``matrix`` along ``dim`` that hold b (``[..., k, ...]``)."""
+    if form.bias_offset is None:
+        raise ValueError("the affine model has no bias")
+    return matrix.narrow(dim, form.bias_offset, form.out_features)
 
 
 class SecantMemory:
@@ -244,13 +315,18 @@ class SecantMemory:
     def direction(
         self, grads: Tensor, rows: Tensor, initial: Callable[[Tensor, Tensor], Tensor]
     ) -> Tensor:
-        """B^{-1} g for the models ``rows``; ``initial(vectors, rows)`` applies B_0^{-1}."""
+        """B^{-1} g for the models ``rows`` (ascending, distinct); ``initial(vectors, rows)``
+        applies B_0^{-1}."""
         filled = min(self.steps, self.size)
         if filled == 0:
             return initial(grads, rows)
         newest_first = [(self.steps - 1 - age) % self.size for age in range(filled)]
+        every = rows.numel() == self.s.shape[1]  # rows: ascending and distinct, so all in order
         pairs = [
-            (self.s[slot, rows], self.y[slot, rows], self.rho[slot, rows]) for slot in newest_first
+            (self.s[slot], self.y[slot], self.rho[slot])
+            if every
+            else (self.s[slot, rows], self.y[slot, rows], self.rho[slot, rows])
+            for slot in newest_first
         ]
         q = grads.clone()
         alphas = []
@@ -285,7 +361,7 @@ def refit_removals(
     model: FunctionalModel,
     problem: Problem,
     theta_start: Tensor,
-    hessian_cholesky: Tensor,
+    hessian_inverse: Tensor,
     removed: Tensor,
     *,
     gtol: float = 1e-10,
@@ -296,13 +372,14 @@ def refit_removals(
     to_floor: bool = True,
 ) -> RefitResult:
     """Exact minimisers of J with w_j = 0, one model per entry of ``removed``, all at once
-    (plus (damping/2) ||theta - anchor||^2 when an anchor is given; ``hessian_cholesky`` must
-    then factor H + damping I): to the floating-point floor, or, with ``to_floor=False``, until
-    the gradient norm is at most ``gtol``.
+    (plus (damping/2) ||theta - anchor||^2 when an anchor is given; ``hessian_inverse`` is
+    then (H + damping I)^{-1}, see ``removal_base_inverse``): to the floating-point floor,
+    or, with ``to_floor=False``, until the gradient norm is at most ``gtol``.
 
     Each model iterates theta <- theta - B_j^{-1} grad J_{-j}(theta), vmapped over models, with
     B_j^{-1} the limited-memory BFGS update (``memory_size`` secant pairs) of P_j^{-1}. P_j is
-    the Hessian at theta_s (its Cholesky factor is given) minus the removed point's Gauss-Newton
+    the Hessian at theta_s (its inverse is given, as a dense matrix: one matrix product per use
+    instead of two triangular solves, several times slower) minus the removed point's Gauss-Newton
     term (1/N) J_j^T H_out,j J_j, applied by the Woodbury identity: the exact Hessian of J_{-j} at
     theta_s for models linear in their parameters, so convergence is quadratic-like; for other
     models it is still a convergent preconditioner, and the fixed point is the exact minimiser
@@ -316,9 +393,7 @@ def refit_removals(
     n = problem.n_train
     removed = removed.to(device=theta_start.device, dtype=torch.long)
     weights = removal_weights(n, removed, theta_start)
-    # P^{-1} as a dense inverse: one matrix product per use instead of two triangular solves
-    # (several times slower); its rounding only slows convergence, never moves the fixed point
-    inverse = torch.cholesky_inverse(hessian_cholesky)
+    inverse = hessian_inverse
     precondition = removal_preconditioner(
         model,
         problem,
@@ -397,16 +472,18 @@ def chord_iterations(
         # only the models still iterating are stepped and re-evaluated: the few slow ones
         # (high-leverage removals) do not keep the whole batch in the loop
         rows = torch.nonzero(active).flatten().to(thetas.device)
-        step = memory.direction(grads[rows], rows, precondition)
-        thetas[rows] = thetas[rows] - step
-        new_grads = batched_grad(thetas[rows], weights[rows])
+        # while every model iterates, views instead of gathered copies
+        pick: Tensor | slice = slice(None) if rows.numel() == count else rows
+        step = memory.direction(grads[pick], rows, precondition)
+        thetas[pick] = thetas[pick] - step
+        new_grads = batched_grad(thetas[pick], weights[pick])
         new_norms = new_grads.norm(dim=1).double().cpu()
         step_norms = step.norm(dim=1).double().cpu()
         # Pairs taken within a thousand roundings of theta are rounding noise: they stay out of
         # the memory.
         usable = (step_norms > 1e3 * resolution[active]).to(rows.device)
-        memory.remember(rows, -step, new_grads - grads[rows], usable)
-        grads[rows] = new_grads
+        memory.remember(rows, -step, new_grads - grads[pick], usable)
+        grads[pick] = new_grads
         earlier_steps[active] = steps[active]
         steps[active] = step_norms
         previous[active] = norms[active]

@@ -25,7 +25,7 @@ from torch import Tensor
 from fidelity.core.cache import cache_key
 from fidelity.core.checks import check_nonnegative, check_positive_int
 from fidelity.core.errors import FidelityError
-from fidelity.core.objective import objective, objective_hessian
+from fidelity.core.objective import objective
 from fidelity.core.problem import (
     Examples,
     MinibatchRecipe,
@@ -36,7 +36,12 @@ from fidelity.core.problem import (
 )
 from fidelity.core.training import train_minibatch
 from fidelity.retrain.execution import Execution, GroupSolver, Refits, retrain_indices
-from fidelity.retrain.newton import newton_minimize, refit_removals, removal_weights
+from fidelity.retrain.newton import (
+    newton_minimize,
+    refit_removals,
+    removal_base_inverse,
+    removal_weights,
+)
 from fidelity.retrain.response import (
     Response,
     ResponseResult,
@@ -206,17 +211,12 @@ def retrain_stage(
         return plan.key(*identity(), index)
 
     def solver() -> GroupSolver:
-        hessian_factor = None
+        hessian_inverse = None
         if newton and plan.start == "trained":
-            hessian = objective_hessian(trained.model, problem, trained.theta)
-            hessian.diagonal().add_(plan.damping)
-            hessian_factor, info = torch.linalg.cholesky_ex(hessian)
-            if int(info) != 0:
-                raise FidelityError(
-                    f"problem {problem.name!r}: the Hessian at theta_s is not positive definite, "
-                    "so exact leave-one-out refits are ill-posed; add weight decay"
-                )
-        return partial(_refit_group, trained, hessian_factor, plan=plan)
+            hessian_inverse = removal_base_inverse(
+                trained.model, problem, trained.theta, damping=plan.damping
+            )
+        return partial(_refit_group, trained, hessian_inverse, plan=plan)
 
     def check(refits: Refits, indices: list[int]) -> None:
         recipe = problem.recipe
@@ -456,7 +456,7 @@ def _continue_training(
 
 def _refit_group(
     trained: TrainedProblem,
-    hessian_factor: Tensor | None,
+    hessian_inverse: Tensor | None,
     group: list[int],
     *,
     plan: RetrainPlan,
@@ -497,12 +497,12 @@ def _refit_group(
         norms = value(thetas, weights).norm(dim=1).double().cpu()
         epochs = plan.epochs or recipe.epochs
         return thetas.cpu(), torch.full((len(group),), epochs), norms
-    if hessian_factor is not None:
+    if hessian_inverse is not None:
         result = refit_removals(
             trained.model,
             problem,
             trained.theta,
-            hessian_factor,
+            hessian_inverse,
             indices,
             gtol=plan.gtol(recipe),
             max_iter=recipe.max_iter,

@@ -45,9 +45,9 @@ def test_refit_removals_equals_newton_on_each_weighted_objective():
     problem = make_tiny_logreg()
     model = FunctionalModel.of(problem.build_model())
     theta_s = newton_minimize(model, problem, model.initial_theta()).theta
-    factor = torch.linalg.cholesky(objective_hessian(model, problem, theta_s))
+    inverse = torch.linalg.inv(objective_hessian(model, problem, theta_s))
     removed = torch.tensor([0, 5, 17, 39])
-    fast = refit_removals(model, problem, theta_s, factor, removed)
+    fast = refit_removals(model, problem, theta_s, inverse, removed)
     weights = removal_weights(problem.n_train, removed, theta_s)
     for b in range(removed.numel()):
         reference = newton_minimize(model, problem, model.initial_theta(), weights[b]).theta
@@ -59,9 +59,9 @@ def test_refit_is_independent_of_group_composition():
     problem = make_tiny_logreg()
     model = FunctionalModel.of(problem.build_model())
     theta_s = newton_minimize(model, problem, model.initial_theta()).theta
-    factor = torch.linalg.cholesky(objective_hessian(model, problem, theta_s))
-    together = refit_removals(model, problem, theta_s, factor, torch.tensor([3, 9, 21]))
-    alone = refit_removals(model, problem, theta_s, factor, torch.tensor([9]))
+    inverse = torch.linalg.inv(objective_hessian(model, problem, theta_s))
+    together = refit_removals(model, problem, theta_s, inverse, torch.tensor([3, 9, 21]))
+    alone = refit_removals(model, problem, theta_s, inverse, torch.tensor([9]))
     torch.testing.assert_close(together.thetas[1], alone.thetas[0], rtol=0, atol=1e-14)
 
 
@@ -84,8 +84,8 @@ def test_refits_that_diverge_fall_back_to_line_searched_newton():
     problem = make_tiny_mlp_problem("mse", n_train=30)
     model = FunctionalModel.of(problem.build_model())
     theta_s = newton_minimize(model, problem, model.initial_theta()).theta
-    factor = torch.linalg.cholesky(objective_hessian(model, problem, theta_s))
-    result = refit_removals(model, problem, theta_s, factor, torch.arange(30))
+    inverse = torch.linalg.inv(objective_hessian(model, problem, theta_s))
+    result = refit_removals(model, problem, theta_s, inverse, torch.arange(30))
     assert bool((result.grad_norms <= 1e-10).all())
     assert bool(torch.isfinite(result.thetas).all())
     weights = removal_weights(30, torch.tensor([16]), theta_s)[0]
@@ -96,10 +96,10 @@ def test_refits_that_diverge_fall_back_to_line_searched_newton():
 def test_secant_memory_changes_iterations_not_minimisers(trained_problems):
     trained = trained_problems("digits-logreg")
     problem, model = trained.problem, trained.model
-    factor = torch.linalg.cholesky(objective_hessian(model, problem, trained.theta))
+    inverse = torch.linalg.inv(objective_hessian(model, problem, trained.theta))
     removed = torch.arange(0, 200, 20)
-    plain = refit_removals(model, problem, trained.theta, factor, removed, memory_size=0)
-    secant = refit_removals(model, problem, trained.theta, factor, removed, memory_size=4)
+    plain = refit_removals(model, problem, trained.theta, inverse, removed, memory_size=0)
+    secant = refit_removals(model, problem, trained.theta, inverse, removed, memory_size=4)
     torch.testing.assert_close(secant.thetas, plain.thetas, rtol=0, atol=1e-12)
     assert bool((secant.grad_norms <= 1e-10).all())
 
@@ -136,9 +136,9 @@ def test_refits_stop_at_the_floor_without_losing_accuracy(trained_problems):
     # stepping until the gradient stops halving, and reaches the same minimisers.
     trained = trained_problems("digits-logreg")
     problem, model = trained.problem, trained.model
-    factor = torch.linalg.cholesky(objective_hessian(model, problem, trained.theta))
+    inverse = torch.linalg.inv(objective_hessian(model, problem, trained.theta))
     removed = torch.arange(3, 300, 30)
-    result = refit_removals(model, problem, trained.theta, factor, removed)
+    result = refit_removals(model, problem, trained.theta, inverse, removed)
     weights = removal_weights(problem.n_train, removed, trained.theta)
     for b in range(removed.numel()):
         reference = newton_minimize(model, problem, trained.theta, weights[b], gtol=1e-13).theta
@@ -172,3 +172,38 @@ def test_weighted_refits_refuse_a_wrong_shape():
     model = FunctionalModel.of(problem.build_model())
     with pytest.raises(FidelityError, match="weights must be"):
         refit_weighted(model, problem, model.initial_theta(), torch.ones(2, problem.n_train + 1))
+
+
+def test_float32_preconditioner_moves_no_minimiser(trained_problems):
+    # digits-logreg is well conditioned (lambda_min >= wd = 1e-3, condition about 460): its base
+    # inverse is formed in float32, within float32's rounding of the float64 one, and the refits
+    # it preconditions reach the float64-preconditioned minimisers in as many steps.
+    from fidelity.retrain.newton import removal_base_inverse
+
+    trained = trained_problems("digits-logreg")
+    problem, model, theta = trained.problem, trained.model, trained.theta
+    exact = torch.linalg.inv(objective_hessian(model, problem, theta))
+    single = removal_base_inverse(model, problem, theta)
+    assert single.dtype == torch.float32
+    difference = float((single.double() - exact).norm() / exact.norm())
+    assert 1e-12 < difference < 1e-4  # float32's rounding: not the float64 inverse, close to it
+    removed = torch.arange(5, 500, 50)
+    fast = refit_removals(model, problem, theta, single, removed)
+    reference = refit_removals(model, problem, theta, exact, removed)
+    torch.testing.assert_close(fast.thetas, reference.thetas, rtol=0, atol=1e-12)
+    assert torch.equal(fast.iterations, reference.iterations)
+
+
+def test_ill_conditioned_preconditioner_stays_float64():
+    # Without weight decay nothing bounds the condition number: float64, the Cholesky inverse.
+    from fidelity.retrain.newton import removal_base_inverse
+
+    problem = make_tiny_logreg()
+    problem = type(problem)(**{**vars(problem), "weight_decay": 1e-9})
+    model = FunctionalModel.of(problem.build_model())
+    theta = newton_minimize(model, problem, model.initial_theta()).theta
+    hessian = objective_hessian(model, problem, theta)
+    expected = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    torch.testing.assert_close(
+        removal_base_inverse(model, problem, theta), expected, rtol=0, atol=0
+    )
