@@ -187,6 +187,19 @@ def affine_gradient_function(
     return gradients
 
 
+def affine_example_gradients(
+    form: AffineForm, loss: str, x: Tensor, y: Tensor, theta: Tensor
+) -> Tensor:
+    """``[n, p]``: the gradient of each example's loss L(f(theta, x_i), y_i) (no 1/N, no
+    regulariser), r_i x~_i^T in theta's layout, with r_i = link - target; what
+    ``per_example_grads`` computes by vmapped autograd."""
+    design = form.design(x)  # [n, c]
+    outputs = design @ form.matrices(theta.unsqueeze(0))[0].T  # [n, k]
+    link = output_link(loss, outputs.T.unsqueeze(0))[0]  # [k, n]
+    residuals = link - output_targets(loss, y, form.out_features, x.dtype)  # [k, n]
+    return form.flatten(residuals.T.unsqueeze(2) * design.unsqueeze(1))
+
+
 def affine_hessian(
     form: AffineForm, loss: str, x: Tensor, theta: Tensor, weights: Tensor | None, n_train: int
 ) -> Tensor:

@@ -15,7 +15,12 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from fidelity.core.affine import AffineForm, affine_form, affine_hessian
+from fidelity.core.affine import (
+    AffineForm,
+    affine_example_gradients,
+    affine_form,
+    affine_hessian,
+)
 from fidelity.core.errors import FidelityError
 from fidelity.core.objective import (
     objective,
@@ -407,8 +412,14 @@ def refit_removals(
     # Every model starts at theta_start, where grad J_{-j} = grad J - (1/N) grad L_j: one
     # full-data gradient and the removed points' own, instead of a full-data gradient per model.
     full = batched_grad(theta_start.detach().unsqueeze(0), torch.ones_like(weights[:1]))
-    removed_points = Examples(problem.x_train[removed], problem.y_train[removed])
-    own = per_example_grads(model, problem.loss, theta_start.detach(), removed_points)
+    x_removed, y_removed = problem.x_train[removed], problem.y_train[removed]
+    form = affine_form(model)
+    if form is not None:  # closed form, without vmapped autograd's fixed cost
+        own = affine_example_gradients(form, problem.loss, x_removed, y_removed, theta_start)
+    else:
+        own = per_example_grads(
+            model, problem.loss, theta_start.detach(), Examples(x_removed, y_removed)
+        )
     result = chord_iterations(
         batched_grad,
         theta_start.detach().unsqueeze(0).expand(removed.numel(), -1),

@@ -94,7 +94,8 @@ def run_refits(
         refit.group_size,
         cache_below=refit.cache_below,
     )
-    diverged = [i for i in unique if not bool(torch.isfinite(refits.thetas[i]).all())]
+    finite = torch.isfinite(torch.stack([refits.thetas[i] for i in unique])).all(dim=1)
+    diverged = [i for i, ok in zip(unique, finite.tolist(), strict=True) if not ok]
     if diverged:
         raise FidelityError(
             f"{refit.stage} retraining of {problem.name!r} diverged for training indices "

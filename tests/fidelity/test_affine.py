@@ -4,8 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from fidelity.core.affine import affine_form
-from fidelity.core.objective import objective, objective_gradients, objective_hessian
+from fidelity.core.affine import affine_example_gradients, affine_form
+from fidelity.core.objective import (
+    objective,
+    objective_gradients,
+    objective_hessian,
+    per_example_grads,
+)
 from fidelity.core.problem import FunctionalModel
 from fidelity.problems import load_problem
 from fidelity.retrain.newton import SecantMemory
@@ -32,6 +37,19 @@ def test_closed_forms_equal_autograd(name, damping):
     dense = torch.func.jacrev(torch.func.grad(value))(thetas[0], weights[0])
     hessian = objective_hessian(model, problem, thetas[0], weights[0], anchor, damping)
     torch.testing.assert_close(hessian, dense, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["digits-logreg", "cancer-logreg", "diabetes-ridge"])
+def test_example_gradients_equal_autograd(name):
+    problem = load_problem(name)
+    model = FunctionalModel.of(problem.build_model())
+    theta = 0.3 * torch.randn(
+        model.spec.numel, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    points = problem.train.subset(torch.arange(0, 40, 3))
+    reference = per_example_grads(model, problem.loss, theta, points)
+    closed = affine_example_gradients(affine_form(model), problem.loss, points.x, points.y, theta)
+    torch.testing.assert_close(closed, reference, rtol=1e-12, atol=1e-14)
 
 
 def test_only_a_bare_linear_layer_with_trained_bias_takes_the_closed_form():
