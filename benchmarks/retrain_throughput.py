@@ -329,7 +329,10 @@ def threads_of(label: str) -> int:
 def roofline(trained, removals: int, info: dict, seconds: float, threads: int) -> None:
     """Our refits' dominant arithmetic (the Hessian's symmetric blocks, then per model and
     step two GEMMs over the data and one product with P^{-1}) against a dense float64 GEMM's
-    rate at the same threads."""
+    rate at the same threads. Where ``removal_base_inverse`` works in float32 (digits-logreg)
+    the Hessian and the products with P^{-1} are float32 flops, counted here like float64 ones:
+    the line is a rough bound on how far from the arithmetic the refits are, not a measurement
+    of the BLAS."""
     form = affine_form(trained.model)
     if form is None:
         return
