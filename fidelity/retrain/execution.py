@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed, parallel_config
+from joblib import Parallel, delayed
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -112,11 +112,11 @@ class Execution:
         return found[1]
 
     @contextmanager
-    def parallel(self) -> Iterator[Parallel]:
-        """A joblib ``Parallel`` that yields results in submission order (as a generator).
-
-        With the dask backend it runs on the session's scheduler connection (opened for the
-        block when no ``connected`` block holds one); dask.distributed is an optional extra
+    def parallel(self) -> Iterator[Callable[[list[Any]], Iterator[Any]]]:
+        """A runner of ``joblib.delayed`` jobs that yields their results in submission order
+        (as a generator): joblib's ``Parallel``, or, with the dask backend, ``DaskRunner`` on
+        the session's scheduler connection (opened for the block when no ``connected`` block
+        holds one); dask.distributed is an optional extra
         (``pip install influence-fidelity[dask]``).
         """
         if self.workers == 1 and self.backend != "dask":
@@ -125,8 +125,35 @@ class Execution:
         if self.backend != "dask":
             yield Parallel(n_jobs=self.workers, backend=self.backend, return_as="generator")
             return
-        with self.connected(), parallel_config(backend="dask", client=self.session.client):
-            yield Parallel(n_jobs=self.workers, return_as="generator")
+        with self.connected():
+            yield DaskRunner(self.session.client)
+
+
+class DaskRunner:
+    """Jobs (``joblib.delayed`` triples) submitted to a dask client as they are, one task each,
+    their results yielded in submission order; a job's exception is raised where its result
+    is reached, and tasks not yet reached are cancelled when the generator is closed.
+
+    joblib's own dask backend was used before: its results reach the caller through a
+    coroutine on the client's event loop that a polling loop waits on, and a CI run of the dask
+    test waited there forever, at pbrf's groups, with both workers idle (an earlier session saw
+    the same test hang once). Plain futures leave the waiting to dask.distributed
+    (``Future.result``). Futures nested in a job's arguments (what ``Execution.share``
+    scattered) are resolved by dask on the worker."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __call__(self, jobs: list[Any]) -> Iterator[Any]:
+        futures = [
+            self.client.submit(function, *args, pure=False, **kwargs)
+            for function, args, kwargs in jobs
+        ]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            self.client.cancel(futures)
 
 
 def _connect(scheduler: str | None) -> Any:

@@ -117,3 +117,34 @@ def test_cold_with_seeds_pairs_each_seed_with_its_own_full_model(tmp_path):
     torch.testing.assert_close(several.per_seed[2], seed_two.deltas, rtol=0, atol=1e-12)
     again = ColdResponse(seeds=3).compute(trained, problem.test, removed, execution)
     assert again.info["refits"] == 0 and torch.equal(again.per_seed, several.per_seed)
+
+
+def test_initial_theta_survives_a_copy_taken_during_a_functional_call():
+    # functional_call swaps the evaluated parameters into the module for the length of a call;
+    # a copy of the model taken then (as dask took one between workers) must still start
+    # retrains from the initialisation, not from the parameters being evaluated.
+    import copy
+
+    from torch import nn
+
+    from fidelity.core.problem import FunctionalModel
+
+    copies = []
+
+    class Copying(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+
+        def forward(self, x):
+            copies.append(copy.deepcopy(model))
+            return self.layer(x)
+
+    model = FunctionalModel.of(Copying())
+    initial = model.initial_theta()
+    evaluated = initial + 1.0
+    model(evaluated, torch.zeros(1, 3))
+    (taken,) = copies
+    assert torch.equal(taken.spec.flatten(dict(taken.module.named_parameters())), evaluated)
+    assert torch.equal(taken.initial_theta(), initial)
+    assert torch.equal(model.initial_theta(), initial)
