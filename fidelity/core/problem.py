@@ -420,7 +420,9 @@ class FunctionalModel:
     @classmethod
     def of(cls, module: nn.Module) -> FunctionalModel:
         spec = ParamSpec.of(module)
-        initial = spec.flatten(dict(module.named_parameters())).detach().clone()
+        parameters = dict(module.named_parameters())
+        # a module without parameters (refused later, with a message, by what needs some)
+        initial = spec.flatten(parameters).detach().clone() if parameters else torch.zeros(0)
         return cls(module, spec, initial)
 
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
