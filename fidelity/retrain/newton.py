@@ -131,6 +131,10 @@ def _damped_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
     raise FidelityError("Newton step failed: the Hessian could not be made positive definite")
 
 
+#: Indexes every model, in order, as a view: what the chord iteration passes as ``rows`` while
+#: all its models still iterate (indexing with a tensor of row numbers copies).
+ALL_ROWS = slice(None)
+
 #: A float32 preconditioner is used where its rounding can slow the chord iteration by at most
 #: about 1e-3 per step: condition number (bounded above) times float32's rounding unit.
 FLOAT32_PRECONDITIONER_CONDITION = 1e-3 / torch.finfo(torch.float32).eps
@@ -266,12 +270,11 @@ def removal_preconditioner(
     # small systems costs more than the product
     capacitance_inverse = torch.cholesky_inverse(capacitance_factor).to(solved.dtype)
 
-    def precondition(vectors: Tensor, rows: Tensor | None = None) -> Tensor:
-        # rows: which removals the vectors belong to (default: all, in order); the products
-        # are in the dtype of P^{-1} U_j, the result in the vectors' own
-        low, middle = solved, capacitance_inverse
-        if rows is not None and rows.numel() < solved.shape[0]:  # rows: ascending, distinct
-            low, middle = solved[rows], capacitance_inverse[rows]
+    def precondition(vectors: Tensor, rows: Tensor | slice = ALL_ROWS) -> Tensor:
+        # rows: which removals the vectors belong to (default: all, in order; a slice indexes
+        # views, not gathered copies); the products are in the dtype of P^{-1} U_j, the result
+        # in the vectors' own
+        low, middle = solved[rows], capacitance_inverse[rows]
         given = vectors.to(solved.dtype)
         base = solve(given)  # P^{-1} v
         inner = middle @ (low @ given.unsqueeze(-1))
@@ -318,20 +321,19 @@ class SecantMemory:
         self.steps = 0
 
     def direction(
-        self, grads: Tensor, rows: Tensor, initial: Callable[[Tensor, Tensor], Tensor]
+        self,
+        grads: Tensor,
+        rows: Tensor | slice,
+        initial: Callable[[Tensor, Tensor | slice], Tensor],
     ) -> Tensor:
-        """B^{-1} g for the models ``rows`` (ascending, distinct); ``initial(vectors, rows)``
-        applies B_0^{-1}."""
+        """B^{-1} g for the models ``rows`` (indices, or ``ALL_ROWS``);
+        ``initial(vectors, rows)`` applies B_0^{-1}."""
         filled = min(self.steps, self.size)
         if filled == 0:
             return initial(grads, rows)
         newest_first = [(self.steps - 1 - age) % self.size for age in range(filled)]
-        every = rows.numel() == self.s.shape[1]  # rows: ascending and distinct, so all in order
         pairs = [
-            (self.s[slot], self.y[slot], self.rho[slot])
-            if every
-            else (self.s[slot, rows], self.y[slot, rows], self.rho[slot, rows])
-            for slot in newest_first
+            (self.s[slot, rows], self.y[slot, rows], self.rho[slot, rows]) for slot in newest_first
         ]
         q = grads.clone()
         alphas = []
@@ -345,7 +347,7 @@ class SecantMemory:
             r += (alpha - beta).unsqueeze(1) * s
         return r
 
-    def remember(self, rows: Tensor, s: Tensor, y: Tensor, keep: Tensor) -> None:
+    def remember(self, rows: Tensor | slice, s: Tensor, y: Tensor, keep: Tensor) -> None:
         """Store this step's pairs (s, y) of the models ``rows`` where ``keep``; every other
         model gets no pair for this step."""
         if self.size == 0:
@@ -398,14 +400,13 @@ def refit_removals(
     n = problem.n_train
     removed = removed.to(device=theta_start.device, dtype=torch.long)
     weights = removal_weights(n, removed, theta_start)
-    inverse = hessian_inverse
     precondition = removal_preconditioner(
         model,
         problem,
         theta_start,
         removed,
-        partial(torch.matmul, other=inverse),
-        inverse=inverse,
+        partial(torch.matmul, other=hessian_inverse),
+        inverse=hessian_inverse,
     )
 
     batched_grad = objective_gradients(model, problem, anchor, damping)
@@ -441,7 +442,7 @@ def chord_iterations(
     starts: Tensor,
     grads: Tensor,
     weights: Tensor,
-    precondition: Callable[[Tensor, Tensor], Tensor],
+    precondition: Callable[[Tensor, Tensor | slice], Tensor],
     *,
     gtol: float,
     max_iter: int,
@@ -484,8 +485,8 @@ def chord_iterations(
         # (high-leverage removals) do not keep the whole batch in the loop
         rows = torch.nonzero(active).flatten().to(thetas.device)
         # while every model iterates, views instead of gathered copies
-        pick: Tensor | slice = slice(None) if rows.numel() == count else rows
-        step = memory.direction(grads[pick], rows, precondition)
+        pick: Tensor | slice = ALL_ROWS if rows.numel() == count else rows
+        step = memory.direction(grads[pick], pick, precondition)
         thetas[pick] = thetas[pick] - step
         new_grads = batched_grad(thetas[pick], weights[pick])
         new_norms = new_grads.norm(dim=1).double().cpu()
@@ -493,7 +494,7 @@ def chord_iterations(
         # Pairs taken within a thousand roundings of theta are rounding noise: they stay out of
         # the memory.
         usable = (step_norms > 1e3 * resolution[active]).to(rows.device)
-        memory.remember(rows, -step, new_grads - grads[pick], usable)
+        memory.remember(pick, -step, new_grads - grads[pick], usable)
         grads[pick] = new_grads
         earlier_steps[active] = steps[active]
         steps[active] = step_norms
@@ -580,7 +581,7 @@ def refit_weighted(
         inverses.append(torch.cholesky_inverse(factor))
         starts[owner == index] = centre.theta
 
-    def precondition(vectors: Tensor, rows: Tensor) -> Tensor:
+    def precondition(vectors: Tensor, rows: Tensor | slice) -> Tensor:
         groups = owner[rows]
         if len(inverses) == 1:
             return vectors @ inverses[0]
